@@ -1,0 +1,123 @@
+"""The cloud partition: layers [k, N) + norm + LM head, with a KV store per session."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .context import Limits, PendingBlock
+from .decoder import DecoderModel
+from .kv_store import PositionError, SequenceKV
+from .protocol import TOP_K, CloudReply, ProtocolError, SequenceNeedsStart
+
+
+@dataclass
+class _Sequence:
+    split_layer: int
+    kv: SequenceKV
+    last_seen: float
+
+
+class CloudPartition:
+    """Resumes each session at its split layer; batches the blocks of many sessions in one pass.
+
+    A block with split layer 0 holds token ids (the cloud-only baseline); otherwise it holds the
+    layer-k hidden states that the context manager handed over.
+    """
+
+    def __init__(self, model: DecoderModel, limits: Limits | None = None, top_k: int = TOP_K,
+                 clock: Callable[[], float] = time.monotonic):
+        self.model, self.limits, self.top_k, self.clock = model, limits or Limits(), top_k, clock
+        self.sequences: dict[int, _Sequence] = {}
+        self.rows_computed = 0
+        self.tokens_served = 0
+
+    @torch.inference_mode()
+    def step(self, blocks: list[PendingBlock]) -> list[CloudReply | Exception]:
+        """One reply (or the error for that request alone) per block, in order."""
+        now = self.clock()
+        self._expire(now)
+        replies: list[CloudReply | Exception] = [CloudReply() for _ in blocks]
+        ready: dict[int, list[int]] = {}  # split layer -> indices of blocks to compute
+        for i, block in enumerate(blocks):
+            try:
+                seq = self._sequence_for(block, now)
+            except ProtocolError as e:
+                replies[i] = e
+                continue
+            if block.want_token:
+                ready.setdefault(seq.split_layer, []).append(i)
+        for split, indices in ready.items():
+            for i, reply in zip(indices, self._run(split, [blocks[i] for i in indices])):
+                replies[i] = reply
+        for block in blocks:
+            if block.end:
+                self.sequences.pop(block.sequence_id, None)
+        return replies
+
+    def _sequence_for(self, block: PendingBlock, now: float) -> _Sequence:
+        if block.start:
+            if block.sequence_id not in self.sequences and len(self.sequences) >= self.limits.max_sessions:
+                raise ProtocolError(f"too many live sessions ({self.limits.max_sessions}); retry later")
+            if not 0 <= block.split_layer < self.model.cfg.num_layers:
+                raise ProtocolError(f"split layer {block.split_layer} outside [0, {self.model.cfg.num_layers})")
+            if block.split_layer < self.model.layer_range.start:
+                raise ProtocolError(f"this cloud partition holds layers from {self.model.layer_range.start}, "
+                                    f"not from split layer {block.split_layer}")
+            kv = self.model.new_sequence(block.split_layer, self.model.cfg.num_layers)
+            self.sequences[block.sequence_id] = _Sequence(block.split_layer, kv, now)
+        seq = self.sequences.get(block.sequence_id)
+        if seq is None:
+            raise SequenceNeedsStart(f"sequence {block.sequence_id} has no cloud state: re-send its context with START")
+        held = seq.kv.length(seq.split_layer)
+        if block.want_token and block.start_pos != held:
+            raise ProtocolError(f"sequence {block.sequence_id}: block starts at {block.start_pos}, cloud state holds {held} positions; re-send with START")
+        seq.last_seen = now
+        return seq
+
+    def _run(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | Exception]:
+        model = self.model
+        lengths = [b.num_rows for b in blocks]
+        width = max(lengths)
+        positions = torch.empty(len(blocks), width, dtype=torch.long)
+        for b, block in enumerate(blocks):
+            # padding rows repeat the last position: they see only real keys and are dropped after
+            row_pos = torch.arange(block.start_pos, block.start_pos + width).clamp(max=block.start_pos + lengths[b] - 1)
+            positions[b] = row_pos
+        positions = positions.to(model.device)
+        if split == 0:
+            ids = torch.zeros(len(blocks), width, dtype=torch.long)
+            for b, block in enumerate(blocks):
+                ids[b, : lengths[b]] = block.token_ids
+            h = model.embed_tokens(ids.to(model.device), positions)
+        else:
+            h = torch.zeros(len(blocks), width, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+            for b, block in enumerate(blocks):
+                h[b, : lengths[b]] = block.hidden.to(model.device, model.dtype)
+        kvs = [self.sequences[block.sequence_id].kv for block in blocks]
+        try:
+            h = model.run_layers(h, positions, split, model.cfg.num_layers, kvs, lengths)
+        except PositionError as e:  # cannot happen after the checks above; reported, never half-applied silently
+            return [ProtocolError(str(e)) for _ in blocks]
+        last = h[torch.arange(len(blocks)), torch.tensor(lengths) - 1]  # [B, D]
+        logprobs = torch.log_softmax(model.exit_logits(last, model.cfg.num_layers).float(), dim=-1)
+        top = logprobs.topk(self.top_k, dim=-1)
+        self.rows_computed += sum(lengths) * (model.cfg.num_layers - split)
+        self.tokens_served += len(blocks)
+        return [
+            CloudReply(
+                token_id=int(top.indices[b, 0]), confidence=float(top.values[b, 0].exp()),
+                topk_ids=top.indices[b].tolist(), topk_logprobs=top.values[b].tolist(), catchup_rows=lengths[b],
+            )
+            for b in range(len(blocks))
+        ]
+
+    def _expire(self, now: float) -> None:
+        for sid in [s for s, seq in self.sequences.items() if now - seq.last_seen > self.limits.ttl_s]:
+            del self.sequences[sid]
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(seq.kv.nbytes for seq in self.sequences.values())

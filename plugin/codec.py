@@ -1,0 +1,59 @@
+"""Hidden-state codec for the edge-to-cloud link: fp32 (lossless), fp16, int8 with per-row absmax."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CODEC_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
+
+
+class CodecError(ValueError):
+    """Rows that cannot be decoded: wrong dtype or shape, missing scale, NaN/Inf."""
+
+
+@dataclass
+class EncodedRows:
+    codec: str
+    data: np.ndarray  # [n, D] of CODEC_DTYPES[codec]
+    scale: np.ndarray | None = None  # [n, 1] float32, int8 only
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+
+
+def encode(hidden: torch.Tensor, codec: str) -> EncodedRows:
+    """hidden: [n, D] -> wire arrays."""
+    if codec not in CODEC_DTYPES:
+        raise CodecError(f"unknown codec {codec!r}; choose one of {sorted(CODEC_DTYPES)}")
+    x = hidden.detach().to("cpu", torch.float32).numpy()
+    if codec != "int8":
+        return EncodedRows(codec, x.astype(CODEC_DTYPES[codec]))
+    absmax = np.abs(x).max(axis=1, keepdims=True)
+    scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)  # [n, 1]
+    return EncodedRows(codec, np.clip(np.rint(x / scale), -127, 127).astype(np.int8), scale)
+
+
+def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """Wire arrays -> [n, D] tensor; every check that protects the stored context happens here."""
+    data = rows.data
+    expected = CODEC_DTYPES.get(rows.codec)
+    if expected is None:
+        raise CodecError(f"unknown codec {rows.codec!r}")
+    if data.dtype != expected:
+        raise CodecError(f"codec {rows.codec} expects {np.dtype(expected).name} rows, got {data.dtype.name}")
+    if data.ndim != 2 or data.shape[1] != hidden_size:
+        raise CodecError(f"hidden rows must have shape [n, {hidden_size}], got {list(data.shape)}")
+    x = data.astype(np.float32)
+    if rows.codec == "int8":
+        scale = rows.scale
+        if scale is None or scale.shape != (data.shape[0], 1) or scale.dtype != np.float32:
+            raise CodecError(f"int8 rows need a float32 scale of shape [{data.shape[0]}, 1]")
+        if not np.isfinite(scale).all() or (scale <= 0).any():
+            raise CodecError("int8 scales must be finite and positive")
+        x = x * scale
+    if not np.isfinite(x).all():
+        raise CodecError("hidden rows contain NaN or Inf")
+    return torch.from_numpy(x).to(device=device, dtype=dtype)

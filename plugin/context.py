@@ -1,0 +1,129 @@
+"""The cloud context manager: per-session layer-k rows the edge uploaded, kept until a token needs them."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .codec import CodecError, decode
+from .protocol import CloudRequest, ProtocolError, SequenceNeedsStart
+
+
+@dataclass
+class Limits:
+    max_sessions: int = 256
+    max_context: int = 4096  # positions per session
+    max_block_rows: int = 1024  # rows in one request
+    ttl_s: float = 600.0  # idle sessions are dropped: Triton frees idle slots without telling us
+
+
+@dataclass
+class PendingBlock:
+    """What the context manager hands the cloud partition for one request."""
+
+    sequence_id: int
+    split_layer: int
+    start_pos: int
+    hidden: torch.Tensor  # [n, D]; n == 0 for upload-only requests
+    want_token: bool
+    start: bool = False
+    end: bool = False
+    token_ids: torch.Tensor | None = None  # [n] int64 instead of hidden, for the cloud-only baseline (split 0)
+
+    @property
+    def num_rows(self) -> int:
+        return self.hidden.shape[0] if self.token_ids is None else self.token_ids.shape[0]
+
+
+@dataclass
+class _Session:
+    split_layer: int
+    next_position: int = 0  # the position the next uploaded row must have
+    first_pending: int = 0
+    pending: list[torch.Tensor] = field(default_factory=list)  # [n_i, D] blocks, contiguous
+    last_seen: float = 0.0
+
+    @property
+    def pending_rows(self) -> int:
+        return self.next_position - self.first_pending
+
+
+class ContextManager:
+    """Validates every upload before it touches stored state, so a bad request loses nothing."""
+
+    def __init__(self, hidden_size: int, num_layers: int, limits: Limits | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.sessions: dict[int, _Session] = {}
+        self.rows_uploaded = 0
+
+    def handle(self, req: CloudRequest) -> PendingBlock:
+        now = self.clock()
+        self.expire(now)
+        session = self._session_for(req)
+        if req.rows is None:
+            raise ProtocolError("request carries no hidden rows (HIDDEN_FP32, HIDDEN_FP16 or HIDDEN_INT8)")
+        n = req.rows.data.shape[0] if req.rows.data.ndim == 2 else -1
+        if n > self.limits.max_block_rows:
+            raise ProtocolError(f"block of {n} rows exceeds the limit of {self.limits.max_block_rows} rows per request")
+        try:
+            rows = decode(req.rows, self.hidden_size, torch.float32, "cpu")
+        except CodecError as e:
+            raise ProtocolError(str(e)) from None
+        if req.start_pos != session.next_position:
+            kind = "gap" if req.start_pos > session.next_position else "overlap"
+            raise ProtocolError(
+                f"position {kind}: sequence {req.sequence_id} expects its next row at position "
+                f"{session.next_position}, the request starts at {req.start_pos}"
+            )
+        if session.next_position + n > self.limits.max_context:
+            raise ProtocolError(f"context of {session.next_position + n} positions exceeds the limit of {self.limits.max_context}")
+        if req.want_token and session.pending_rows + n == 0:
+            raise ProtocolError("token request with no rows: the cloud has nothing to compute a token from")
+        # Every check passed: only now does stored state change.
+        if req.start:
+            self.sessions[req.sequence_id] = session
+        session.last_seen = now
+        if n:
+            session.pending.append(rows)
+        session.next_position += n
+        self.rows_uploaded += n
+        block = PendingBlock(req.sequence_id, session.split_layer, session.first_pending,
+                             rows[:0], req.want_token, req.start, req.end)
+        if req.want_token:
+            block.hidden = torch.cat(session.pending) if len(session.pending) > 1 else session.pending[0]
+            session.pending, session.first_pending = [], session.next_position
+        if req.end:
+            self.sessions.pop(req.sequence_id, None)
+        return block
+
+    def _session_for(self, req: CloudRequest) -> _Session:
+        if req.start:
+            if req.split_layer is None or not 1 <= req.split_layer < self.num_layers:
+                raise ProtocolError(
+                    f"START needs SPLIT_LAYER in [1, {self.num_layers - 1}] for this {self.num_layers}-layer model, "
+                    f"got {req.split_layer}"
+                )
+            if req.sequence_id not in self.sessions and len(self.sessions) >= self.limits.max_sessions:
+                raise ProtocolError(f"too many live sessions ({self.limits.max_sessions}); retry later")
+            return _Session(split_layer=req.split_layer)
+        session = self.sessions.get(req.sequence_id)
+        if session is None:
+            raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): re-send its context with START")
+        if req.split_layer is not None and req.split_layer != session.split_layer:
+            raise ProtocolError(f"sequence {req.sequence_id} started with split layer {session.split_layer}, not {req.split_layer}")
+        return session
+
+    def expire(self, now: float) -> list[int]:
+        idle = [sid for sid, s in self.sessions.items() if now - s.last_seen > self.limits.ttl_s]
+        for sid in idle:
+            del self.sessions[sid]
+        return idle
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(t.element_size() * t.numel() for s in self.sessions.values() for t in s.pending)

@@ -1,0 +1,93 @@
+"""The context manager keeps each session's rows, and a bad request changes nothing it holds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from plugin.codec import encode
+from plugin.context import ContextManager, Limits
+from plugin.protocol import CloudRequest, ProtocolError, SequenceNeedsStart
+
+D = 16
+
+
+def _req(sid, pos, n, want=False, start=False, end=False, split=None, codec="fp16"):
+    rows = encode(torch.arange(pos, pos + n, dtype=torch.float32)[:, None].expand(n, D), codec)
+    return CloudRequest(sid, pos, want, rows=rows, split_layer=split if split else (3 if start else None),
+                        start=start, end=end)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_uploads_accumulate_until_a_token_needs_them():
+    cm = ContextManager(D, 6)
+    assert cm.handle(_req(1, 0, 4, start=True)).hidden.shape == (0, D)  # upload only: nothing to compute
+    assert cm.handle(_req(1, 4, 2)).hidden.shape == (0, D)
+    block = cm.handle(_req(1, 6, 1, want=True))
+    assert block.start_pos == 0 and block.split_layer == 3
+    assert block.hidden[:, 0].tolist() == list(range(7))  # all rows, in order, positions preserved
+    block = cm.handle(_req(1, 7, 1, want=True))
+    assert block.start_pos == 7 and block.hidden.shape == (1, D)
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (_req(1, 5, 1), ProtocolError, "position gap"),
+    (_req(1, 2, 1), ProtocolError, "position overlap"),
+    (_req(2, 0, 1), SequenceNeedsStart, "START"),
+    (_req(1, 4, 1, split=5), ProtocolError, "split layer"),
+    (_req(1, 4, 0, want=False), None, None),  # an empty upload is fine
+    (CloudRequest(1, 4, False, rows=encode(torch.ones(1, D + 1), "fp16")), ProtocolError, "shape"),
+    (CloudRequest(1, 4, True, rows=encode(torch.full((1, D), float("nan")), "fp32")), ProtocolError, "NaN"),
+    (_req(1, 4, 9), ProtocolError, "rows per request"),
+    (_req(3, 0, 1, start=True, split=6), ProtocolError, "SPLIT_LAYER"),
+])
+def test_bad_requests_leave_stored_context_intact(bad, error, message):
+    cm = ContextManager(D, 6, Limits(max_block_rows=8, max_context=64))
+    cm.handle(_req(1, 0, 4, start=True))
+    if error is None:
+        cm.handle(bad)
+    else:
+        with pytest.raises(error, match=message):
+            cm.handle(bad)
+    block = cm.handle(_req(1, 4, 1, want=True))  # the next valid request still sees every row
+    assert block.hidden[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_limits_on_sessions_and_context():
+    cm = ContextManager(D, 6, Limits(max_sessions=2, max_context=10, max_block_rows=8))
+    cm.handle(_req(1, 0, 8, start=True))
+    cm.handle(_req(2, 0, 1, start=True))
+    with pytest.raises(ProtocolError, match="too many live sessions"):
+        cm.handle(_req(3, 0, 1, start=True))
+    with pytest.raises(ProtocolError, match="exceeds the limit of 10"):
+        cm.handle(_req(1, 8, 3))
+    cm.handle(_req(2, 1, 0, end=True))  # END frees a slot
+    cm.handle(_req(3, 0, 1, start=True))
+
+
+def test_ttl_expires_idle_sessions_and_restart_resets():
+    clock = Clock()
+    cm = ContextManager(D, 6, Limits(ttl_s=10), clock=clock)
+    cm.handle(_req(1, 0, 3, start=True))
+    clock.now = 5
+    cm.handle(_req(2, 0, 1, start=True))
+    clock.now = 12  # session 1 idle 12 s > 10 s; session 2 idle 7 s
+    with pytest.raises(SequenceNeedsStart):
+        cm.handle(_req(1, 3, 1))
+    assert set(cm.sessions) == {2}
+    cm.handle(_req(2, 0, 2, start=True))  # START again: a new sequence from position 0
+    assert cm.handle(_req(2, 2, 1, want=True)).hidden.shape[0] == 3
+
+
+def test_int8_rows_round_trip_through_the_manager():
+    cm = ContextManager(D, 6)
+    block = cm.handle(_req(1, 0, 3, want=True, start=True, codec="int8"))
+    torch.testing.assert_close(block.hidden[:, 0], torch.tensor([0.0, 1.0, 2.0]), atol=0.02, rtol=0)
+    assert block.hidden.dtype == torch.float32 and np.isfinite(block.hidden.numpy()).all()

@@ -1,0 +1,117 @@
+"""The core's first promise: early exit never changes what the cloud computes.
+
+1. Threshold 1.0 through edge + context manager + cloud == Hugging Face greedy generate.
+2. With exits forced or mixed, once pending rows are flushed, every layer's K/V equals a
+   full-model forward over the same tokens; breaking the catch-up breaks this test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from plugin.checkpoint import load_model
+from plugin.edge import EdgePartition
+from plugin.kv_store import PositionError, SequenceKV
+from plugin.pipeline import Generator, LocalCloud
+from plugin.plan import PartitionPlan
+from tests.tiny_models import LAYERS, VOCAB, save_tiny
+
+PROMPTS = [[5, 17, 33, 2, 71], [90, 4, 4, 12, 61, 8, 30, 55, 1], [42]]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = save_tiny(request.param, path)
+    return path, hf
+
+
+def _pipeline(path, dtype, threshold, codec="fp32", split=4, exits=(1, 3, 4)):
+    plan = PartitionPlan(checkpoint=path, split_layer=split, exit_layers=exits, threshold=threshold, codec=codec)
+    edge = EdgePartition(load_model(path, range(0, split), dtype=dtype), plan)
+    cloud = LocalCloud(load_model(path, range(split, LAYERS), dtype=dtype))
+    return edge, cloud
+
+
+def test_threshold_one_equals_hf_greedy(tiny):
+    path, hf = tiny
+    hf = hf.to(torch.float64)
+    edge, cloud = _pipeline(path, torch.float64, threshold=1.0)
+    for sid, prompt in enumerate(PROMPTS, start=1):
+        expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64, min_new_tokens=64)
+        expected = expected[0, len(prompt):].tolist()
+        gen = Generator(edge, cloud, "collaborative", threshold=1.0, sequence_id=sid).generate(prompt, 64)
+        assert gen.token_ids == expected
+        assert set(gen.exits()) == {"cloud"}
+    assert not cloud.context.sessions and not cloud.partition.sequences  # END freed both
+
+
+def _decode_then_flush(edge, cloud, threshold, prompt, n_new):
+    """Decode n_new tokens at `threshold`, then one token at 1.0 that carries every pending row."""
+    gen = Generator(edge, cloud, "collaborative", threshold=threshold, sequence_id=7)
+    tokens, block, pos, exits = list(prompt), list(prompt), 0, []
+    for i in range(n_new + 1):
+        if i == n_new:
+            gen.threshold = 1.0
+        record = gen.step(block, pos)
+        exits.append(record.exit)
+        pos += len(block)
+        block = [record.token_id]
+        tokens.append(record.token_id)
+    return gen, tokens[:pos], exits
+
+
+def _assert_kv_matches_full_model(hf, edge_seq: SequenceKV, cloud_seq: SequenceKV, tokens, split):
+    with torch.no_grad():
+        past = hf(torch.tensor([tokens]), use_cache=True).past_key_values
+    for layer in range(LAYERS):
+        ours = (edge_seq if layer < split else cloud_seq).layers[layer]
+        assert ours.length == len(tokens), f"layer {layer} holds {ours.length} of {len(tokens)} positions"
+        torch.testing.assert_close(ours.keys, past.layers[layer].keys[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.values, past.layers[layer].values[0], rtol=1e-5, atol=1e-5)
+
+
+def _first_exit_confidences(edge, cloud, prompt, n):
+    gen = Generator(edge, cloud, "collaborative", threshold=1.0, sequence_id=99).generate(prompt, n)
+    return sorted(r.confidences[0][1] for r in gen.records)
+
+
+@pytest.mark.parametrize("mode", ["forced", "mixed"])
+def test_kv_after_catch_up_equals_full_model(tiny, mode):
+    path, hf = tiny
+    hf = hf.to(torch.float32)
+    edge, cloud = _pipeline(path, torch.float32, threshold=1.0)
+    prompt = PROMPTS[1]
+    threshold = 0.0 if mode == "forced" else _first_exit_confidences(edge, cloud, prompt, 40)[20]
+    gen, tokens, exits = _decode_then_flush(edge, cloud, threshold, prompt, 40)
+    edge_exits = [e for e in exits[:-1] if e.startswith("edge")]
+    if mode == "forced":
+        assert set(exits[:-1]) == {"edge:1"}
+    else:
+        assert 0 < len(edge_exits) < 40, exits  # some tokens exit, some do not
+    assert exits[-1] == "cloud"
+    assert not gen.seq.pending and not cloud.context.sessions[7].pending  # flushed: nothing waits anywhere
+    _assert_kv_matches_full_model(hf, gen.seq, cloud.partition.sequences[7].kv, tokens, edge.plan.split_layer)
+
+
+def test_broken_catch_up_fails_the_kv_check(tiny, monkeypatch):
+    """Mutation check: if pending rows were dropped instead of carried, the KV check must fail."""
+    path, hf = tiny
+    edge, cloud = _pipeline(path, torch.float32, threshold=1.0)
+    monkeypatch.setattr(SequenceKV, "take_pending", lambda self, boundary: None)
+    with pytest.raises((PositionError, AssertionError)):
+        gen, tokens, _ = _decode_then_flush(edge, cloud, 0.0, PROMPTS[0], 10)
+        _assert_kv_matches_full_model(hf.float(), gen.seq, cloud.partition.sequences[7].kv, tokens,
+                                      edge.plan.split_layer)
+
+
+def test_standalone_and_cloud_only_modes(tiny):
+    path, hf = tiny
+    edge, cloud = _pipeline(path, torch.float64, threshold=1.0)
+    standalone = Generator(edge, None, "standalone", threshold=1.0).generate(PROMPTS[0], 16)
+    assert set(standalone.exits()) == {"edge:4"} and standalone.stats.cloud_requests == 0
+    full = load_model(path, dtype=torch.float64)
+    cloud_only = Generator(None, LocalCloud(full), "cloud-only", sequence_id=3).generate(PROMPTS[0], 16)
+    collab = Generator(edge, cloud, "collaborative", threshold=1.0, sequence_id=4).generate(PROMPTS[0], 16)
+    assert cloud_only.token_ids == collab.token_ids
+    assert cloud_only.stats.cloud_requests == 16

@@ -1,0 +1,55 @@
+"""Bad partition plans fail with a message that says what to fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from plugin.checkpoint import load_model
+from plugin.edge import EdgePartition
+from plugin.plan import PartitionPlan, PlanError
+from tests.tiny_models import save_tiny
+
+
+def _plan(**overrides) -> dict:
+    raw = {"checkpoint": ".", "split_layer": 4, "exit_layers": [1, 3, 4], "threshold": 0.8, "codec": "fp16"}
+    raw.update(overrides)
+    return raw
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"exit_layers": [3, 1]}, "strictly increasing"),
+    ({"exit_layers": [1, 1, 3]}, "strictly increasing"),
+    ({"exit_layers": [2, 5]}, "past the split layer"),
+    ({"exit_layers": []}, "at least one exit"),
+    ({"exit_layers": [0, 2]}, "positive integers"),
+    ({"split_layer": 0}, "positive integer"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"codec": "bf16"}, "codec must be one of"),
+    ({"splt_layer": 3}, "unknown keys"),
+])
+def test_bad_plans_are_refused(overrides, message):
+    with pytest.raises(PlanError, match=message):
+        PartitionPlan.from_dict(_plan(**overrides))
+
+
+def test_missing_keys_are_named():
+    with pytest.raises(PlanError, match="split_layer"):
+        PartitionPlan.from_dict({"checkpoint": ".", "exit_layers": [1]})
+
+
+def test_split_beyond_depth_is_refused(tmp_path):
+    save_tiny("llama", tmp_path)  # 6 layers
+    plan = PartitionPlan.from_dict(_plan(split_layer=6, exit_layers=[2]), base_dir=tmp_path)
+    with pytest.raises(PlanError, match="beyond the model's depth.*6 layers"):
+        EdgePartition(load_model(tmp_path, range(0, 6)), plan)
+
+
+def test_plan_round_trips_through_json_and_yaml(tmp_path):
+    plan = PartitionPlan.from_dict(_plan(), base_dir=tmp_path)
+    plan.save(tmp_path / "plan.json")
+    assert json.loads((tmp_path / "plan.json").read_text())["checkpoint"] == "."
+    assert PartitionPlan.load(tmp_path / "plan.json") == plan
+    (tmp_path / "plan.yaml").write_text("checkpoint: .\nsplit_layer: 4\nexit_layers: [1, 3, 4]\nthreshold: 0.8\ncodec: fp16\n")
+    assert PartitionPlan.load(tmp_path / "plan.yaml") == plan
+    assert plan.boundaries == (1, 3, 4)
