@@ -5,12 +5,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from .context import Limits, PendingBlock
+from .context import ContextManager, Limits, PendingBlock
 from .decoder import DecoderModel
 from .kv_store import PositionError, SequenceKV
-from .protocol import TOP_K, CloudReply, ProtocolError, SequenceNeedsStart
+from .protocol import TOP_K, CloudReply, CloudRequest, ProtocolError, SequenceNeedsStart
 
 
 @dataclass
@@ -121,3 +122,33 @@ class CloudPartition:
     @property
     def kv_bytes(self) -> int:
         return sum(seq.kv.nbytes for seq in self.sequences.values())
+
+
+def token_block(req: CloudRequest, vocab_size: int) -> PendingBlock:
+    """A cloud-only request: token ids for the whole model (split layer 0)."""
+    ids = req.token_ids
+    if ids is None or ids.ndim != 1 or ids.dtype != np.int64:
+        raise ProtocolError("TOKEN_IDS must be int64 of shape [1, n]")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise ProtocolError(f"token ids must lie in [0, {vocab_size})")
+    return PendingBlock(req.sequence_id, 0, req.start_pos, torch.empty(0, 0), req.want_token, req.start, req.end,
+                        token_ids=torch.from_numpy(ids.copy()))
+
+
+class LocalCloud:
+    """Context manager -> cloud partition, chained as the `ce_collm` ensemble chains them, in one
+    process: the in-process reference the Triton path must match token for token."""
+
+    def __init__(self, model: DecoderModel, limits: Limits | None = None):
+        self.context = ContextManager(model.cfg.hidden_size, model.cfg.num_layers, limits)
+        self.partition = CloudPartition(model, limits)
+
+    def send(self, req: CloudRequest) -> CloudReply:
+        if req.token_ids is not None:
+            block = token_block(req, self.partition.model.cfg.vocab_size)
+        else:
+            block = self.context.handle(req)
+        reply = self.partition.step([block])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply

@@ -11,7 +11,7 @@ from .codec import CodecError, decode
 from .protocol import CloudRequest, ProtocolError, SequenceNeedsStart
 
 
-@dataclass
+@dataclass(frozen=True)
 class Limits:
     max_sessions: int = 256
     max_context: int = 4096  # positions per session

@@ -31,6 +31,7 @@ class EdgeStep:
     confidences: list[tuple[int, float]] = field(default_factory=list)  # (exit layer, confidence) seen
     split_rows: PendingRows | None = None  # rows that reached the split in this step: the cloud's input
     rows_by_layer: dict[int, int] = field(default_factory=dict)  # rows computed per layer in this step
+    last_exit_hidden: torch.Tensor | None = None  # [D] at the last exit: the edge's answer if the cloud fails
 
 
 class EdgePartition:
@@ -68,6 +69,8 @@ class EdgePartition:
                 out.split_rows = PendingRows(start, h)
             if boundary not in self.plan.exit_layers:
                 continue
+            if boundary == last_exit:
+                out.last_exit_hidden = h[-1]
             logits = model.exit_logits(h[-1], boundary)  # [V]
             conf = float(confidence(logits)[0])
             out.confidences.append((boundary, conf))

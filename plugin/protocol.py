@@ -79,5 +79,5 @@ class CloudReply:
 
     @property
     def nbytes(self) -> int:
-        """TOKEN_ID + CONFIDENCE + TOPK_IDS + TOPK_LOGPROBS + CATCHUP_ROWS."""
-        return 8 + 4 + 12 * len(self.topk_ids) + 4
+        """TOKEN_ID + CONFIDENCE + TOPK_IDS + TOPK_LOGPROBS (always TOP_K wide) + CATCHUP_ROWS."""
+        return 8 + 4 + 12 * TOP_K + 4

@@ -12,7 +12,8 @@ import torch
 from plugin.checkpoint import load_model
 from plugin.edge import EdgePartition
 from plugin.kv_store import PositionError, SequenceKV
-from plugin.pipeline import Generator, LocalCloud
+from edge_runtime.decoding import Generator
+from plugin.cloud import LocalCloud
 from plugin.plan import PartitionPlan
 from tests.tiny_models import LAYERS, VOCAB, save_tiny
 

@@ -1,0 +1,49 @@
+"""The edge's link to the `ce_collm` ensemble: tritonclient gRPC with sequence ids and START/END."""
+from __future__ import annotations
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from edge_runtime.decoding import CloudUnreachable
+from plugin.protocol import OUTPUTS, CloudReply, CloudRequest, ProtocolError, SequenceNeedsStart
+from plugin.wire import reply_from_outputs, request_inputs
+
+# Triton's own words when the sequence slot is gone (server restart, idle timeout), and ours.
+_NEEDS_START = ("must specify the START flag", "re-send its context with START")
+
+
+class TritonLink:
+    """Sends CloudRequests through one model (`ce_collm`, or `cloud_only` for the baseline)."""
+
+    def __init__(self, url: str, model: str = "ce_collm", timeout_s: float = 30.0):
+        self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.client = grpcclient.InferenceServerClient(url)
+        self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+
+    def send(self, req: CloudRequest) -> CloudReply:
+        inputs = []
+        for name, value in request_inputs(req).items():
+            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(np.ascontiguousarray(value))
+            inputs.append(tensor)
+        try:
+            result = self.client.infer(self.model, inputs, outputs=self._outputs, sequence_id=req.sequence_id,
+                                       sequence_start=req.start, sequence_end=req.end,
+                                       client_timeout=self.timeout_s)
+        except InferenceServerException as e:
+            raise _translate(e) from None
+        return reply_from_outputs({name: result.as_numpy(name) for name in OUTPUTS})
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _translate(e: InferenceServerException) -> Exception:
+    message = e.message() or str(e)
+    if any(words in message for words in _NEEDS_START):
+        return SequenceNeedsStart(message)
+    status = (e.status() or "").upper()
+    if "UNAVAILABLE" in status or "DEADLINE" in status or "Socket closed" in message:
+        return CloudUnreachable(f"{status}: {message}")
+    return ProtocolError(message)

@@ -1,0 +1,200 @@
+"""`ce-collm`: the cloud side's command line.
+
+Each subcommand is one entry of COMMANDS: a one-line summary, a function that adds its arguments
+and a function that runs it and returns the exit code. Adding a subcommand is adding an entry.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+
+
+class Command(NamedTuple):
+    summary: str  # one line, shown in `ce-collm --help`
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]  # returns the exit code
+    description: str = ""  # longer text for `ce-collm NAME --help`; defaults to summary
+
+
+# -- serve ---------------------------------------------------------------------------------------
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY, metavar="DIR",
+                   help="Triton model repository to serve (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                   help="address all three endpoints bind to; 0.0.0.0 exposes them (default: %(default)s)")
+    p.add_argument("--grpc-port", type=int, default=8001, metavar="N",
+                   help="gRPC port, what edge devices connect to; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--http-port", type=int, default=8000, metavar="N",
+                   help="HTTP/REST port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=8002, metavar="N",
+                   help="Prometheus metrics port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--log-file", type=Path, metavar="F",
+                   help="append the full tritonserver log to F (default: keep only the tail, for errors)")
+    p.add_argument("--verbose", action="store_true",
+                   help="stream the tritonserver log to stderr")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="give up if the models are not all ready after S seconds (default: %(default)s)")
+    p.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
+                   help="extra tritonserver flag, repeatable; write it as --triton-arg=--log-verbose=1")
+
+
+class _Stop(Exception):
+    """SIGTERM or SIGINT arrived: shut the server down and exit 0."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Run tritonserver on the model repository until Ctrl-C or SIGTERM."""
+    from plugin.server import TritonServer, TritonServerError
+
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if on_main_thread:  # signal handlers can only be installed there (not when called from a test thread)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_stop)
+    server = None
+    try:
+        server = TritonServer(
+            args.model_repository,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            log_file=args.log_file,
+            extra_args=args.triton_arg,
+            echo=sys.stderr if args.verbose else None,
+        )
+        print(f"ce-collm serve: starting tritonserver on {args.model_repository}", file=sys.stderr, flush=True)
+        server.start(timeout_s=args.timeout)
+        version = server.metadata().get("version", "?")
+        models = ", ".join(f"{m['name']}:{m.get('version', '?')}" for m in server.repository_index()) or "(none)"
+        print(
+            f"ce-collm serve: ready (tritonserver {version}, pid {server.pid})\n"
+            f"  grpc     {server.grpc_url}\n"
+            f"  http     http://{server.http_url}\n"
+            f"  metrics  {server.metrics_url}\n"
+            f"  models   {models}\n"
+            "Press Ctrl-C to stop.",
+            flush=True,
+        )
+        while server.is_running():
+            time.sleep(0.5)
+        print(f"ce-collm serve: tritonserver exited on its own with code {server.returncode}\n"
+              f"{server.log_tail()}", file=sys.stderr, flush=True)
+        return 1
+    except _Stop as stop:
+        print(f"ce-collm serve: {stop}, stopping tritonserver", file=sys.stderr, flush=True)
+        return 0
+    except TritonServerError as err:
+        print(f"ce-collm serve: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if server is not None:
+            # a second Ctrl-C during shutdown must not leave the server running
+            for sig in previous:
+                signal.signal(sig, signal.SIG_IGN)
+            server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# -- configs -------------------------------------------------------------------------------------
+DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "models" / "shakespeare-llama" / "partition_plan.json"
+
+
+def _configs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", type=Path, default=DEFAULT_PLAN, metavar="FILE",
+                   help="partition plan (JSON or YAML) naming the checkpoint and split (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_REPOSITORY, metavar="DIR",
+                   help="model repository to write (default: %(default)s)")
+    p.add_argument("--gpu", action="store_true", help="KIND_GPU instances and float16 cloud weights")
+    p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=256, metavar="N", help="live sessions per model (default: %(default)s)")
+    p.add_argument("--max-context", type=int, default=4096, metavar="N", help="positions per session (default: %(default)s)")
+    p.add_argument("--max-block-rows", type=int, default=1024, metavar="N", help="rows per request (default: %(default)s)")
+    p.add_argument("--ttl", type=float, default=600.0, metavar="S",
+                   help="drop sessions idle this long; also the sequence batcher's idle timeout (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 if the repository's configs differ from what the plan generates")
+
+
+def _configs(args: argparse.Namespace) -> int:
+    """Generate the Triton configs from the partition plan, or check they are up to date."""
+    from plugin.context import Limits
+    from plugin.plan import PartitionPlan
+    from plugin.repository import ServeOptions, check_repository, write_repository
+
+    plan = PartitionPlan.load(args.plan)
+    opts = ServeOptions(
+        max_batch_size=args.max_batch_size, instances=args.instances,
+        instance_kind="KIND_GPU" if args.gpu else "KIND_CPU", dtype="float16" if args.gpu else "float32",
+        limits=Limits(args.max_sessions, args.max_context, args.max_block_rows, args.ttl),
+    )
+    if args.check:
+        stale = check_repository(plan, args.out, opts)
+        for name in stale:
+            print(f"{args.out / name / 'config.pbtxt'} differs from the plan {args.plan}", file=sys.stderr)
+        print("up to date" if not stale else f"{len(stale)} stale: run `ce-collm configs --plan {args.plan}`")
+        return 1 if stale else 0
+    for path in write_repository(plan, args.out, opts):
+        print(f"wrote {path}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "configs": Command(
+        summary="generate model_repository/ configs from a partition plan (or --check them)",
+        add_arguments=_configs_arguments,
+        run=_configs,
+        description=(
+            "Write config.pbtxt for ce_collm (ensemble), context_manager, cloud_partition and "
+            "cloud_only from the partition plan and its checkpoint's config.json: hidden size, "
+            "split layer, limits and the checkpoint path (relative to the repository). With --check, "
+            "report configs that drifted from the plan instead."
+        ),
+    ),
+    "serve": Command(
+        summary="run tritonserver on the model repository until Ctrl-C or SIGTERM",
+        add_arguments=_serve_arguments,
+        run=_serve,
+        description=(
+            "Start tritonserver (from PATH, as in the NGC container, or from the nvidia-pytriton "
+            "wheel) on the model repository, wait until every model is ready, print the endpoints "
+            "and serve until Ctrl-C or SIGTERM, then shut down cleanly and exit 0. Binds 127.0.0.1 "
+            "unless --host says otherwise."
+        ),
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ce-collm",
+        description="CE-CoLLM cloud side: serve and manage the Triton model repository.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.summary, description=cmd.description or cmd.summary)
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""The python-backend side of every model.py: Triton requests <-> services.py, nothing else.
+
+Imported only inside tritonserver's Python stub (triton_python_backend_utils exists there alone).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from .services import CloudService, ContextManagerService, RequestData
+
+CONTROLS = ("START", "END", "CORRID")
+METRIC_HELP = {
+    "sessions_live": "sequences whose state this model holds",
+    "rows_uploaded_total": "layer-k hidden-state rows uploaded by edges",
+    "pending_bytes": "bytes of uploaded rows waiting for a token request",
+    "tokens_served_total": "tokens computed by this model",
+    "layer_rows_computed_total": "rows x layers computed (catch-up rows included)",
+    "kv_bytes": "bytes held in per-sequence KV caches",
+}
+
+
+def _request_data(request) -> RequestData:
+    tensors = {t.name(): t.as_numpy() for t in request.inputs()}
+    controls = {name: tensors.pop(name, None) for name in CONTROLS}
+    sequence_id = int(controls["CORRID"].reshape(-1)[0]) if controls["CORRID"] is not None else request.correlation_id()
+    start = bool(controls["START"].reshape(-1)[0]) if controls["START"] is not None else bool(request.flags() & 1)
+    end = bool(controls["END"].reshape(-1)[0]) if controls["END"] is not None else bool(request.flags() & 2)
+    return RequestData({k: np.array(v, copy=True) for k, v in tensors.items()}, sequence_id, start, end)
+
+
+class Adapter:
+    """TritonPythonModel for one of the services; errors become per-request TritonError responses."""
+
+    kind = ""
+
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        root = Path(args["model_repository"]).resolve().parent
+        if self.kind == "context_manager":
+            self.service = ContextManagerService(params, root)
+        else:
+            device = "cpu"
+            if args.get("model_instance_kind") == "GPU":
+                device = f"cuda:{args['model_instance_device_id']}"
+            self.service = CloudService(params, root, device, token_input=self.kind == "cloud_only")
+        self.name = args["model_name"]
+        self._metrics, self._families = {}, []  # a Metric must not outlive its MetricFamily
+        self._reported: dict[str, float] = {}
+        for key, help_text in METRIC_HELP.items():
+            kind = pb_utils.MetricFamily.COUNTER if key.endswith("_total") else pb_utils.MetricFamily.GAUGE
+            family = pb_utils.MetricFamily(name=f"ce_collm_{key}", description=help_text, kind=kind)
+            self._families.append(family)
+            self._metrics[key] = family.Metric(labels={"model": self.name})
+
+    def execute(self, requests):
+        try:
+            results = self.service.execute([_request_data(r) for r in requests])
+        except Exception as e:  # a bug must fail these requests, not the model instance
+            results = [RuntimeError(f"{self.name}: internal error: {type(e).__name__}: {e}")] * len(requests)
+        responses = []
+        for result in results:
+            if isinstance(result, Exception):
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
+            else:
+                tensors = [pb_utils.Tensor(name, value) for name, value in result.items()]
+                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+        self._report()
+        return responses
+
+    def _report(self) -> None:
+        for key, value in self.service.metrics().items():
+            metric = self._metrics.get(key)
+            if metric is None:
+                continue
+            if key.endswith("_total"):
+                metric.increment(value - self._reported.get(key, 0))
+            else:
+                metric.set(value)
+            self._reported[key] = value
+
+
+def model_class(kind: str) -> type:
+    """A TritonPythonModel class for `context_manager`, `cloud_partition` or `cloud_only`."""
+    return type("TritonPythonModel", (Adapter,), {"kind": kind})

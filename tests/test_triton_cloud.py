@@ -1,0 +1,153 @@
+"""The cloud side served by a real tritonserver: ensemble, context manager, cloud partition.
+
+One server per module, started on free 127.0.0.1 ports from a repository generated from the
+partition plan of a tiny random checkpoint that this module builds.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime.triton_link import TritonLink
+from plugin.checkpoint import load_model
+from plugin.codec import EncodedRows, encode
+from plugin.context import Limits
+from plugin.edge import EdgePartition
+from edge_runtime.decoding import Generator
+from plugin.cloud import LocalCloud
+from plugin.plan import PartitionPlan
+from plugin.protocol import CloudRequest, ProtocolError, SequenceNeedsStart
+from plugin.repository import ServeOptions, write_repository
+from tests.tiny_models import LAYERS, save_tiny
+
+pytestmark = pytest.mark.server
+SPLIT, EXITS = 4, (1, 3, 4)
+PROMPTS = [[5, 17, 33, 2, 71], [90, 4, 4, 12, 61, 8, 30, 55, 1], [42, 7], [3, 3, 3, 9]]
+LIMITS = Limits(max_sessions=64, max_context=256, max_block_rows=64, ttl_s=600)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, start_server):
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_tiny("llama", ckpt)
+    plan = PartitionPlan(ckpt, SPLIT, EXITS, threshold=0.1, codec="fp16")
+    repo = tmp_path_factory.mktemp("repo")
+    write_repository(plan, repo, ServeOptions(limits=LIMITS))
+    server = start_server(repo)
+    edge = EdgePartition(load_model(ckpt, range(0, SPLIT)), plan)
+    reference = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)), LIMITS)
+    return plan, edge, reference, server, load_model(ckpt)
+
+
+def _generate(edge, link, codec, sid, prompt, threshold=0.1, n=24, mode="collaborative"):
+    return Generator(edge, link, mode, threshold=threshold, codec=codec, sequence_id=sid).generate(prompt, n)
+
+
+@pytest.mark.parametrize("codec", ["fp16", "int8"])
+def test_ensemble_matches_in_process_reference(setup, codec):
+    plan, edge, reference, server, _ = setup
+    link = TritonLink(server.grpc_url)
+    exits = []
+    for sid, prompt in enumerate(PROMPTS, start=100):
+        served = _generate(edge, link, codec, sid, prompt)
+        local = _generate(edge, reference, codec, sid, prompt)
+        assert served.token_ids == local.token_ids
+        assert served.exits() == local.exits()
+        assert served.stats.bytes_up == local.stats.bytes_up
+        exits += served.exits()
+    assert "cloud" in exits and any(e.startswith("edge") for e in exits)  # both paths exercised
+
+
+def test_cloud_only_model_matches_full_model(setup):
+    plan, edge, reference, server, full = setup
+    served = Generator(None, TritonLink(server.grpc_url, "cloud_only"), "cloud-only", sequence_id=7).generate(PROMPTS[0], 16)
+    local = Generator(None, LocalCloud(full), "cloud-only", sequence_id=7).generate(PROMPTS[0], 16)
+    exact = _generate(edge, TritonLink(server.grpc_url), "fp32", 8, PROMPTS[0], threshold=1.0, n=16)
+    assert served.token_ids == local.token_ids == exact.token_ids
+
+
+def test_interleaved_and_concurrent_sessions_never_mix(setup):
+    plan, edge, reference, server, _ = setup
+    alone = [_generate(edge, TritonLink(server.grpc_url), "fp16", 200 + i, p).token_ids for i, p in enumerate(PROMPTS)]
+    # step two sessions alternately on one link
+    link = TritonLink(server.grpc_url)
+    gens = [Generator(edge, link, "collaborative", threshold=0.1, codec="fp16", sequence_id=300 + i) for i in range(2)]
+    streams = [g.stream(PROMPTS[i], 24) for i, g in enumerate(gens)]
+    interleaved = [[], []]
+    for _ in range(24):
+        for i in range(2):
+            interleaved[i].append(next(streams[i]).token_id)
+    for s in streams:
+        s.close()
+    assert interleaved == alone[:2]
+    # 8 sessions at once: the sequence batcher hands the cloud partition ragged batches
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_generate, edge, TritonLink(server.grpc_url), "fp16", 400 + i, PROMPTS[i % 4])
+                   for i in range(8)]
+        concurrent = [f.result(timeout=120).token_ids for f in futures]
+    assert concurrent == [alone[i % 4] for i in range(8)]
+
+
+def _raw(link, sid, pos, rows, want=False, start=False, end=False, split=None):
+    return link.send(CloudRequest(sid, pos, want, rows=rows, split_layer=split, start=start, end=end))
+
+
+def test_bad_requests_get_errors_and_leave_context_intact(setup):
+    plan, edge, reference, server, _ = setup
+    link = TritonLink(server.grpc_url)
+    hidden = edge.model.cfg.hidden_size
+    rows = lambda n: encode(torch.randn(n, hidden), "fp16")  # noqa: E731
+    sid = 900
+    _raw(link, sid, 0, rows(3), start=True, split=SPLIT)
+    bad = [
+        (dict(sid=sid, pos=5, rows=rows(1)), "position gap"),
+        (dict(sid=sid, pos=1, rows=rows(1)), "position overlap"),
+        (dict(sid=sid, pos=3, rows=EncodedRows("fp16", np.zeros((1, hidden + 2), np.float16))), "shape"),
+        (dict(sid=sid, pos=3, rows=EncodedRows("fp16", np.full((1, hidden), np.nan, np.float16))), "NaN"),
+        (dict(sid=sid, pos=3, rows=rows(65)), "rows per request"),
+        (dict(sid=sid, pos=3, rows=rows(1), split=SPLIT + 1), "split layer"),
+        (dict(sid=901, pos=0, rows=rows(1), start=True, split=LAYERS), "SPLIT_LAYER"),
+        (dict(sid=902, pos=0, rows=rows(1)), "START"),
+    ]
+    for kwargs, message in bad:
+        with pytest.raises((ProtocolError, SequenceNeedsStart), match=message):
+            _raw(link, **kwargs)
+    reply = _raw(link, sid, 3, rows(1), want=True)
+    assert reply.catchup_rows == 4 and reply.token_id >= 0  # all 3 stored rows + the new one
+    _raw(link, sid, 4, rows(0), end=True)
+    assert server.is_running()
+
+
+def test_unknown_sequence_is_reported_as_needing_start(setup):
+    plan, edge, reference, server, _ = setup
+    link = TritonLink(server.grpc_url)
+    with pytest.raises(SequenceNeedsStart):
+        _raw(link, 950, 0, encode(torch.randn(1, edge.model.cfg.hidden_size), "fp16"), want=True)
+
+
+def _metric(server, name, model):
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    m = re.search(rf'^{name}{{model="{model}"}} ([0-9.e+]+)$', text, re.M)
+    return float(m.group(1)) if m else None
+
+
+def test_end_frees_sessions_and_metrics_show_it(setup):
+    plan, edge, reference, server, _ = setup
+    link = TritonLink(server.grpc_url)
+    before = {m: _metric(server, "ce_collm_sessions_live", m) or 0 for m in ("cloud_partition", "context_manager")}
+    gen = Generator(edge, link, "collaborative", threshold=1.0, codec="fp16", sequence_id=1000)
+    stream = gen.stream(PROMPTS[1], 8)
+    for _ in range(4):
+        next(stream)
+    for model, live in before.items():
+        assert _metric(server, "ce_collm_sessions_live", model) == live + 1
+    stream.close()  # END
+    for model, live in before.items():
+        assert _metric(server, "ce_collm_sessions_live", model) == live
+    assert _metric(server, "ce_collm_tokens_served_total", "cloud_partition") > 0
+    assert _metric(server, "ce_collm_rows_uploaded_total", "context_manager") > 0
