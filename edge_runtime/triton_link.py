@@ -16,9 +16,14 @@ _NEEDS_START = ("must specify the START flag", "re-send its context with START")
 class TritonLink:
     """Sends CloudRequests through one model (`ce_collm`, or `cloud_only` for the baseline)."""
 
-    def __init__(self, url: str, model: str = "ce_collm", timeout_s: float = 30.0):
+    def __init__(self, url: str, model: str = "ce_collm", timeout_s: float = 30.0, reconnect_backoff_ms: int = 500):
         self.url, self.model, self.timeout_s = url, model, timeout_s
-        self.client = grpcclient.InferenceServerClient(url)
+        # gRPC's default reconnect backoff grows to minutes while the server is down; an edge
+        # wants to notice within a second that the cloud is back.
+        backoff = [("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms),
+                   ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms),
+                   ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms)]
+        self.client = grpcclient.InferenceServerClient(url, channel_args=backoff)
         self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
 
     def send(self, req: CloudRequest) -> CloudReply:
@@ -34,6 +39,13 @@ class TritonLink:
         except InferenceServerException as e:
             raise _translate(e) from None
         return reply_from_outputs({name: result.as_numpy(name) for name in OUTPUTS})
+
+    def ready(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server answers and its model is ready (never raises)."""
+        try:
+            return self.client.is_model_ready(self.model, client_timeout=timeout_s)
+        except InferenceServerException:
+            return False
 
     def close(self) -> None:
         self.client.close()

@@ -1,0 +1,51 @@
+"""An edge application's pieces, loaded once from a partition plan: runner, tokenizer, generators."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from plugin.checkpoint import load_model
+from plugin.edge import EdgePartition
+from plugin.plan import PartitionPlan
+from plugin.sampling import Greedy, Sampler
+
+from .decoding import Generator, LatencyPolicy
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_PLAN = REPO_ROOT / "models" / "shakespeare-llama" / "partition_plan.json"
+
+
+class ModelMissing(FileNotFoundError):
+    """The plan's checkpoint is not there: say how to make it."""
+
+
+@dataclass
+class EdgeApp:
+    plan: PartitionPlan
+    edge: EdgePartition
+    tokenizer: Tokenizer
+
+    @classmethod
+    def load(cls, plan_path: str | Path = DEMO_PLAN) -> "EdgeApp":
+        plan = PartitionPlan.load(plan_path)
+        if not (plan.checkpoint / "config.json").is_file():
+            raise ModelMissing(f"no checkpoint at {plan.checkpoint} (named by {plan_path}); for the demo model run "
+                               "`.venv/bin/python build/train_demo_model.py`, or point --plan at your own plan")
+        model = load_model(plan.checkpoint, range(0, plan.split_layer), exit_adapters=plan.exit_adapters)
+        tokenizer = Tokenizer.from_file(str(plan.checkpoint / "tokenizer.json"))
+        return cls(plan, EdgePartition(model, plan), tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def generator(self, mode: str, link=None, threshold: float | None = None, codec: str | None = None,
+                  sampler: Sampler | None = None, sequence_id: int | None = None, async_uploads: bool = True,
+                  latency: LatencyPolicy | None = None) -> Generator:
+        """A fresh session; sequence ids are random 63-bit numbers unless given (0 is reserved by Triton)."""
+        return Generator(self.edge, link, mode, threshold=threshold, codec=codec, sampler=sampler or Greedy(),
+                         eos_token_ids=self.edge.model.cfg.eos_token_ids,
+                         sequence_id=sequence_id or secrets.randbits(63) | 1, async_uploads=async_uploads,
+                         latency=latency)

@@ -1,0 +1,127 @@
+"""`ce-collm-edge`: the edge side's command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from .app import DEMO_PLAN
+from .decoding import MODES, CloudUnreachable, LatencyPolicy
+
+DESCRIPTION = """\
+Generate text on the edge with early exits, asking a CE-CoLLM Triton server only when no edge exit
+is confident. Modes:
+  collaborative  exit when confident, else the cloud answers (accuracy of the full model)
+  standalone     never waits on the network: the last edge exit always answers (--url not needed)
+  latency-aware  collaborative, but answer on the edge while the measured cloud round trip breaks
+                 --latency-budget-ms or the cloud is unreachable; re-sync when it returns
+  cloud-only     the baseline: token ids to the whole model on the server
+Tokens are coloured by where they came from on a terminal (legend on stderr).
+"""
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--url", metavar="HOST:PORT", help="Triton gRPC endpoint, e.g. 127.0.0.1:8001 (all modes but standalone)")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--mode", choices=MODES, default="collaborative", help="(default: %(default)s)")
+    p.add_argument("--threshold", type=float, metavar="T",
+                   help="exit when max softmax probability >= T; 1.0 never exits (default: the plan's)")
+    p.add_argument("--codec", choices=["fp16", "int8", "fp32"], help="how layer-k hidden states travel (default: the plan's)")
+    p.add_argument("--runner", choices=["torch"], default="torch", help="edge segment runner (default: %(default)s)")
+    p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE",
+                   help="partition plan naming the checkpoint, split and exits (default: the demo model's)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 decodes greedily; above 0 samples with --top-p (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus size when sampling (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--latency-budget-ms", type=float, default=250.0,
+                   help="latency-aware: per-token budget for a cloud round trip (default: %(default)s)")
+    p.add_argument("--sequence-id", type=int, help="Triton sequence id (default: a random one)")
+    p.add_argument("--sync-uploads", action="store_true", help="upload rows in the foreground (default: background)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--no-color", action="store_true", help="no colours even on a terminal")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from plugin.sampling import Greedy, TopP
+
+    from .app import EdgeApp, ModelMissing
+    from .display import TokenPrinter
+
+    if args.mode != "standalone" and not args.url:
+        print(f"error: --url HOST:PORT is needed in {args.mode} mode (start a server with `ce-collm serve`)",
+              file=sys.stderr)
+        return 2
+    try:
+        app = EdgeApp.load(args.plan)
+    except ModelMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    link = None
+    if args.mode != "standalone":
+        from .triton_link import TritonLink
+
+        link = TritonLink(args.url, "cloud_only" if args.mode == "cloud-only" else "ce_collm")
+    sampler = Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed)
+    gen = app.generator(args.mode, link, threshold=args.threshold, codec=args.codec, sampler=sampler,
+                        sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
+                        latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000))
+    printer = TokenPrinter(app.tokenizer, app.plan.exit_layers, colour=False if args.no_color else None)
+    records, error = [], None
+    if not args.json:
+        if printer.legend():
+            print(printer.legend(), file=sys.stderr)
+        sys.stdout.write(args.prompt)
+    try:
+        for record in gen.stream(app.encode(args.prompt), args.max_new_tokens):
+            records.append(record)
+            if not args.json:
+                printer.add(record)
+    except (CloudUnreachable, ConnectionError, ValueError) as e:
+        error = f"{type(e).__name__}: {e}"
+    ids = [r.token_id for r in records]
+    s = gen.stats
+    result = {
+        "text": app.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
+        "exits": [r.exit for r in records], "tokens_per_exit": dict(Counter(r.exit for r in records)),
+        "cloud_requests": s.cloud_requests, "uploads": s.uploads, "resyncs": s.resyncs, "fallbacks": s.fallbacks,
+        "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "edge_s": round(s.edge_s, 4),
+        "cloud_wait_s": round(s.cloud_wait_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,
+        "threshold": gen.threshold, "codec": gen.codec, "sequence_id": gen.sequence_id,
+    }
+    if error:
+        result["error"] = error
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print()
+        per_exit = ", ".join(f"{k}: {v}" for k, v in sorted(result["tokens_per_exit"].items()))
+        print(f"[{len(ids)} tokens in {s.wall_s:.2f} s | {per_exit} | cloud requests {s.cloud_requests}, "
+              f"uploads {s.uploads} | up {s.bytes_up:,} B, down {s.bytes_down:,} B | edge {s.edge_s:.2f} s, "
+              f"waiting on cloud {s.cloud_wait_s:.2f} s]", file=sys.stderr)
+        if error:
+            print(f"error: {error} (the {len(ids)} tokens above were generated before it)", file=sys.stderr)
+    return 1 if error else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ce-collm-edge", description="CE-CoLLM edge runtime.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("generate", help="generate text with early exits and the cloud's help", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _generate_arguments(p)
+    p.set_defaults(run=_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

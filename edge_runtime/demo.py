@@ -1,0 +1,90 @@
+"""`make demo`: a real tritonserver, the edge runtime on a few held-out prompts, text and statistics.
+
+Starts tritonserver on free 127.0.0.1 ports with model_repository/ (regenerating its configs if
+they drifted from the demo plan), runs each prompt in collaborative, standalone and cloud-only
+mode, prints the texts and a summary table, and stops the server.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from plugin.plan import PartitionPlan
+from plugin.repository import TEMPLATE_REPOSITORY, check_repository, write_repository
+from plugin.server import TritonServer
+
+from .app import DEMO_PLAN, EdgeApp, ModelMissing
+from .decoding import Generation
+from .display import TokenPrinter, summary_table
+from .triton_link import TritonLink
+
+
+def _prompts(plan: PartitionPlan, count: int) -> list[str]:
+    lines = (plan.checkpoint / "heldout_prompts.txt").read_text().splitlines()
+    return [line.replace("\\n", "\n") for line in lines if line.strip()][:count]
+
+
+def _merge(gens: list[Generation]) -> Generation:
+    """Sum of several runs of one mode, for the summary table."""
+    total = Generation([])
+    for g in gens:
+        total.token_ids += g.token_ids
+        total.records += g.records
+        for field in vars(total.stats):
+            setattr(total.stats, field, getattr(total.stats, field) + getattr(g.stats, field))
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge_runtime.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", type=Path, default=DEMO_PLAN)
+    parser.add_argument("--prompts", type=int, default=3, help="held-out prompts to run (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="(default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        app = EdgeApp.load(args.plan)
+    except ModelMissing as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stale = check_repository(app.plan, TEMPLATE_REPOSITORY)
+    if stale:
+        print(f"regenerating {', '.join(stale)} configs from {args.plan}")
+        write_repository(app.plan, TEMPLATE_REPOSITORY)
+    print(f"starting tritonserver on {TEMPLATE_REPOSITORY} ...", flush=True)
+    t0 = time.perf_counter()
+    runs: dict[str, list[Generation]] = {"collaborative": [], "standalone": [], "cloud-only": []}
+    with TritonServer(TEMPLATE_REPOSITORY) as server:
+        print(f"server ready in {time.perf_counter() - t0:.1f} s at grpc {server.grpc_url}\n")
+        edge_link, cloud_link = TritonLink(server.grpc_url), TritonLink(server.grpc_url, "cloud_only")
+        for i, prompt in enumerate(_prompts(app.plan, args.prompts), start=1):
+            ids = app.encode(prompt)
+            printer = TokenPrinter(app.tokenizer, app.plan.exit_layers)
+            if i == 1 and printer.legend():
+                print(printer.legend() + "\n")
+            print(f"--- prompt {i}, collaborative (threshold {app.plan.threshold}) ---\n{prompt}", end="")
+            gen = app.generator("collaborative", edge_link)
+            records = []
+            for record in gen.stream(ids, args.max_new_tokens):
+                printer.add(record)
+                records.append(record)
+            runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, gen.stats))
+            runs["standalone"].append(app.generator("standalone").generate(ids, args.max_new_tokens))
+            runs["cloud-only"].append(app.generator("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
+            for mode in ("standalone", "cloud-only"):
+                text = app.tokenizer.decode(runs[mode][-1].token_ids, skip_special_tokens=True)
+                print(f"\n--- {mode} ---\n{prompt}{text}")
+            print()
+    merged = [(mode, _merge(gens)) for mode, gens in runs.items()]
+    agree = sum(a == b for g, c in zip(runs["collaborative"], runs["cloud-only"]) for a, b in zip(g.token_ids, c.token_ids))
+    total = sum(min(len(g.token_ids), len(c.token_ids)) for g, c in zip(runs["collaborative"], runs["cloud-only"]))
+    print(summary_table(merged, baseline="cloud-only"))
+    print(f"collaborative agrees with cloud-only on {agree}/{total} tokens ({agree / max(1, total):.1%}); "
+          "time per token here is loopback on one CPU machine running both sides (see bench/ for links)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
