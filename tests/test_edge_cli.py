@@ -1,0 +1,85 @@
+"""End to end on the committed demo model: `ce-collm-edge generate` against the committed
+model_repository/ served by a real tritonserver, as a user runs them."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_runtime.app import DEMO_PLAN, EdgeApp
+from edge_runtime.triton_link import TritonLink
+from plugin.checkpoint import load_model
+from plugin.cloud import LocalCloud
+from plugin.repository import TEMPLATE_REPOSITORY, check_repository
+
+pytestmark = pytest.mark.server
+PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+
+
+@pytest.fixture(scope="module")
+def app():
+    return EdgeApp.load(DEMO_PLAN)
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(TEMPLATE_REPOSITORY)
+
+
+def _cli(*args: str, timeout: float = 180) -> dict:
+    cmd = [sys.executable, "-m", "edge_runtime.cli", "generate", "--json", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_committed_configs_match_the_demo_plan(app):
+    assert check_repository(app.plan, TEMPLATE_REPOSITORY) == []
+
+
+def test_exact_collaborative_equals_cloud_only_and_in_process(app, server):
+    n = "24"
+    collab = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
+                  "--codec", "fp32")
+    cloud_only = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--mode", "cloud-only")
+    reference = app.generator("collaborative", LocalCloud(load_model(app.plan.checkpoint)), threshold=1.0,
+                              codec="fp32").generate(app.encode(PROMPT), int(n))
+    assert collab["token_ids"] == cloud_only["token_ids"] == reference.token_ids
+    assert set(collab["exits"]) == {"cloud"} and collab["cloud_requests"] == int(n)
+    assert collab["text"] == app.tokenizer.decode(reference.token_ids, skip_special_tokens=True)
+
+
+def test_standalone_needs_no_server(app):
+    out = _cli("--prompt", PROMPT, "--max-new-tokens", "16", "--mode", "standalone")
+    assert len(out["token_ids"]) == 16 and out["bytes_up"] == 0 and out["cloud_requests"] == 0
+    assert all(e.startswith("edge:") for e in out["exits"])
+
+
+def test_streamed_text_and_statistics(server):
+    cmd = [sys.executable, "-m", "edge_runtime.cli", "generate", "--url", server.grpc_url, "--prompt", PROMPT,
+           "--max-new-tokens", "12"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith(PROMPT) and len(done.stdout) > len(PROMPT)
+    assert "12 tokens in" in done.stderr and "cloud requests" in done.stderr
+
+
+def test_missing_url_is_a_clear_error():
+    done = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "generate", "--prompt", "x"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--url HOST:PORT is needed" in done.stderr
+
+
+def test_int8_agrees_with_fp16_on_the_demo_prompts(app, server):
+    prompts = [line.replace("\\n", "\n") for line in (app.plan.checkpoint / "heldout_prompts.txt").read_text().splitlines()][:8]
+    link = TritonLink(server.grpc_url)
+    same = total = 0
+    for prompt in prompts:
+        ids = app.encode(prompt)
+        fp16 = app.generator("collaborative", link, codec="fp16").generate(ids, 32).token_ids
+        int8 = app.generator("collaborative", link, codec="int8").generate(ids, 32).token_ids
+        same += sum(a == b for a, b in zip(fp16, int8))
+        total += max(len(fp16), len(int8))
+    assert same / total >= 0.99, f"int8 agrees with fp16 on {same}/{total} tokens"
