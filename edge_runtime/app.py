@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from plugin.checkpoint import load_model
+from plugin.checkpoint import read_config
 from plugin.edge import EdgePartition
 from plugin.plan import PartitionPlan
 from plugin.sampling import Greedy, Sampler
@@ -27,16 +27,20 @@ class EdgeApp:
     plan: PartitionPlan
     edge: EdgePartition
     tokenizer: Tokenizer
+    eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def load(cls, plan_path: str | Path = DEMO_PLAN) -> "EdgeApp":
+    def load(cls, plan_path: str | Path = DEMO_PLAN, runner: str = "torch", **runner_options) -> "EdgeApp":
+        """runner: torch, onnx or tensorrt (options go to edge_runtime.runners.load_runner)."""
+        from .runners import load_runner
+
         plan = PartitionPlan.load(plan_path)
         if not (plan.checkpoint / "config.json").is_file():
             raise ModelMissing(f"no checkpoint at {plan.checkpoint} (named by {plan_path}); for the demo model run "
                                "`.venv/bin/python build/train_demo_model.py`, or point --plan at your own plan")
-        model = load_model(plan.checkpoint, range(0, plan.split_layer), exit_adapters=plan.exit_adapters)
         tokenizer = Tokenizer.from_file(str(plan.checkpoint / "tokenizer.json"))
-        return cls(plan, EdgePartition(model, plan), tokenizer)
+        edge = EdgePartition(load_runner(runner, plan, **runner_options), plan)
+        return cls(plan, edge, tokenizer, read_config(plan.checkpoint).eos_token_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -46,6 +50,6 @@ class EdgeApp:
                   latency: LatencyPolicy | None = None) -> Generator:
         """A fresh session; sequence ids are random 63-bit numbers unless given (0 is reserved by Triton)."""
         return Generator(self.edge, link, mode, threshold=threshold, codec=codec, sampler=sampler or Greedy(),
-                         eos_token_ids=self.edge.model.cfg.eos_token_ids,
+                         eos_token_ids=self.eos_token_ids,
                          sequence_id=sequence_id or secrets.randbits(63) | 1, async_uploads=async_uploads,
                          latency=latency)

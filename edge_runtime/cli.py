@@ -10,6 +10,7 @@ from typing import Sequence
 
 from .app import DEMO_PLAN
 from .decoding import MODES, CloudUnreachable, LatencyPolicy
+from .runners import RUNNERS
 
 DESCRIPTION = """\
 Generate text on the edge with early exits, asking a CE-CoLLM Triton server only when no edge exit
@@ -31,7 +32,11 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, metavar="T",
                    help="exit when max softmax probability >= T; 1.0 never exits (default: the plan's)")
     p.add_argument("--codec", choices=["fp16", "int8", "fp32"], help="how layer-k hidden states travel (default: the plan's)")
-    p.add_argument("--runner", choices=["torch"], default="torch", help="edge segment runner (default: %(default)s)")
+    p.add_argument("--runner", choices=RUNNERS, default="torch",
+                   help="edge segment runner: torch (PyTorch layer loop), onnx (ONNX Runtime over the files of "
+                        "build/export_onnx.py), tensorrt (engines of build/build_engines.py) (default: %(default)s)")
+    p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported segments (default: <checkpoint>/onnx)")
+    p.add_argument("--engine-dir", type=Path, metavar="DIR", help="TensorRT engines (default: <checkpoint>/engines/jetson)")
     p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE",
                    help="partition plan naming the checkpoint, split and exits (default: the demo model's)")
     p.add_argument("--temperature", type=float, default=0.0,
@@ -49,6 +54,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 def _generate(args: argparse.Namespace) -> int:
     from plugin.sampling import Greedy, TopP
 
+    from plugin.engines import TensorRTUnavailable
+    from plugin.onnx_export import ExportError
+
     from .app import EdgeApp, ModelMissing
     from .display import TokenPrinter
 
@@ -56,9 +64,12 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"error: --url HOST:PORT is needed in {args.mode} mode (start a server with `ce-collm serve`)",
               file=sys.stderr)
         return 2
+    options = {"onnx_dir": args.onnx_dir} if args.runner == "onnx" else {}
+    if args.runner == "tensorrt":
+        options = {"engine_dir": args.engine_dir}
     try:
-        app = EdgeApp.load(args.plan)
-    except ModelMissing as e:
+        app = EdgeApp.load(args.plan, args.runner, **options)
+    except (ModelMissing, ExportError, TensorRTUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     link = None

@@ -99,7 +99,7 @@ class Generator:
         self.sequence_id = sequence_id
         self.latency = latency or LatencyPolicy()
         self.seq = edge.new_sequence() if edge else None
-        self.split_log = RowLog(edge.model.cfg.hidden_size if edge else 0)  # every row that reached the split: the context to re-sync
+        self.split_log = RowLog(edge.hidden_size if edge else 0)  # every row that reached the split: the context to re-sync
         self.stats = SessionStats()
         self._sent = 0  # positions the cloud has been sent
         self._started = False  # the cloud holds this sequence
@@ -163,7 +163,7 @@ class Generator:
                 raise
             self._down_until = time.monotonic() + self.latency.retry_after_s
             last = self.edge.plan.exit_layers[-1]
-            record.token_id = self.sampler.pick(self.edge.model.exit_logits(step.last_exit_hidden, last))
+            record.token_id = self.sampler.pick(self.edge.exit_logits(step.last_exit_hidden, last))
             record.exit, record.fallback = f"edge:{last}", True
             self.stats.fallbacks += 1
             return record

@@ -152,6 +152,50 @@ def _configs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- trt-configs ---------------------------------------------------------------------------------
+def _trt_configs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", type=Path, default=DEFAULT_PLAN, metavar="FILE", help="partition plan (default: %(default)s)")
+    p.add_argument("--onnx-dir", type=Path, metavar="DIR",
+                   help="graphs from build/export_onnx.py (default: <checkpoint>/onnx)")
+    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_REPOSITORY.with_name("model_repository_trt"), metavar="DIR",
+                   help="variant repository to write (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
+                   help="the ONNX graph the cloud engine is built from; sets the KV state dtype (default: %(default)s)")
+    p.add_argument("--engine", type=Path, metavar="PLAN", help="copy this engine to cloud_partition/1/model.plan")
+    p.add_argument("--instances", type=int, default=1, metavar="N", help="engine instances per GPU (default: %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=256, metavar="N", help="sequence slots (default: %(default)s)")
+    p.add_argument("--ttl", type=float, default=600.0, metavar="S", help="sequence idle timeout (default: %(default)s)")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; validate the repository at --out against the ONNX graph (exit 1 on problems)")
+
+
+def _trt_configs(args: argparse.Namespace) -> int:
+    """Generate (or --check) the tensorrt_plan variant; both parse every config and match the graph."""
+    from plugin.onnx_export import ExportError, default_onnx_dir
+    from plugin.plan import PartitionPlan
+    from plugin.trt_repository import TrtServeOptions, validate_trt_repository, write_trt_repository
+
+    plan = PartitionPlan.load(args.plan)
+    onnx_dir = args.onnx_dir or default_onnx_dir(plan)
+    try:
+        if args.check:
+            problems = validate_trt_repository(args.out, onnx_dir, args.precision)
+            print("\n".join(problems) if problems else f"{args.out}: valid (configs parse, names and shapes match the graph)")
+            return 1 if problems else 0
+        opts = TrtServeOptions(args.instances, args.max_sessions, args.ttl, args.precision)
+        for path in write_trt_repository(plan, onnx_dir, args.out, opts, args.engine):
+            print(f"wrote {path}")
+    except ExportError as e:
+        print(f"ce-collm trt-configs: {e}\nexport the graphs first: .venv/bin/python build/export_onnx.py "
+              f"--plan {args.plan} --out {onnx_dir}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"ce-collm trt-configs: {e}", file=sys.stderr)
+        return 1
+    print(f"validated: configs parse as Triton ModelConfig and match {onnx_dir}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "configs": Command(
         summary="generate model_repository/ configs from a partition plan (or --check them)",
@@ -162,6 +206,17 @@ COMMANDS: dict[str, Command] = {
             "cloud_only from the partition plan and its checkpoint's config.json: hidden size, "
             "split layer, limits and the checkpoint path (relative to the repository). With --check, "
             "report configs that drifted from the plan instead."
+        ),
+    ),
+    "trt-configs": Command(
+        summary="generate the tensorrt_plan variant of the model repository (implicit-state KV) or --check it",
+        add_arguments=_trt_configs_arguments,
+        run=_trt_configs,
+        description=(
+            "Write model_repository_trt/: ce_collm, context_manager and cloud_only as in the python "
+            "repository, and cloud_partition as platform tensorrt_plan (the engine of build/build_engines.py "
+            "--target cloud) with its KV cache as sequence_batching implicit state. Every config is parsed "
+            "into Triton's ModelConfig and checked against the exported cloud ONNX graph."
         ),
     ),
     "serve": Command(

@@ -1,7 +1,14 @@
-"""The edge partition: layers [0, k) run segment by segment, with an exit decision at each exit."""
+"""The edge partition: layers [0, k) run segment by segment, with an exit decision at each exit.
+
+The segment loop (pending rows carried across each boundary, the exit decision, rows left waiting
+when a token exits, the rows that reach the split) lives here once. What computes a segment is a
+`SegmentRunner`: the PyTorch layer loop (`TorchRunner`, below), or the ONNX Runtime and TensorRT
+runners over exported graphs (`edge_runtime/runners.py`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -9,6 +16,69 @@ from .decoder import DecoderModel, confidence
 from .kv_store import PendingRows, SequenceKV
 from .plan import PartitionPlan
 from .sampling import Sampler
+
+
+class SequenceState(Protocol):
+    """One sequence's runner state: the pending-row API of `SequenceKV` plus the runner's own KV."""
+
+    pending: dict[int, PendingRows]
+
+    def add_pending(self, boundary: int, start: int, hidden: torch.Tensor) -> None: ...
+
+    def take_pending(self, boundary: int) -> PendingRows | None: ...
+
+    def length(self, layer: int) -> int:
+        """Positions the KV cache of `layer` holds: the next block entering it must start there."""
+
+
+class SegmentRunner(Protocol):
+    """Computes a segment of layers; knows nothing about exits, thresholds or pending rows."""
+
+    hidden_size: int
+    num_layers: int  # depth of the whole model (the plan's split must leave the cloud a layer)
+    layers: range  # the layers this runner can run
+
+    def new_sequence(self) -> SequenceState: ...
+
+    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
+            state: SequenceState) -> torch.Tensor:
+        """Layers [first_layer, last_layer) over one block of rows at positions [start_pos, start_pos + T).
+
+        x: token ids [T] (int64) when first_layer == 0, else hidden rows [T, D]. Returns hidden [T, D].
+        The block must start at the cached length of first_layer (`PositionError` otherwise).
+        """
+
+    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
+        """Logits [V] of the exit after `layer` layers for one hidden row [D]."""
+
+
+class TorchRunner:
+    """The reference runner: the project's own PyTorch layer loop (`DecoderModel`)."""
+
+    def __init__(self, model: DecoderModel, layers: range | None = None):
+        self.model = model
+        self.layers = layers if layers is not None else model.layer_range
+        if self.layers.start < model.layer_range.start or self.layers.stop > model.layer_range.stop:
+            raise ValueError(f"runner layers {self.layers} outside the model's {model.layer_range}")
+        self.hidden_size, self.num_layers = model.cfg.hidden_size, model.cfg.num_layers
+
+    def new_sequence(self) -> SequenceKV:
+        return self.model.new_sequence(self.layers.start, self.layers.stop)
+
+    @torch.inference_mode()
+    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
+            state: SequenceKV) -> torch.Tensor:
+        model = self.model
+        positions = torch.arange(start_pos, start_pos + x.shape[0], device=model.device)[None]  # [1, T]
+        if first_layer == 0:
+            h = model.embed_tokens(x.to(model.device)[None], positions)  # [1, T, D]
+        else:
+            h = x.to(model.device, model.dtype)[None]  # [1, T, D]
+        return model.run_layers(h, positions, first_layer, last_layer, [state])[0]  # [T, D]
+
+    @torch.inference_mode()
+    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.model.exit_logits(hidden_row, layer)
 
 
 @dataclass(frozen=True)
@@ -35,43 +105,60 @@ class EdgeStep:
 
 
 class EdgePartition:
-    def __init__(self, model: DecoderModel, plan: PartitionPlan):
-        plan.check_depth(model.cfg.num_layers)
-        if model.layer_range.start != 0 or model.layer_range.stop < plan.split_layer:
-            raise ValueError(f"the edge needs layers [0, {plan.split_layer}), the model holds {model.layer_range}")
-        self.model, self.plan = model, plan
+    """Takes a `SegmentRunner`, or a `DecoderModel` (wrapped in a `TorchRunner` for layers [0, k))."""
 
-    def new_sequence(self) -> SequenceKV:
-        return self.model.new_sequence(0, self.plan.split_layer)
+    def __init__(self, runner: SegmentRunner | DecoderModel, plan: PartitionPlan):
+        num_layers = runner.cfg.num_layers if isinstance(runner, DecoderModel) else runner.num_layers
+        plan.check_depth(num_layers)
+        layers = runner.layer_range if isinstance(runner, DecoderModel) else runner.layers
+        if layers.start != 0 or layers.stop < plan.split_layer:
+            raise ValueError(f"the edge needs layers [0, {plan.split_layer}), the runner holds {layers}")
+        if isinstance(runner, DecoderModel):
+            runner = TorchRunner(runner, range(0, plan.split_layer))
+        self.runner, self.plan = runner, plan
+
+    @property
+    def hidden_size(self) -> int:
+        return self.runner.hidden_size
+
+    @property
+    def model(self) -> DecoderModel:
+        """The PyTorch model behind a `TorchRunner` (other runners have none)."""
+        if not isinstance(self.runner, TorchRunner):
+            raise AttributeError(f"this edge runs on {type(self.runner).__name__}, which has no PyTorch model")
+        return self.runner.model
+
+    def new_sequence(self) -> SequenceState:
+        return self.runner.new_sequence()
+
+    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.runner.exit_logits(hidden_row, layer)
 
     @torch.inference_mode()
-    def step(self, seq: SequenceKV, token_ids: list[int], start_pos: int, policy: ExitPolicy,
+    def step(self, seq: SequenceState, token_ids: list[int], start_pos: int, policy: ExitPolicy,
              sampler: Sampler) -> EdgeStep:
         """Run a block (a prompt, or one new token) from the embeddings up to where it stops.
 
         At every boundary the rows waiting there are put in front of the block, so the layers
         they skipped are filled before any later token attends to them.
         """
-        model, out = self.model, EdgeStep()
-        ids = torch.tensor([token_ids], dtype=torch.long, device=model.device)  # [1, T]
-        start = start_pos
-        h = model.embed_tokens(ids, _positions(start, len(token_ids), model.device))[0]  # [T, D]
-        layer, last_exit = 0, self.plan.exit_layers[-1]
+        runner, out = self.runner, EdgeStep()
+        x = torch.tensor(token_ids, dtype=torch.long)  # [T] token ids, then [T, D] hidden rows
+        start, layer, last_exit = start_pos, 0, self.plan.exit_layers[-1]
         for boundary in self.plan.boundaries:
             waiting = seq.take_pending(layer)
-            if waiting is not None:
-                h, start = torch.cat([waiting.hidden, h]), waiting.start
-            positions = _positions(start, h.shape[0], model.device)
-            h = model.run_layers(h[None], positions, layer, boundary, [seq])[0]
+            if waiting is not None:  # never at layer 0: no boundary lies there
+                x, start = torch.cat([waiting.hidden, x]), waiting.start
+            h = runner.run(layer, boundary, x, start, seq)  # [T, D]
             out.rows_by_layer.update({i: h.shape[0] for i in range(layer, boundary)})
-            layer = boundary
+            x, layer = h, boundary
             if boundary == self.plan.split_layer:
                 out.split_rows = PendingRows(start, h)
             if boundary not in self.plan.exit_layers:
                 continue
             if boundary == last_exit:
                 out.last_exit_hidden = h[-1]
-            logits = model.exit_logits(h[-1], boundary)  # [V]
+            logits = runner.exit_logits(h[-1], boundary)  # [V]
             conf = float(confidence(logits)[0])
             out.confidences.append((boundary, conf))
             if policy.exits(conf, boundary == last_exit):
@@ -80,7 +167,3 @@ class EdgePartition:
                     seq.add_pending(boundary, start, h)
                 return out
         return out
-
-
-def _positions(start: int, n: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(start, start + n, device=device)[None]  # [1, n]

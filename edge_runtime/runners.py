@@ -1,0 +1,260 @@
+"""Segment runners behind one interface (`plugin.edge.SegmentRunner`): PyTorch, ONNX Runtime, TensorRT.
+
+`EdgePartition` owns the segment loop (pending rows, exits, the split); a runner only computes
+layers [first, last) of one block and an exit head. All three give the same tokens at threshold
+1.0 up to float noise (tests/test_onnx_export.py checks torch == onnx on tiny checkpoints).
+
+    runner = load_runner("onnx", plan)              # or "torch", "tensorrt"
+    edge = EdgePartition(runner, plan)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plugin.checkpoint import load_model
+from plugin.edge import TorchRunner
+from plugin.engines import ENGINE_MANIFEST, TensorRTUnavailable, import_tensorrt, load_engine_manifest
+from plugin.kv_store import PositionError, SequenceKV
+from plugin.onnx_export import NP_DTYPES, ExportError, GraphSpec, Manifest, default_onnx_dir, graph_path, kv_names
+from plugin.plan import PartitionPlan
+
+RUNNERS = ("torch", "onnx", "tensorrt")
+EXPORT_COMMAND = ".venv/bin/python build/export_onnx.py --plan {plan} --out {out}"
+__all__ = ["RUNNERS", "GraphSequenceKV", "OnnxRunner", "TensorRTRunner", "TorchRunner", "load_runner"]
+
+
+class GraphSequenceKV(SequenceKV):
+    """The pending rows of `SequenceKV` plus past K/V per layer as the runner's arrays [1, Hkv, P, Dh]."""
+
+    def __init__(self, layers: range, empty_kv):
+        super().__init__(0, 0, 0, 0, torch.float32, "cpu")  # no torch caches: only the pending-row half
+        self.kv = {i: (empty_kv(), empty_kv()) for i in layers}  # layer -> (keys, values)
+
+    def length(self, layer: int) -> int:
+        return int(self.kv[layer][0].shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        kv = sum(a.nbytes if isinstance(a, np.ndarray) else a.element_size() * a.numel()
+                 for pair in self.kv.values() for a in pair)
+        return kv + sum(p.hidden.element_size() * p.hidden.numel() for p in self.pending.values())
+
+
+class _GraphRunner:
+    """What the ONNX Runtime and TensorRT runners share: segment lookup, the position rule, exit heads.
+
+    Subclasses provide `_execute(spec, feeds) -> {output name: array}` and `_empty_kv()`.
+    """
+
+    def __init__(self, manifest: Manifest, plan: PartitionPlan):
+        manifest.check_plan(plan)
+        self.manifest, self.plan = manifest, plan
+        self.hidden_size, self.num_layers = manifest.hidden_size, manifest.num_layers
+        self.layers = range(0, manifest.split_layer)
+        specs = manifest.specs()
+        self.segments = {(s.first_layer, s.last_layer): s for s in specs if s.kind == "edge"}
+        self.heads = {s.exit_layer: s for s in specs if s.kind == "exit_head"}
+        self._last_exit: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (row [D], logits [V])
+
+    def new_sequence(self) -> GraphSequenceKV:
+        return GraphSequenceKV(self.layers, self._empty_kv)
+
+    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
+            state: GraphSequenceKV) -> torch.Tensor:
+        spec = self.segments.get((first_layer, last_layer))
+        if spec is None:
+            raise ValueError(f"no exported segment for layers [{first_layer}, {last_layer}); the graphs cover "
+                             f"{sorted(self.segments)}: re-export for this plan")
+        held = state.length(first_layer)
+        if start_pos != held:
+            raise PositionError(f"block starts at position {start_pos} but layer {first_layer} holds {held} positions")
+        feeds = {"start_pos": np.array([[start_pos]], np.int64)}
+        if first_layer == 0:
+            feeds["input_ids"] = x.detach().cpu().numpy().astype(np.int64)[None]  # [1, T]
+        else:
+            feeds["hidden_in"] = x.detach().cpu().float().numpy()[None]  # [1, T, D]
+        past = kv_names("past", spec.layers, self.num_layers)
+        for j, layer in enumerate(spec.layers):
+            feeds[past[2 * j]], feeds[past[2 * j + 1]] = state.kv[layer]
+        out = self._execute(spec, feeds)
+        present = kv_names("present", spec.layers, self.num_layers)
+        for j, layer in enumerate(spec.layers):
+            state.kv[layer] = (out[present[2 * j]], out[present[2 * j + 1]])
+        hidden = _cpu_tensor(out["hidden_out"])[0]  # [T, D] fp32
+        if spec.exit_layer is not None:
+            self._last_exit[spec.exit_layer] = (hidden[-1].clone(), _cpu_tensor(out["exit_logits"])[0])
+        return hidden
+
+    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
+        """The segment graph computed this row's exit logits already; other rows go through the exit head."""
+        cached = self._last_exit.get(layer)
+        row = hidden_row.detach().cpu().float()
+        if cached is not None and torch.equal(cached[0], row):
+            return cached[1]
+        spec = self.heads.get(layer)
+        if spec is None:
+            raise ValueError(f"no exit head exported for layer {layer}; exits: {sorted(self.heads)}")
+        return _cpu_tensor(self._execute(spec, {"hidden": row.numpy()[None]})["exit_logits"])[0]
+
+    def _execute(self, spec: GraphSpec, feeds: dict) -> dict:
+        raise NotImplementedError
+
+    def _empty_kv(self):
+        raise NotImplementedError
+
+
+def _cpu_tensor(a) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a.detach().cpu()
+
+
+class OnnxRunner(_GraphRunner):
+    """ONNX Runtime over the exported segment graphs; past K/V as numpy arrays per layer."""
+
+    def __init__(self, plan: PartitionPlan, onnx_dir: str | Path | None = None, precision: str = "fp32",
+                 providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        onnx_dir = Path(onnx_dir) if onnx_dir is not None else default_onnx_dir(plan)
+        manifest = _manifest_or_hint(plan, onnx_dir)
+        if precision not in manifest.precisions:
+            raise ExportError(f"{onnx_dir} holds {manifest.precisions} graphs, not {precision}: "
+                              f"re-run the export with --precision {precision}")
+        super().__init__(manifest, plan)
+        self.onnx_dir, self.precision = onnx_dir, precision
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:  # a fixed small pool that sleeps when idle: good neighbours on a shared CPU
+            opts.intra_op_num_threads = threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = providers or ["CPUExecutionProvider"]
+        self._sessions = {}
+        for spec in [*self.segments.values(), *self.heads.values()]:
+            path = graph_path(onnx_dir, spec, precision)
+            if not path.is_file():
+                raise ExportError(f"{path} is missing: run `{_export_command(plan, onnx_dir)}`")
+            self._sessions[spec.name] = ort.InferenceSession(str(path), opts, providers=providers)
+        self._kv_dtype = NP_DTYPES[precision]
+        self._kv_shape = (1, manifest.num_kv_heads, 0, manifest.head_dim)  # an empty cache: P = 0
+
+    def _empty_kv(self) -> np.ndarray:
+        return np.zeros(self._kv_shape, self._kv_dtype)
+
+    def _execute(self, spec: GraphSpec, feeds: dict) -> dict:
+        return dict(zip(spec.outputs, self._sessions[spec.name].run(None, feeds)))
+
+
+def _export_command(plan: PartitionPlan, onnx_dir: Path) -> str:
+    plan_file = plan.checkpoint / "partition_plan.json"
+    return EXPORT_COMMAND.format(plan=plan_file if plan_file.is_file() else "PLAN.json", out=onnx_dir)
+
+
+def _manifest_or_hint(plan: PartitionPlan, onnx_dir: Path) -> Manifest:
+    try:
+        return Manifest.load(onnx_dir)
+    except ExportError as e:
+        raise ExportError(f"no exported ONNX graphs for this plan in {onnx_dir} ({e}). Export them first: "
+                          f"`{_export_command(plan, onnx_dir)}`, or point --onnx-dir at the export") from None
+
+
+TENSORRT_RUNNER_HINT = ("`--runner onnx` (ONNX Runtime over the exported graphs) and `--runner torch` work "
+                        "without TensorRT.")
+
+
+class TensorRTRunner(_GraphRunner):
+    """TensorRT engines built by build/build_engines.py; past K/V as CUDA tensors per layer.
+
+    Each engine has an optimization profile for single-token decode (profile 0) and one for
+    prefill/catch-up blocks (profile 1); a context per profile. Not runnable on machines without
+    TensorRT and a GPU (this project's CI): the constructor says so and names the runners that work.
+    """
+
+    def __init__(self, plan: PartitionPlan, engine_dir: str | Path | None = None, device: str = "cuda"):
+        try:
+            trt = import_tensorrt()
+        except TensorRTUnavailable as e:
+            raise TensorRTUnavailable(f"{e}\n{TENSORRT_RUNNER_HINT}") from None
+        engine_dir = Path(engine_dir) if engine_dir is not None else plan.checkpoint / "engines" / "jetson"
+        info = load_engine_manifest(engine_dir)
+        super().__init__(Manifest(**info["onnx_manifest"]), plan)
+        self.device = torch.device(device)
+        self._stream = torch.cuda.Stream(self.device)
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._trt, self._engines, self._contexts = trt, {}, {}
+        for spec in [*self.segments.values(), *self.heads.values()]:
+            entry = info["engines"].get(spec.name)
+            if entry is None:
+                raise FileNotFoundError(f"{engine_dir / ENGINE_MANIFEST} lists no engine for {spec.name}: rebuild")
+            engine = runtime.deserialize_cuda_engine((engine_dir / entry["file"]).read_bytes())
+            contexts = []
+            for p in range(engine.num_optimization_profiles):
+                ctx = engine.create_execution_context()
+                ctx.set_optimization_profile_async(p, self._stream.cuda_stream)
+                contexts.append(ctx)
+            self._engines[spec.name], self._contexts[spec.name] = engine, contexts
+        first = next(iter(self.segments.values()))
+        name = kv_names("past", first.layers, self.num_layers)[0]
+        self._kv_dtype = _torch_dtype(trt, self._engines[first.name].get_tensor_dtype(name))
+        self._kv_shape = (1, self.manifest.num_kv_heads, 0, self.manifest.head_dim)
+
+    def _empty_kv(self) -> torch.Tensor:
+        return torch.empty(self._kv_shape, dtype=self._kv_dtype, device=self.device)
+
+    def _execute(self, spec: GraphSpec, feeds: dict) -> dict:
+        trt, engine = self._trt, self._engines[spec.name]
+        contexts = self._contexts[spec.name]
+        block = 1 if spec.kind == "exit_head" else feeds.get("input_ids", feeds.get("hidden_in")).shape[1]
+        ctx = contexts[0] if block == 1 or len(contexts) == 1 else contexts[1]  # decode, else prefill/catch-up
+        keep = []  # buffers alive until the stream is done
+        for name, value in feeds.items():
+            t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            t = t.to(self.device, _torch_dtype(trt, engine.get_tensor_dtype(name))).contiguous()
+            ctx.set_input_shape(name, tuple(t.shape))
+            keep.append(t)
+            ctx.set_tensor_address(name, _address(t, keep, self.device))
+        out = {}
+        for name in spec.outputs:
+            shape = tuple(ctx.get_tensor_shape(name))
+            t = torch.empty(shape, dtype=_torch_dtype(trt, engine.get_tensor_dtype(name)), device=self.device)
+            ctx.set_tensor_address(name, _address(t, keep, self.device))
+            out[name] = t
+        if not ctx.execute_async_v3(self._stream.cuda_stream):
+            raise RuntimeError(f"TensorRT execution of {spec.name} failed")
+        self._stream.synchronize()
+        return out
+
+
+def _address(t: torch.Tensor, keep: list, device) -> int:
+    """Empty tensors (a first block's past K/V) have no storage; give TensorRT a valid address anyway."""
+    if t.numel():
+        return t.data_ptr()
+    dummy = torch.empty(1, dtype=t.dtype, device=device)
+    keep.append(dummy)
+    return dummy.data_ptr()
+
+
+def _torch_dtype(trt, dtype) -> torch.dtype:
+    return {trt.float32: torch.float32, trt.float16: torch.float16, trt.int64: torch.int64,
+            trt.int32: torch.int32, trt.bool: torch.bool}[dtype]
+
+
+def load_runner(kind: str, plan: PartitionPlan, *, onnx_dir: str | Path | None = None,
+                engine_dir: str | Path | None = None, precision: str = "fp32", dtype: torch.dtype = torch.float32,
+                device: str = "cpu", threads: int | None = None):
+    """A SegmentRunner for the edge layers [0, plan.split_layer).
+
+    kind "torch": the PyTorch layer loop in `dtype` on `device`; "onnx": ONNX Runtime over
+    `onnx_dir` (default <checkpoint>/onnx) in `precision` (fp32 or fp16 graphs); "tensorrt": engines
+    in `engine_dir` (default <checkpoint>/engines/jetson) on `device` (default cuda).
+    """
+    if kind == "torch":
+        model = load_model(plan.checkpoint, range(0, plan.split_layer), dtype=dtype, device=device,
+                           exit_adapters=plan.exit_adapters)
+        return TorchRunner(model)
+    if kind == "onnx":
+        return OnnxRunner(plan, onnx_dir, precision=precision, threads=threads)
+    if kind == "tensorrt":
+        return TensorRTRunner(plan, engine_dir, device="cuda" if device == "cpu" else device)
+    raise ValueError(f"runner must be one of {RUNNERS}, got {kind!r}")

@@ -1,0 +1,208 @@
+"""The build pipeline's ONNX half: export, ONNX Runtime parity, the ONNX runner, the tensorrt_plan configs.
+
+Tiny random Llama and GPT-2 checkpoints always; the trained demo model too when its weights exist.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edge_runtime.decoding import Generator
+from edge_runtime.runners import OnnxRunner, load_runner
+from plugin.checkpoint import load_model, read_config
+from plugin.cloud import LocalCloud
+from plugin.edge import EdgePartition, ExitPolicy, TorchRunner
+from plugin.kv_store import PositionError
+from plugin.onnx_export import (ExportError, Manifest, check_parity, export_plan, graph_path, parity_summary,
+                                parity_table)
+from plugin.plan import PartitionPlan
+from plugin.repository import ServeOptions, render_configs
+from plugin.sampling import Greedy
+from plugin.trt_repository import (check_ensemble, graph_io, parse_config, validate_trt_repository,
+                                   write_trt_repository)
+from tests.tiny_models import save_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_PLAN = REPO / "models" / "shakespeare-llama" / "partition_plan.json"
+DEMO_WEIGHTS = DEMO_PLAN.parent / "model.safetensors"
+MODELS = ["llama", "gpt2"] + (["demo"] if DEMO_WEIGHTS.is_file() else [])
+PROMPT = [5, 17, 33, 2, 71, 8]
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def exported(request, tmp_path_factory):
+    """(plan, onnx_dir, kind): graphs in fp32 and fp16, exported once per module."""
+    out = tmp_path_factory.mktemp(f"onnx-{request.param}")
+    if request.param == "demo":
+        plan = PartitionPlan.load(DEMO_PLAN)
+    else:
+        ckpt = tmp_path_factory.mktemp(request.param)
+        save_tiny(request.param, ckpt)
+        plan = PartitionPlan(ckpt.resolve(), 4, (1, 3, 4), threshold=1.0, codec="fp32")
+    export_plan(plan, out)
+    return plan, out, request.param
+
+
+def _torch_edge(plan: PartitionPlan) -> EdgePartition:
+    return EdgePartition(load_model(plan.checkpoint, range(0, plan.split_layer)), plan)
+
+
+def _cloud(plan: PartitionPlan) -> LocalCloud:
+    return LocalCloud(load_model(plan.checkpoint, range(plan.split_layer, read_config(plan.checkpoint).num_layers)))
+
+
+def test_every_graph_matches_pytorch_in_fp32_and_fp16(exported, capsys):
+    plan, onnx_dir, kind = exported
+    results = check_parity(plan, onnx_dir, "fp32", threads=1) + check_parity(plan, onnx_dir, "fp16", threads=1)
+    ok, line = parity_summary(results)
+    with capsys.disabled():
+        print(f"\n[{kind}] {line}")
+    assert ok, parity_table(results)
+    fp32 = [r for r in results if r.precision == "fp32" and r.limit > 0]
+    assert max(r.max_abs_diff for r in fp32) < 1e-4  # tight: the graphs compute what the layer loop computes
+    outputs = {r.output for r in results}
+    assert {"hidden_out", "exit_logits", "exit_token", "topk_logprobs", "token_id", "catchup_rows"} <= outputs
+
+
+def test_graphs_have_dynamic_batch_block_and_past_axes(exported):
+    plan, onnx_dir, _ = exported
+    manifest = Manifest.load(onnx_dir)
+    for spec in manifest.specs():
+        inputs, outputs = graph_io(graph_path(onnx_dir, spec, "fp32"))
+        assert list(inputs) == list(spec.inputs) and list(outputs) == list(spec.outputs)
+        for name, io in inputs.items():
+            assert io.shape[0] == "batch", (spec.name, name)
+            if name in ("input_ids", "hidden_in"):
+                assert io.shape[1] == "block"
+            if name.startswith("past_"):
+                assert io.shape[2] == "past" and io.shape[1] == manifest.num_kv_heads
+    # the fp16 graphs keep hidden states in fp32 at their boundaries, the KV cache in fp16
+    edge = next(s for s in manifest.specs() if s.kind == "edge" and s.first_layer > 0)
+    inputs, outputs = graph_io(graph_path(onnx_dir, edge, "fp16"))
+    assert inputs["hidden_in"].data_type == "TYPE_FP32" and outputs["hidden_out"].data_type == "TYPE_FP32"
+    assert next(io for n, io in inputs.items() if n.startswith("past_")).data_type == "TYPE_FP16"
+
+
+def test_onnx_runner_gives_torch_tokens_standalone_and_collaborative(exported):
+    plan, onnx_dir, kind = exported
+    torch_edge, onnx_edge = _torch_edge(plan), EdgePartition(load_runner("onnx", plan, onnx_dir=onnx_dir, threads=1), plan)
+    n = 16
+    for mode, link in (("standalone", None), ("collaborative", _cloud(plan))):
+        ref = Generator(torch_edge, link, mode, threshold=1.0, sequence_id=1).generate(PROMPT, n)
+        got = Generator(onnx_edge, link, mode, threshold=1.0, sequence_id=2).generate(PROMPT, n)
+        assert got.token_ids == ref.token_ids, mode
+        assert got.exits() == ref.exits()
+        assert set(got.exits()) == ({f"edge:{plan.exit_layers[-1]}"} if mode == "standalone" else {"cloud"})
+
+
+def test_onnx_runner_catches_up_skipped_layers_like_torch(exported):
+    """Exits forced at the first exit, then one token at 1.0 carries every pending row through the
+    ONNX segments: the KV of every edge layer equals the PyTorch runner's."""
+    plan, onnx_dir, kind = exported
+    if kind == "demo":
+        pytest.skip("the tiny checkpoints cover the catch-up path; the demo model adds only time here")
+    runners = {"torch": TorchRunner(load_model(plan.checkpoint, range(0, plan.split_layer))),
+               "onnx": OnnxRunner(plan, onnx_dir, threads=1)}
+    states, tokens = {}, {}
+    for name, runner in runners.items():
+        edge, seq = EdgePartition(runner, plan), runner.new_sequence()
+        block, pos, out = list(PROMPT), 0, []
+        for i in range(12):
+            policy = ExitPolicy(0.0 if i < 11 else 1.0, local_only=True)
+            step = edge.step(seq, block, pos, policy, Greedy())
+            pos += len(block)
+            block = [step.token_id]
+            out.append((step.token_id, step.exit_layer, dict(step.rows_by_layer)))
+        states[name], tokens[name] = seq, out
+    assert tokens["onnx"] == tokens["torch"]
+    assert tokens["torch"][-1][2][plan.split_layer - 1] == len(PROMPT) + 11  # every pending row + the new one
+    assert not states["onnx"].pending and not states["torch"].pending
+    for layer in range(plan.split_layer):
+        keys, values = states["onnx"].kv[layer]
+        ref = states["torch"].layers[layer]
+        np.testing.assert_allclose(keys[0], ref.keys.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(values[0], ref.values.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_runner_keeps_the_position_rule(exported):
+    plan, onnx_dir, _ = exported
+    runner = OnnxRunner(plan, onnx_dir, threads=1)
+    state = runner.new_sequence()
+    h = runner.run(0, plan.boundaries[0], torch.tensor(PROMPT), 0, state)
+    assert h.shape == (len(PROMPT), runner.hidden_size) and state.length(0) == len(PROMPT)
+    with pytest.raises(PositionError, match="starts at position 3 but layer 0 holds 6"):
+        runner.run(0, plan.boundaries[0], torch.tensor([1]), 3, state)
+    with pytest.raises(ValueError, match="no exported segment"):
+        runner.run(0, plan.split_layer + 1, torch.tensor([1]), 6, state)
+    # a row the segment did not just compute goes through the exit-head graph
+    row = torch.randn(runner.hidden_size)
+    logits = runner.exit_logits(row, plan.exit_layers[0])
+    ref = load_model(plan.checkpoint, range(0, plan.split_layer)).exit_logits(row, plan.exit_layers[0])
+    torch.testing.assert_close(logits, ref.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_missing_or_stale_exports_say_what_to_run(exported, tmp_path):
+    plan, onnx_dir, _ = exported
+    with pytest.raises(ExportError, match="build/export_onnx.py --plan"):
+        load_runner("onnx", plan, onnx_dir=tmp_path)
+    other = PartitionPlan(plan.checkpoint, plan.split_layer, plan.exit_layers[1:], threshold=1.0)
+    with pytest.raises(ExportError, match="exported for split"):
+        load_runner("onnx", other, onnx_dir=onnx_dir)
+    with pytest.raises(ValueError, match="runner must be one of"):
+        load_runner("tflite", plan)
+
+
+def test_tensorrt_plan_variant_parses_and_matches_the_cloud_graph(exported, tmp_path):
+    plan, onnx_dir, _ = exported
+    write_trt_repository(plan, onnx_dir, tmp_path)  # validates what it wrote; raises on any problem
+    assert validate_trt_repository(tmp_path, onnx_dir) == []
+    config = parse_config(tmp_path / "cloud_partition" / "config.pbtxt")
+    manifest = Manifest.load(onnx_dir)
+    cloud_layers = manifest.num_layers - plan.split_layer
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 1
+    assert len(config.sequence_batching.state) == 2 * cloud_layers
+    state = config.sequence_batching.state[0]
+    assert list(state.dims) == [manifest.num_kv_heads, -1, manifest.head_dim]
+    assert list(state.initial_state[0].dims) == [manifest.num_kv_heads, 0, manifest.head_dim]
+    assert {t.name for t in config.input} == {"hidden_in", "start_pos"}
+    assert list(config.instance_group[0].profile) == ["0", "1"]
+    for name in ("context_manager", "cloud_only"):
+        assert (tmp_path / name / "1" / "model.py").is_file()
+    # a config that drifted from the graph is reported
+    path = tmp_path / "cloud_partition" / "config.pbtxt"
+    path.write_text(path.read_text().replace(f"dims: [-1, {manifest.hidden_size}]", "dims: [-1, 7]"))
+    problems = validate_trt_repository(tmp_path, onnx_dir)
+    assert any("hidden_in" in p for p in problems), problems
+
+
+def test_ensemble_checker_accepts_the_python_repository(exported, tmp_path):
+    """The checker that validates the variant passes the python repository that real Triton serves
+    (tests/test_triton_cloud.py), and catches a broken wiring."""
+    plan, _, _ = exported
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    texts = render_configs(plan, tmp_path, ServeOptions())
+    configs = {n: text_format.Parse(t, model_config_pb2.ModelConfig()) for n, t in texts.items()}
+    assert check_ensemble(configs["ce_collm"], configs) == []
+    broken = text_format.Parse(texts["ce_collm"].replace('value: "pending_start"', 'value: "pending_begin"', 1),
+                               model_config_pb2.ModelConfig())
+    assert check_ensemble(broken, configs)
+
+
+def test_trt_configs_cli(exported, tmp_path, capsys):
+    from plugin.cli import main
+
+    plan, onnx_dir, kind = exported
+    if kind == "demo":
+        pytest.skip("covered on the tiny checkpoints")
+    plan_file = tmp_path / "plan.json"
+    plan.save(plan_file)
+    out = tmp_path / "repo"
+    assert main(["trt-configs", "--plan", str(plan_file), "--onnx-dir", str(onnx_dir), "--out", str(out)]) == 0
+    assert main(["trt-configs", "--plan", str(plan_file), "--onnx-dir", str(onnx_dir), "--out", str(out), "--check"]) == 0
+    assert main(["trt-configs", "--plan", str(plan_file), "--onnx-dir", str(tmp_path / "none"), "--out", str(out)]) == 1
+    assert "build/export_onnx.py" in capsys.readouterr().err
