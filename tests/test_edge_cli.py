@@ -14,11 +14,7 @@ from plugin.checkpoint import load_model
 from plugin.cloud import LocalCloud
 from plugin.repository import TEMPLATE_REPOSITORY, check_repository
 
-pytestmark = [
-    pytest.mark.server,
-    pytest.mark.skipif(not (DEMO_PLAN.parent / "model.safetensors").is_file(),
-                       reason="demo model not committed yet (build/train_demo_model.py writes it)"),
-]
+pytestmark = pytest.mark.server
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 
 
