@@ -6,8 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+SOAK_ARGS ?=
 
-.PHONY: demo test venv sysdeps bench clean-venv
+.PHONY: demo test venv sysdeps bench soak clean-venv
 
 venv: $(STAMP)
 
@@ -33,6 +34,14 @@ test: venv sysdeps
 
 demo: venv sysdeps
 	$(PY) -m edge_runtime.demo
+
+bench: venv sysdeps
+	$(PY) -m plugin.cli bench
+
+# 32 concurrent edge sessions x 200 tokens against one tritonserver (not part of `make test`);
+# figures in runs/soak/summary.json. SOAK_ARGS="--sessions 8 --tokens 40" for a shorter one.
+soak: venv sysdeps
+	$(PY) -m tests.soak $(SOAK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -47,6 +47,15 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="latency-aware: per-token budget for a cloud round trip (default: %(default)s)")
     p.add_argument("--sequence-id", type=int, help="Triton sequence id (default: a random one)")
     p.add_argument("--sync-uploads", action="store_true", help="upload rows in the foreground (default: background)")
+    p.add_argument("--patience", type=float, default=30.0, metavar="S",
+                   help="collaborative: keep retrying an unreachable cloud this long before giving up "
+                        "(latency-aware never waits: it answers on the edge) (default: %(default)s)")
+    p.add_argument("--ssl", action="store_true", help="TLS to a server started with --grpc-use-ssl")
+    p.add_argument("--root-cert", type=Path, metavar="PEM", help="CA certificate that signed the server's (with --ssl)")
+    p.add_argument("--client-key", type=Path, metavar="PEM", help="client key, for mutual TLS")
+    p.add_argument("--client-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS")
+    p.add_argument("--header", action="append", default=[], metavar="K=V",
+                   help="gRPC header sent with every request (e.g. an authenticating proxy's token); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-color", action="store_true", help="no colours even on a terminal")
 
@@ -74,9 +83,15 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     link = None
     if args.mode != "standalone":
+        from .reconnect import ReconnectingLink
         from .triton_link import TritonLink
 
-        link = TritonLink(args.url, "cloud_only" if args.mode == "cloud-only" else "ce_collm")
+        read = lambda path: path.read_text() if path else None  # noqa: E731
+        link = TritonLink(args.url, "cloud_only" if args.mode == "cloud-only" else "ce_collm", ssl=args.ssl,
+                          root_certificates=read(args.root_cert), private_key=read(args.client_key),
+                          certificate_chain=read(args.client_cert),
+                          headers=dict(h.split("=", 1) for h in args.header) or None)
+        link = ReconnectingLink(link, patience_s=0.0 if args.mode == "latency-aware" else args.patience)
     sampler = Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed)
     gen = app.generator(args.mode, link, threshold=args.threshold, codec=args.codec, sampler=sampler,
                         sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,

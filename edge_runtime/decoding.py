@@ -83,7 +83,7 @@ class Generator:
     def __init__(self, edge: EdgePartition | None, link: CloudLink | None, mode: str = "collaborative",
                  threshold: float | None = None, codec: str | None = None, sampler: Sampler | None = None,
                  eos_token_ids: tuple[int, ...] = (), sequence_id: int = 1, async_uploads: bool = False,
-                 latency: LatencyPolicy | None = None):
+                 latency: LatencyPolicy | None = None, max_block_rows: int = 1024):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "standalone" and link is None:
@@ -98,6 +98,7 @@ class Generator:
         self.eos = set(eos_token_ids)
         self.sequence_id = sequence_id
         self.latency = latency or LatencyPolicy()
+        self.max_block_rows = max_block_rows  # the cloud's rows-per-request limit (Limits.max_block_rows)
         self.seq = edge.new_sequence() if edge else None
         self.split_log = RowLog(edge.hidden_size if edge else 0)  # every row that reached the split: the context to re-sync
         self.stats = SessionStats()
@@ -187,7 +188,7 @@ class Generator:
     def _request_token(self) -> CloudReply:
         t0 = time.perf_counter()
         with self._lock:
-            reply = self._send(self._rows_request(want_token=True))
+            reply = self._send_rows(want_token=True)
         rtt = time.perf_counter() - t0
         self.stats.cloud_wait_s += rtt
         self._rtt = rtt if self._rtt is None else (1 - self.latency.alpha) * self._rtt + self.latency.alpha * rtt
@@ -205,15 +206,21 @@ class Generator:
             if self._sent == self.split_log.length:
                 return
             try:
-                self._send(self._rows_request(want_token=False))
+                self._send_rows(want_token=False)
             except CloudUnreachable:
                 if self.mode != "latency-aware":
                     raise
                 self._down_until = time.monotonic() + self.latency.retry_after_s  # the rows stay unsent
 
-    def _rows_request(self, want_token: bool, end: bool = False, first: int | None = None) -> CloudRequest:
-        first = self._sent if first is None else first
-        return CloudRequest(self.sequence_id, first, want_token, rows=encode(self.split_log.since(first), self.codec),
+    def _send_rows(self, want_token: bool, end: bool = False) -> CloudReply:
+        """Send every row at the split the cloud has not seen, in chunks of at most max_block_rows:
+        upload-only chunks first, then the last one with want_token / END. Caller holds the lock."""
+        while self.split_log.length - self._sent > self.max_block_rows:
+            self._send(self._rows_request(False, self._sent, self._sent + self.max_block_rows))
+        return self._send(self._rows_request(want_token, self._sent, self.split_log.length, end))
+
+    def _rows_request(self, want_token: bool, first: int, stop: int, end: bool = False) -> CloudRequest:
+        return CloudRequest(self.sequence_id, first, want_token, rows=encode(self.split_log.rows(first, stop), self.codec),
                             split_layer=self.edge.plan.split_layer, start=first == 0 and not self._started, end=end)
 
     def _send(self, req: CloudRequest) -> CloudReply:
@@ -223,11 +230,20 @@ class Generator:
         except SequenceNeedsStart:
             if self.edge is None:
                 raise
-            # The cloud restarted or expired this sequence: re-send the whole context with START.
+            # The cloud restarted or expired this sequence: re-send the whole context with START,
+            # up to the end of this request, then finish the request as it was meant.
             self.stats.resyncs += 1
-            self._started = False
-            req = self._rows_request(req.want_token, end=req.end, first=0)
+            self._started, self._sent = False, 0
+            stop = req.start_pos + req.num_rows
+            while stop - self._sent > self.max_block_rows:
+                self._account(self._rows_request(False, self._sent, self._sent + self.max_block_rows))
+            req = self._rows_request(req.want_token, self._sent, stop, req.end)
             reply = self.link.send(req)
+        return self._account(req, reply)
+
+    def _account(self, req: CloudRequest, reply: CloudReply | None = None) -> CloudReply:
+        """Send `req` unless its reply is given, then record what the cloud now holds."""
+        reply = reply if reply is not None else self.link.send(req)
         self._started = not req.end
         self._sent = req.start_pos + req.num_rows
         self.stats.bytes_up += req.nbytes
@@ -243,12 +259,11 @@ class Generator:
         with self._lock:
             if not self._started:
                 return
-            if self.mode == "cloud-only":
-                req = CloudRequest(self.sequence_id, self._sent, False, token_ids=np.zeros(0, np.int64), end=True)
-            else:
-                req = self._rows_request(want_token=False, end=True)
             try:
-                self._send(req)
+                if self.mode == "cloud-only":  # END rides on an empty block of token ids
+                    self._send(CloudRequest(self.sequence_id, self._sent, False, token_ids=np.zeros(0, np.int64), end=True))
+                else:
+                    self._send_rows(want_token=False, end=True)
             except CloudUnreachable:
                 self._started = False  # the server's TTL reclaims the sequence
 
@@ -270,8 +285,8 @@ class RowLog:
         self._rows[self.length: end] = rows
         self.length = end
 
-    def since(self, first: int) -> torch.Tensor:
-        return self._rows[first: self.length]
+    def rows(self, first: int, stop: int) -> torch.Tensor:
+        return self._rows[first:stop]
 
 
 class _Uploader:

@@ -16,14 +16,20 @@ _NEEDS_START = ("must specify the START flag", "re-send its context with START")
 class TritonLink:
     """Sends CloudRequests through one model (`ce_collm`, or `cloud_only` for the baseline)."""
 
-    def __init__(self, url: str, model: str = "ce_collm", timeout_s: float = 30.0, reconnect_backoff_ms: int = 500):
-        self.url, self.model, self.timeout_s = url, model, timeout_s
+    def __init__(self, url: str, model: str = "ce_collm", timeout_s: float = 30.0, reconnect_backoff_ms: int = 500,
+                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
+                 certificate_chain: str | None = None, headers: dict[str, str] | None = None):
+        """ssl/root_certificates/private_key/certificate_chain: TLS (and mutual TLS) to a server started
+        with --grpc-use-ssl; headers: sent with every request (e.g. a token for an authenticating proxy)."""
+        self.url, self.model, self.timeout_s, self.headers = url, model, timeout_s, headers
         # gRPC's default reconnect backoff grows to minutes while the server is down; an edge
         # wants to notice within a second that the cloud is back.
         backoff = [("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms),
                    ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms),
                    ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms)]
-        self.client = grpcclient.InferenceServerClient(url, channel_args=backoff)
+        self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
+                                                       private_key=private_key, certificate_chain=certificate_chain,
+                                                       channel_args=backoff)
         self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
 
     def send(self, req: CloudRequest) -> CloudReply:
@@ -35,7 +41,7 @@ class TritonLink:
         try:
             result = self.client.infer(self.model, inputs, outputs=self._outputs, sequence_id=req.sequence_id,
                                        sequence_start=req.start, sequence_end=req.end,
-                                       client_timeout=self.timeout_s)
+                                       client_timeout=self.timeout_s, headers=self.headers)
         except InferenceServerException as e:
             raise _translate(e) from None
         return reply_from_outputs({name: result.as_numpy(name) for name in OUTPUTS})
@@ -43,7 +49,7 @@ class TritonLink:
     def ready(self, timeout_s: float = 2.0) -> bool:
         """Whether the server answers and its model is ready (never raises)."""
         try:
-            return self.client.is_model_ready(self.model, client_timeout=timeout_s)
+            return self.client.is_model_ready(self.model, headers=self.headers, client_timeout=timeout_s)
         except InferenceServerException:
             return False
 
@@ -55,6 +61,8 @@ def _translate(e: InferenceServerException) -> Exception:
     message = e.message() or str(e)
     if any(words in message for words in _NEEDS_START):
         return SequenceNeedsStart(message)
+    if "This protocol is restricted" in message:  # Triton answers UNAVAILABLE, but retrying cannot help
+        return ProtocolError(message)
     status = (e.status() or "").upper()
     if "UNAVAILABLE" in status or "DEADLINE" in status or "Socket closed" in message:
         return CloudUnreachable(f"{status}: {message}")

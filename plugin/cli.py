@@ -125,6 +125,12 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-block-rows", type=int, default=1024, metavar="N", help="rows per request (default: %(default)s)")
     p.add_argument("--ttl", type=float, default=600.0, metavar="S",
                    help="drop sessions idle this long; also the sequence batcher's idle timeout (default: %(default)s)")
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20, metavar="N",
+                   help="payload bytes per request (default: %(default)s)")
+    p.add_argument("--max-requests-per-s", type=float, default=1000.0, metavar="R",
+                   help="requests per second per session, a token bucket (default: %(default)s)")
+    p.add_argument("--sequence-slots", type=int, default=0, metavar="N",
+                   help="Triton sequence slots per model; 0: 4 x --max-sessions (default: %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if the repository's configs differ from what the plan generates")
 
@@ -139,7 +145,9 @@ def _configs(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         max_batch_size=args.max_batch_size, instances=args.instances,
         instance_kind="KIND_GPU" if args.gpu else "KIND_CPU", dtype="float16" if args.gpu else "float32",
-        limits=Limits(args.max_sessions, args.max_context, args.max_block_rows, args.ttl),
+        limits=Limits(args.max_sessions, args.max_context, args.max_block_rows, args.ttl, args.max_request_bytes,
+                      args.max_requests_per_s),
+        sequence_slots=args.sequence_slots,
     )
     if args.check:
         stale = check_repository(plan, args.out, opts)

@@ -39,7 +39,7 @@ class CloudPartition:
     def step(self, blocks: list[PendingBlock]) -> list[CloudReply | Exception]:
         """One reply (or the error for that request alone) per block, in order."""
         now = self.clock()
-        self._expire(now)
+        self.expire(now)
         replies: list[CloudReply | Exception] = [CloudReply() for _ in blocks]
         ready: dict[int, list[int]] = {}  # split layer -> indices of blocks to compute
         for i, block in enumerate(blocks):
@@ -75,6 +75,8 @@ class CloudPartition:
         held = seq.kv.length(seq.split_layer)
         if block.want_token and block.start_pos != held:
             raise ProtocolError(f"sequence {block.sequence_id}: block starts at {block.start_pos}, cloud state holds {held} positions; re-send with START")
+        if block.want_token and held + block.num_rows > self.limits.max_context:
+            raise ProtocolError(f"context of {held + block.num_rows} positions exceeds the limit of {self.limits.max_context}")
         seq.last_seen = now
         return seq
 
@@ -104,33 +106,47 @@ class CloudPartition:
             return [ProtocolError(str(e)) for _ in blocks]
         last = h[torch.arange(len(blocks)), torch.tensor(lengths) - 1]  # [B, D]
         logprobs = torch.log_softmax(model.exit_logits(last, model.cfg.num_layers).float(), dim=-1)
+        finite = torch.isfinite(logprobs).all(dim=-1)  # [B]; rows are per sequence, so one bad block spoils no other
         top = logprobs.topk(self.top_k, dim=-1)
         self.rows_computed += sum(lengths) * (model.cfg.num_layers - split)
-        self.tokens_served += len(blocks)
+        self.tokens_served += int(finite.sum())
         return [
             CloudReply(
                 token_id=int(top.indices[b, 0]), confidence=float(top.values[b, 0].exp()),
                 topk_ids=top.indices[b].tolist(), topk_logprobs=top.values[b].tolist(), catchup_rows=lengths[b],
+            ) if finite[b] else ProtocolError(
+                f"sequence {blocks[b].sequence_id}: the cloud's logits are not finite; its hidden rows are out of range"
             )
             for b in range(len(blocks))
         ]
 
-    def _expire(self, now: float) -> None:
-        for sid in [s for s, seq in self.sequences.items() if now - seq.last_seen > self.limits.ttl_s]:
+    def expire(self, now: float | None = None) -> list[int]:
+        """Drop sequences idle longer than the TTL (called on every step and by a periodic sweep)."""
+        now = self.clock() if now is None else now
+        idle = [s for s, seq in self.sequences.items() if now - seq.last_seen > self.limits.ttl_s]
+        for sid in idle:
             del self.sequences[sid]
+        return idle
 
     @property
     def kv_bytes(self) -> int:
         return sum(seq.kv.nbytes for seq in self.sequences.values())
 
 
-def token_block(req: CloudRequest, vocab_size: int) -> PendingBlock:
+def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None) -> PendingBlock:
     """A cloud-only request: token ids for the whole model (split layer 0)."""
+    limits = limits or Limits()
     ids = req.token_ids
     if ids is None or ids.ndim != 1 or ids.dtype != np.int64:
         raise ProtocolError("TOKEN_IDS must be int64 of shape [1, n]")
+    if req.nbytes > limits.max_request_bytes:
+        raise ProtocolError(f"request payload of {req.nbytes} bytes exceeds the limit of {limits.max_request_bytes} bytes per request")
+    if ids.size > limits.max_block_rows:
+        raise ProtocolError(f"block of {ids.size} rows exceeds the limit of {limits.max_block_rows} rows per request")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise ProtocolError(f"token ids must lie in [0, {vocab_size})")
+    if ids.size and not req.want_token:  # no context manager in front of cloud_only: nothing would keep them
+        raise ProtocolError("cloud_only keeps no pending tokens: send TOKEN_IDS with WANT_TOKEN true")
     return PendingBlock(req.sequence_id, 0, req.start_pos, torch.empty(0, 0), req.want_token, req.start, req.end,
                         token_ids=torch.from_numpy(ids.copy()))
 
@@ -145,7 +161,7 @@ class LocalCloud:
 
     def send(self, req: CloudRequest) -> CloudReply:
         if req.token_ids is not None:
-            block = token_block(req, self.partition.model.cfg.vocab_size)
+            block = token_block(req, self.partition.model.cfg.vocab_size, self.partition.limits)
         else:
             block = self.context.handle(req)
         reply = self.partition.step([block])[0]

@@ -17,6 +17,26 @@ class Limits:
     max_context: int = 4096  # positions per session
     max_block_rows: int = 1024  # rows in one request
     ttl_s: float = 600.0  # idle sessions are dropped: Triton frees idle slots without telling us
+    max_request_bytes: int = 64 << 20  # tensor payload of one request (1024 fp32 rows of hidden 8192 = 32 MiB)
+    max_requests_per_s: float = 1000.0  # per session, token bucket one second deep; 0 turns it off
+
+
+class RateLimiter:
+    """A token bucket: `rate` requests per second on average, bursts of up to one second's worth."""
+
+    def __init__(self, rate: float, now: float):
+        self.rate, self.burst = rate, max(1.0, rate)
+        self.tokens, self.stamp = self.burst, now
+
+    def allow(self, now: float) -> bool:
+        if self.rate <= 0:
+            return True
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
 
 
 @dataclass
@@ -40,6 +60,7 @@ class PendingBlock:
 @dataclass
 class _Session:
     split_layer: int
+    requests: RateLimiter  # this session's request rate; kept across a re-START
     next_position: int = 0  # the position the next uploaded row must have
     first_pending: int = 0
     pending: list[torch.Tensor] = field(default_factory=list)  # [n_i, D] blocks, contiguous
@@ -64,9 +85,15 @@ class ContextManager:
     def handle(self, req: CloudRequest) -> PendingBlock:
         now = self.clock()
         self.expire(now)
-        session = self._session_for(req)
+        session = self._session_for(req, now)
+        if not session.requests.allow(now):  # every request counts, the ones refused below too
+            raise ProtocolError(f"rate limit: {self.limits.max_requests_per_s:g} requests/s per session "
+                                f"(sequence {req.sequence_id}); slow down and retry")
         if req.rows is None:
             raise ProtocolError("request carries no hidden rows (HIDDEN_FP32, HIDDEN_FP16 or HIDDEN_INT8)")
+        if req.nbytes > self.limits.max_request_bytes:
+            raise ProtocolError(f"request payload of {req.nbytes} bytes exceeds the limit of "
+                                f"{self.limits.max_request_bytes} bytes per request")
         n = req.rows.data.shape[0] if req.rows.data.ndim == 2 else -1
         if n > self.limits.max_block_rows:
             raise ProtocolError(f"block of {n} rows exceeds the limit of {self.limits.max_block_rows} rows per request")
@@ -101,16 +128,19 @@ class ContextManager:
             self.sessions.pop(req.sequence_id, None)
         return block
 
-    def _session_for(self, req: CloudRequest) -> _Session:
+    def _session_for(self, req: CloudRequest, now: float) -> _Session:
         if req.start:
             if req.split_layer is None or not 1 <= req.split_layer < self.num_layers:
                 raise ProtocolError(
                     f"START needs SPLIT_LAYER in [1, {self.num_layers - 1}] for this {self.num_layers}-layer model, "
                     f"got {req.split_layer}"
                 )
-            if req.sequence_id not in self.sessions and len(self.sessions) >= self.limits.max_sessions:
+            live = self.sessions.get(req.sequence_id)
+            if live is None and len(self.sessions) >= self.limits.max_sessions:
                 raise ProtocolError(f"too many live sessions ({self.limits.max_sessions}); retry later")
-            return _Session(split_layer=req.split_layer)
+            # a re-START (re-sync) replaces the context once every check passes, not the rate budget
+            requests = live.requests if live is not None else RateLimiter(self.limits.max_requests_per_s, now)
+            return _Session(req.split_layer, requests)
         session = self.sessions.get(req.sequence_id)
         if session is None:
             raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): re-send its context with START")
@@ -118,7 +148,9 @@ class ContextManager:
             raise ProtocolError(f"sequence {req.sequence_id} started with split layer {session.split_layer}, not {req.split_layer}")
         return session
 
-    def expire(self, now: float) -> list[int]:
+    def expire(self, now: float | None = None) -> list[int]:
+        """Drop sessions idle longer than the TTL (called on every request and by a periodic sweep)."""
+        now = self.clock() if now is None else now
         idle = [sid for sid, s in self.sessions.items() if now - s.last_seen > self.limits.ttl_s]
         for sid in idle:
             del self.sessions[sid]

@@ -31,6 +31,14 @@ class ServeOptions:
     instances: int = 1
     dtype: str = "float32"  # cloud weights; float16 on GPU
     limits: Limits = Limits()
+    sequence_slots: int = 0  # Triton's max_candidate_sequences; 0: 4 x limits.max_sessions (see slots())
+
+    def slots(self) -> int:
+        """Sequence slots of each stateful model: more than max_sessions, so that the context manager's
+        clear "too many live sessions" error answers before Triton queues a new sequence, and so that
+        STARTs the context manager refuses (each holds its slot until the idle timeout: a model cannot
+        end a sequence) leave room for real ones."""
+        return self.sequence_slots or 4 * self.limits.max_sessions
 
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False, ragged: bool = False) -> str:
@@ -80,7 +88,7 @@ def _stateful(name: str, opts: ServeOptions) -> str:
         f"instance_group [ {{ count: {opts.instances} kind: {opts.instance_kind} }} ]\n"
         "sequence_batching {\n"
         f"  max_sequence_idle_microseconds: {ttl_us}\n"
-        f"  oldest {{ max_candidate_sequences: {opts.limits.max_sessions} max_queue_delay_microseconds: 0 }}\n"
+        f"  oldest {{ max_candidate_sequences: {opts.slots()} max_queue_delay_microseconds: 0 }}\n"
         "  control_input [\n"
         '    { name: "START" control [ { kind: CONTROL_SEQUENCE_START bool_false_true: [ false, true ] } ] },\n'
         '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END bool_false_true: [ false, true ] } ] },\n'
@@ -98,6 +106,7 @@ def render_configs(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions
         "checkpoint": os.path.relpath(plan.checkpoint, repository_dir),
         "max_sessions": str(limits.max_sessions), "max_context": str(limits.max_context),
         "max_block_rows": str(limits.max_block_rows), "ttl_s": f"{limits.ttl_s:g}",
+        "max_request_bytes": str(limits.max_request_bytes), "max_requests_per_s": f"{limits.max_requests_per_s:g}",
     }
     cloud_params = dict(params, dtype=opts.dtype, min_split_layer=str(plan.split_layer))
     def pending(as_input: bool) -> list[str]:

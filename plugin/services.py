@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 @dataclass
 class RequestData:
     inputs: Tensors
-    sequence_id: int
+    sequence_id: int | str  # str: a string sequence id, which request_from_inputs refuses
     start: bool
     end: bool
 
@@ -36,6 +36,8 @@ def limits_from(params: dict[str, str]) -> Limits:
         max_context=int(params.get("max_context", base.max_context)),
         max_block_rows=int(params.get("max_block_rows", base.max_block_rows)),
         ttl_s=float(params.get("ttl_s", base.ttl_s)),
+        max_request_bytes=int(params.get("max_request_bytes", base.max_request_bytes)),
+        max_requests_per_s=float(params.get("max_requests_per_s", base.max_requests_per_s)),
     )
 
 
@@ -49,7 +51,8 @@ def checkpoint_path(params: dict[str, str], repository_root: Path) -> Path:
 class ContextManagerService:
     def __init__(self, params: dict[str, str], repository_root: Path):
         cfg = read_config(checkpoint_path(params, repository_root))
-        self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, limits_from(params))
+        self.limits = limits_from(params)
+        self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits)
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
         results: list[Result] = []
@@ -60,6 +63,10 @@ class ContextManagerService:
             except ProtocolError as e:
                 results.append(e)
         return results
+
+    def sweep(self) -> list[int]:
+        """Expire idle sessions now; the adapter calls it periodically, between requests."""
+        return self.manager.expire()
 
     def metrics(self) -> dict[str, float]:
         return {"sessions_live": len(self.manager.sessions), "rows_uploaded_total": self.manager.rows_uploaded,
@@ -75,13 +82,14 @@ class CloudService:
         num_layers = read_config(checkpoint).num_layers
         first = 0 if token_input else int(params.get("min_split_layer", 1))
         model = load_model(checkpoint, range(first, num_layers), DTYPES[params.get("dtype", "float32")], device)
-        self.partition = CloudPartition(model, limits_from(params))
+        self.limits = limits_from(params)
+        self.partition = CloudPartition(model, self.limits)
         self.token_input = token_input
 
     def _block(self, r: RequestData):
         if self.token_input:
             req = request_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
-            return token_block(req, self.partition.model.cfg.vocab_size)
+            return token_block(req, self.partition.model.cfg.vocab_size, self.partition.limits)
         return block_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
@@ -96,6 +104,9 @@ class CloudService:
         for i, reply in zip(where, self.partition.step(blocks)):
             results[i] = reply if isinstance(reply, Exception) else reply_outputs(reply, self.partition.top_k)
         return results
+
+    def sweep(self) -> list[int]:
+        return self.partition.expire()
 
     def metrics(self) -> dict[str, float]:
         p = self.partition

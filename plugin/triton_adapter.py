@@ -5,6 +5,7 @@ Imported only inside tritonserver's Python stub (triton_python_backend_utils exi
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,19 @@ METRIC_HELP = {
 }
 
 
+def sweep_period_s(ttl_s: float) -> float:
+    """How often idle sessions are looked for between requests: a quarter of the TTL, in [0.25, 10] s."""
+    return min(10.0, max(0.25, ttl_s / 4))
+
+
 def _request_data(request) -> RequestData:
     tensors = {t.name(): t.as_numpy() for t in request.inputs()}
     controls = {name: tensors.pop(name, None) for name in CONTROLS}
-    sequence_id = int(controls["CORRID"].reshape(-1)[0]) if controls["CORRID"] is not None else request.correlation_id()
+    sequence_id = request.correlation_id()
+    # A string sequence id reaches CORRID as 8 bytes of Triton's string object (measured: "fuzz" ->
+    # 0x7A7A756600000004), so different strings can share a CORRID: keep the string, the wire refuses it.
+    if not isinstance(sequence_id, str) and controls["CORRID"] is not None:
+        sequence_id = int(controls["CORRID"].reshape(-1)[0])
     start = bool(controls["START"].reshape(-1)[0]) if controls["START"] is not None else bool(request.flags() & 1)
     end = bool(controls["END"].reshape(-1)[0]) if controls["END"] is not None else bool(request.flags() & 2)
     return RequestData({k: np.array(v, copy=True) for k, v in tensors.items()}, sequence_id, start, end)
@@ -56,8 +66,32 @@ class Adapter:
             family = pb_utils.MetricFamily(name=f"ce_collm_{key}", description=help_text, kind=kind)
             self._families.append(family)
             self._metrics[key] = family.Metric(labels={"model": self.name})
+        # Triton frees an idle sequence slot without calling the model (ENVIRONMENT.md), so the TTL
+        # also runs on a timer: an edge that vanished is reclaimed even when no other request comes.
+        self._lock = threading.Lock()  # execute() and the sweep never touch the service at once
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, args=(sweep_period_s(self.service.limits.ttl_s),),
+                                         name=f"{self.name}-ttl-sweep", daemon=True)
+        self._sweeper.start()
+
+    def _sweep_loop(self, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            try:
+                with self._lock:
+                    if self.service.sweep():
+                        self._report()
+            except Exception as e:  # never let the sweeper die silently
+                pb_utils.Logger.log_error(f"{self.name}: TTL sweep failed: {type(e).__name__}: {e}")
+
+    def finalize(self) -> None:
+        self._stop.set()
+        self._sweeper.join(timeout=5)
 
     def execute(self, requests):
+        with self._lock:
+            return self._execute(requests)
+
+    def _execute(self, requests):
         try:
             results = self.service.execute([_request_data(r) for r in requests])
         except Exception as e:  # a bug must fail these requests, not the model instance

@@ -53,10 +53,11 @@ def _unbatched(value: np.ndarray, name: str, ndim: int) -> np.ndarray:
     return value[0]
 
 
-def request_from_inputs(inputs: Tensors, sequence_id: int, start: bool, end: bool) -> CloudRequest:
+def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, end: bool) -> CloudRequest:
     """Cloud side: the ensemble's input tensors of one request as a CloudRequest."""
-    if sequence_id == 0:
-        raise ProtocolError("requests need a non-zero sequence_id (one per generation session)")
+    if not isinstance(sequence_id, int) or sequence_id <= 0:
+        raise ProtocolError(f"requests need a non-zero sequence_id, an integer (one per generation session), "
+                            f"got {sequence_id!r}; string sequence ids are not supported")
     hidden = [(codec, name) for codec, name in HIDDEN_INPUTS.items() if name in inputs]
     if len(hidden) + (TOKEN_IDS in inputs) != 1:
         raise ProtocolError(f"send exactly one of {sorted(HIDDEN_INPUTS.values())} or {TOKEN_IDS}")

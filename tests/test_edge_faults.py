@@ -96,3 +96,24 @@ def test_background_uploads_match_foreground(tiny, start_server):
     assert background.stats.uploads >= 1 and foreground.stats.uploads >= 1
     # every row reached the cloud once: uploads may coalesce in the background, bytes may not grow
     assert background.stats.bytes_up <= foreground.stats.bytes_up
+
+
+def test_long_contexts_travel_in_chunks_within_the_block_limit(tiny, start_server, tmp_path):
+    """A prompt and a re-sync longer than max_block_rows go as several requests, nothing refused."""
+    from plugin.context import Limits
+    from plugin.repository import ServeOptions
+
+    plan, _, edge, ckpt = tiny
+    repo = tmp_path / "repo"
+    write_repository(plan, repo, ServeOptions(limits=Limits(max_block_rows=8)))
+    server = start_server(repo)
+    prompt = (PROMPT * 4)[:22]  # 22 rows: chunks of 8 + 8 + 6
+    gen = Generator(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, sequence_id=31,
+                    max_block_rows=8)
+    stream = gen.stream(prompt, 12)
+    tokens = [next(stream).token_id for _ in range(6)]
+    server.restart()  # the re-sync re-sends 27 rows: 8 + 8 + 8 + 3
+    tokens += [r.token_id for r in stream]
+    assert gen.stats.resyncs == 1 and gen.stats.uploads >= 5
+    cloud = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)))
+    assert tokens == Generator(edge, cloud, "collaborative", threshold=1.0).generate(prompt, 12).token_ids

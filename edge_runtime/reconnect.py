@@ -1,0 +1,72 @@
+"""A cloud link that rides out a cut link or a restarting server without losing or repeating context.
+
+    link = ReconnectingLink(TritonLink(url), patience_s=30)     # collaborative: wait for the cloud
+    link = ReconnectingLink(TritonLink(url), patience_s=0)      # latency-aware: fail fast, fall back
+
+While the cloud is unreachable, `send` retries the same request every `retry_every_s` until
+`patience_s` has passed, then raises CloudUnreachable (latency-aware mode answers locally then).
+Refusals that say "later" (the per-session rate limit, too many live sessions) changed nothing on
+the cloud, so they are retried the same way, and raised as they are once the patience is spent.
+
+The one ambiguous case is a request that reached the server and was applied, but whose reply was
+lost with the link. Its retry then starts at a position the cloud has already stored, and the
+context manager refuses it ("position overlap"): nothing was lost, but the edge no longer knows
+what the cloud holds. After an unreachable attempt for a sequence, that refusal is turned into
+SequenceNeedsStart, so the Generator re-sends the whole context with START (a re-sync), exactly as
+after a server restart. Rows are never sent twice into one context and never skipped.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from plugin.protocol import CloudReply, CloudRequest, ProtocolError, SequenceNeedsStart
+
+from .decoding import CloudLink, CloudUnreachable
+
+_LANDED = "position overlap"  # the context manager's words when a block starts before its next position
+_LATER = ("rate limit:", "too many live sessions")  # refused, nothing changed: the same request may come again
+
+
+class ReconnectingLink:
+    """Wraps any CloudLink (TritonLink, LocalCloud); thread-safe as long as the inner link is."""
+
+    def __init__(self, link: CloudLink, patience_s: float = 30.0, retry_every_s: float = 0.25,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+        self.link, self.patience_s, self.retry_every_s = link, patience_s, retry_every_s
+        self.clock, self.sleep = clock, sleep
+        self.retries = 0  # attempts that found the cloud unreachable (or busy) and were tried again
+        self.unreachable = 0  # attempts that found the cloud unreachable
+        self._uncertain: set[int] = set()  # sequences whose last attempt may have landed unseen
+
+    def send(self, req: CloudRequest) -> CloudReply:
+        deadline = self.clock() + self.patience_s
+        while True:
+            try:
+                reply = self.link.send(req)
+            except CloudUnreachable:
+                self.unreachable += 1
+                self._uncertain.add(req.sequence_id)
+                if self.clock() + self.retry_every_s > deadline:
+                    raise
+                self.retries += 1
+                self.sleep(self.retry_every_s)
+                continue
+            except SequenceNeedsStart:
+                self._uncertain.discard(req.sequence_id)  # the caller re-syncs from position 0 anyway
+                raise
+            except ProtocolError as e:
+                if any(words in str(e) for words in _LATER) and self.clock() + self.retry_every_s <= deadline:
+                    self.retries += 1
+                    self.sleep(self.retry_every_s)
+                    continue
+                if req.sequence_id in self._uncertain and _LANDED in str(e):
+                    self._uncertain.discard(req.sequence_id)
+                    raise SequenceNeedsStart(f"an earlier request of sequence {req.sequence_id} reached the cloud "
+                                             f"but its reply was lost: re-send its context with START ({e})") from None
+                raise
+            self._uncertain.discard(req.sequence_id)
+            return reply
+
+    def __getattr__(self, name: str):  # ready(), close(), url ... of the wrapped link
+        return getattr(self.link, name)
