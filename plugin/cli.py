@@ -204,6 +204,29 @@ def _trt_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- bench ---------------------------------------------------------------------------------------
+def _bench_path() -> None:
+    """bench/ lives beside plugin/ in the repository (it is not an installed package)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def _bench_arguments(p: argparse.ArgumentParser) -> None:
+    _bench_path()
+    from bench.args import add_arguments
+
+    add_arguments(p)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run the benchmark harness (bench/run.py) and print the targets' verdicts."""
+    _bench_path()
+    from bench.run import run_from_args
+
+    return run_from_args(args)
+
+
 COMMANDS: dict[str, Command] = {
     "configs": Command(
         summary="generate model_repository/ configs from a partition plan (or --check them)",
@@ -236,6 +259,18 @@ COMMANDS: dict[str, Command] = {
             "wheel) on the model repository, wait until every model is ready, print the endpoints "
             "and serve until Ctrl-C or SIGTERM, then shut down cleanly and exit 0. Binds 127.0.0.1 "
             "unless --host says otherwise."
+        ),
+    ),
+    "bench": Command(
+        summary="benchmark CE-CoLLM against cloud-only, naive split and standalone edge (tables + plots)",
+        add_arguments=_bench_arguments,
+        run=_bench,
+        description=(
+            "Start tritonserver on a repository generated from the partition plan (plus the bench-only "
+            "naive_split model), put a link emulator (delay, bandwidth) between edge and server, and run "
+            "cloud-only, naive split, standalone edge and collaborative (per threshold and codec) on held-out "
+            "prompts at each link, then N concurrent edge sessions. Writes results.json, report.md and PNG "
+            "plots to --out. --quick is a small run."
         ),
     ),
 }

@@ -1,0 +1,41 @@
+"""The `ce-collm bench` command line, kept free of heavy imports (torch, tritonclient) so that
+`ce-collm --help` stays fast; bench/run.py does the work."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PLAN = REPO_ROOT / "models" / "shakespeare-llama" / "partition_plan.json"
+DEFAULT_OUT = REPO_ROOT / "bench" / "results"
+DEFAULT_LINKS = "0/1000,20/100,60/20"  # RTT ms / Mbit per second
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plan", type=Path, default=DEFAULT_PLAN, metavar="FILE",
+                   help="partition plan of the model to benchmark (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                   help="where results.json, report.md and the plots go (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run (3 prompts x 12 tokens, 2 links, thresholds 0.8 and 1.0, fp16, 1 and 4 clients)")
+    p.add_argument("--links", default=None, metavar="L,L",
+                   help=f"links as RTT_MS/MBIT[/JITTER_MS], comma-separated (default: {DEFAULT_LINKS})")
+    p.add_argument("--thresholds", default=None, metavar="T,T", help="collaborative thresholds (default: 0.8,0.9,1.0)")
+    p.add_argument("--codecs", default=None, metavar="C,C", help="hidden-state codecs (default: fp16,int8)")
+    p.add_argument("--prompts", type=int, default=None, metavar="N", help="held-out prompts (default: 8)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="tokens per generation (default: 32)")
+    p.add_argument("--clients", default=None, metavar="N,N",
+                   help="concurrent edge sessions in the many-clients sweep; empty string skips it (default: 1,4,16,32)")
+    p.add_argument("--client-tokens", type=int, default=None, metavar="N", help="tokens per session in the sweep (default: 16)")
+    p.add_argument("--long-tokens", type=int, default=None, metavar="N",
+                   help="also measure bytes up of naive split vs collaborative over N-token generations; 0 skips "
+                        "(default: 128)")
+    p.add_argument("--sessions-per-client", type=int, default=2, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--p99-slo-ms", type=float, default=None, metavar="MS",
+                   help="p99 time per token that defines how many clients a server carries "
+                        "(default: 2 x the worst single-client p99 of the two systems)")
+    p.add_argument("--edge-threads", type=int, default=1, metavar="N", help="torch threads of the edge (default: %(default)s)")
+    p.add_argument("--server-threads", type=int, default=1, metavar="N",
+                   help="OMP/MKL threads of each python-backend model process of the bench's own server; 0 keeps "
+                        "torch's default (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,0 +1,163 @@
+"""The naive split baseline: a plain split model with no context manager and no early exits.
+
+The edge runs layers [0, k) for every token and sends, with every token request, the layer-k hidden
+states of the WHOLE context; the server recomputes layers [k, N) from scratch for all of them
+(no stored KV, no session) and returns the next token. This is what splitting a model across the
+network costs without CE-CoLLM's context manager: bytes up grow with the context on every token,
+and so does the cloud's work.
+
+It is served by a bench-only python model, `naive_split`, that `write_bench_repository` adds to a
+repository generated from the partition plan (the deployable `model_repository/` does not carry
+it). Its tensors are the ensemble's edge inputs and token outputs (plugin/protocol.py).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from edge_runtime.decoding import CloudLink, Generation, TokenRecord
+from plugin.checkpoint import load_model, read_config
+from plugin.cloud import CloudPartition
+from plugin.codec import CodecError, decode, encode
+from plugin.context import PendingBlock
+from plugin.edge import EdgePartition
+from plugin.plan import PartitionPlan
+from plugin.protocol import CloudRequest, ProtocolError
+from plugin.repository import _TOKEN_OUTPUTS, ServeOptions, _block, _edge_inputs, _parameters, write_repository
+from plugin.services import DTYPES, checkpoint_path, limits_from
+from plugin.wire import Tensors, reply_outputs, request_from_inputs
+
+MODEL_NAME = "naive_split"
+_SCRATCH_ID = 1  # every request is its own one-shot sequence in the partition
+
+MODEL_PY = '''"""naive_split (bench only): layers [k, N) recomputed from scratch for the whole context (bench/naive_split.py)."""
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from bench.naive_split import NaiveSplitService
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.service = NaiveSplitService(params, Path(args["model_repository"]).resolve().parent)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                out = self.service.execute({t.name(): t.as_numpy() for t in request.inputs()})
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
+            except Exception as e:  # one bad request fails alone
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"naive_split: {e}")))
+        return responses
+'''
+
+
+class NaiveSplitService:
+    """Tensors in, tensors out: the whole context's layer-k rows -> the next token (stateless)."""
+
+    def __init__(self, params: dict[str, str], repository_root: Path):
+        checkpoint = checkpoint_path(params, repository_root)
+        cfg = read_config(checkpoint)
+        self.split_layer = int(params["split_layer"])
+        model = load_model(checkpoint, range(self.split_layer, cfg.num_layers), DTYPES[params.get("dtype", "float32")])
+        self.partition = CloudPartition(model, limits_from(params))
+
+    def execute(self, inputs: Tensors) -> Tensors:
+        req = request_from_inputs(inputs, _SCRATCH_ID, start=True, end=True)
+        if req.rows is None or req.start_pos != 0 or not req.want_token:
+            raise ProtocolError("naive_split wants the whole context's hidden rows from position 0 and WANT_TOKEN true")
+        if req.split_layer is not None and req.split_layer != self.split_layer:
+            raise ProtocolError(f"this naive_split model resumes at layer {self.split_layer}, not {req.split_layer}")
+        try:
+            hidden = decode(req.rows, self.partition.model.cfg.hidden_size, torch.float32, "cpu")  # [n, D]
+        except CodecError as e:
+            raise ProtocolError(str(e)) from None
+        if hidden.shape[0] == 0:
+            raise ProtocolError("no rows: the naive split needs the whole context")
+        # start=True and end=True: a fresh KV store for this request alone, dropped after it
+        block = PendingBlock(_SCRATCH_ID, self.split_layer, 0, hidden, True, start=True, end=True)
+        reply = self.partition.step([block])[0]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply_outputs(reply, self.partition.top_k)
+
+
+def render_config(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions) -> str:
+    cfg = read_config(plan.checkpoint)
+    params = {"checkpoint": os.path.relpath(plan.checkpoint, repository_dir), "split_layer": str(plan.split_layer),
+              "dtype": opts.dtype, "max_context": str(opts.limits.max_context),
+              "max_block_rows": str(opts.limits.max_block_rows)}
+    return (
+        f"# Generated by bench/naive_split.py (bench only): split layer {plan.split_layer}, hidden {cfg.hidden_size}.\n"
+        f'name: "{MODEL_NAME}"\nbackend: "python"\nmax_batch_size: {opts.max_batch_size}\n'
+        f"instance_group [ {{ count: {opts.instances} kind: {opts.instance_kind} }} ]\n"
+        + _block("input", _edge_inputs(cfg.hidden_size)) + _block("output", _TOKEN_OUTPUTS) + _parameters(params)
+    )
+
+
+def write_bench_repository(plan: PartitionPlan, out_dir: Path, opts: ServeOptions = ServeOptions()) -> list[Path]:
+    """The deployable repository (ce_collm, context_manager, cloud_partition, cloud_only) + naive_split."""
+    out_dir = Path(out_dir).resolve()
+    written = write_repository(plan, out_dir, opts)
+    (out_dir / MODEL_NAME / "1").mkdir(parents=True, exist_ok=True)
+    (out_dir / MODEL_NAME / "config.pbtxt").write_text(render_config(plan, out_dir, opts))
+    (out_dir / MODEL_NAME / "1" / "model.py").write_text(MODEL_PY)
+    return written + [out_dir / MODEL_NAME / "config.pbtxt"]
+
+
+class NaiveSplitGenerator:
+    """The edge side of the naive split: layers [0, k) for every token, then the whole context up.
+
+    Streams TokenRecords like `edge_runtime.decoding.Generator`, with the same SessionStats.
+    """
+
+    def __init__(self, edge: EdgePartition, link: CloudLink, codec: str = "fp16"):
+        self.edge, self.link, self.codec = edge, link, codec
+        self.generation: Generation | None = None
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
+        out = Generation(list(prompt_ids))
+        for record in self.stream(prompt_ids, max_new_tokens, out):
+            out.token_ids.append(record.token_id)
+            out.records.append(record)
+        return out
+
+    @torch.inference_mode()
+    def stream(self, prompt_ids: list[int], max_new_tokens: int, out: Generation | None = None) -> Iterator[TokenRecord]:
+        out = out or Generation(list(prompt_ids))
+        self.generation = out
+        stats, runner, split = out.stats, self.edge.runner, self.edge.plan.split_layer
+        state = runner.new_sequence()
+        context: list[torch.Tensor] = []  # layer-k rows of every position so far, [n_i, D] each
+        block, pos = list(prompt_ids), 0
+        t_start = time.perf_counter()
+        try:
+            for _ in range(max_new_tokens):
+                t0 = time.perf_counter()
+                h = runner.run(0, split, torch.tensor(block, dtype=torch.long), pos, state)  # [T, D], no exits
+                context.append(h)
+                stats.edge_s += time.perf_counter() - t0
+                rows = encode(torch.cat(context), self.codec)  # the whole context, every time
+                req = CloudRequest(0, 0, True, rows=rows, split_layer=split)  # sequence id 0: stateless
+                t1 = time.perf_counter()
+                reply = self.link.send(req)
+                stats.cloud_wait_s += time.perf_counter() - t1
+                stats.bytes_up += req.nbytes
+                stats.bytes_down += reply.nbytes
+                stats.cloud_requests += 1
+                record = TokenRecord(reply.topk_ids[0], "cloud", [], {i: h.shape[0] for i in range(split)},
+                                     reply.catchup_rows)
+                pos += len(block)
+                block = [record.token_id]
+                yield record
+        finally:
+            stats.wall_s = time.perf_counter() - t_start

@@ -1,0 +1,378 @@
+"""results.json -> report.md + PNG plots (matplotlib, Agg backend: no display needed).
+
+    python -m bench.report bench/results      # re-render the report from results.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOTS = {
+    "quality": "quality_vs_cloud_share.png",
+    "latency": "time_per_token_vs_link.png",
+    "bytes": "bytes_up_per_token.png",
+    "clients": "clients_p99_throughput.png",
+}
+
+
+def _f(x, fmt: str = ".1f", none: str = "–") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def _pct(x, digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _bytes(x) -> str:
+    if x is None:
+        return "–"
+    return f"{x / 1024:.1f} KiB" if x >= 10 * 1024 else f"{x:.0f} B"
+
+
+def _order(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["key"] for r in rows))
+
+
+# -- plots ------------------------------------------------------------------------------------------
+def plot_quality(results: dict, path: Path) -> None:
+    rows = [r for r in results["runs"] if r["link"] == results["links"][0]["name"]]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharex=True)
+    styles = {"fp16": dict(marker="o", markersize=9), "int8": dict(marker="s", markersize=5, markerfacecolor="none"),
+              "fp32": dict(marker="^", markersize=7)}
+    panels = ((axes[0], "token_agreement", "token agreement with cloud-only"),
+              (axes[1], "rouge_l", "ROUGE-L F1 vs cloud-only"),
+              (axes[2], "perplexity", "full-model perplexity of chosen tokens"))
+    for ax, metric, label in panels:
+        for codec in dict.fromkeys(r["codec"] for r in rows if r["system"] == "collaborative"):
+            pts = sorted((r["cloud_share"], r[metric], r["threshold"]) for r in rows
+                         if r["system"] == "collaborative" and r["codec"] == codec and r.get(metric) is not None)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"collaborative {codec}",
+                    **styles.get(codec, dict(marker="o")))
+            if codec == next(iter(styles)) or len(styles) == 1:
+                for x, y, t in pts:
+                    ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(-4, -16), fontsize=8)
+        for r in rows:
+            if r["system"] in ("standalone", "cloud-only", "naive-split") and r.get(metric) is not None:
+                ax.scatter([r["cloud_share"]], [r[metric]], marker="x", s=60, label=r["key"], zorder=3)
+        ax.set_xlabel("share of tokens resolved by the cloud")
+        ax.set_ylabel(label)
+        ax.set_xlim(-0.05, 1.05)
+        if metric != "perplexity":
+            ax.set_ylim(-0.02, 1.08)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Quality vs cloud share per threshold (point labels: threshold; same for every link)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_latency(results: dict, path: Path) -> None:
+    """Grouped bars: one group per link, one bar per system (mean), dot at the median, whisker to p90."""
+    rows = results["runs"]
+    links = [l["name"] for l in results["links"]]
+    keys = _order(rows)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.85 / max(1, len(keys))
+    for k, key in enumerate(keys):
+        mine = {r["link"]: r for r in rows if r["key"] == key}
+        xs = [i for i, l in enumerate(links) if l in mine]
+        mean = [mine[links[i]]["time_per_token_ms"]["mean"] for i in xs]
+        med = [mine[links[i]]["time_per_token_ms"]["median"] for i in xs]
+        p90 = [mine[links[i]]["time_per_token_ms"]["p90"] for i in xs]
+        pos = [x + (k - (len(keys) - 1) / 2) * width for x in xs]
+        hatch = "//" if key == "cloud-only" or key.startswith("naive") else None
+        ax.bar(pos, mean, width=width * 0.95, label=key, hatch=hatch, edgecolor="white", color=f"C{k % 10}")
+        ax.errorbar(pos, med, yerr=[[0] * len(med), [max(0.0, b - a) for a, b in zip(med, p90)]], fmt="o",
+                    color="black", markersize=2.5, elinewidth=0.8, capsize=1.5)
+    ax.set_xticks(range(len(links)), links, fontsize=9)
+    ax.set_ylabel("time per token, ms (bar: mean; dot: median, whisker to p90)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both", axis="y")
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
+    ax.set_ylim(top=ax.get_ylim()[1] * 4)  # room for the legend
+    ax.set_title("Time per token vs link", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bytes(results: dict, path: Path) -> None:
+    link = _target_link(results)
+    rows = [r for r in results["runs"] if r["link"] == link and r["system"] != "standalone"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    keys = [r["key"] for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [max(r["bytes_up_per_token"], 1e-1) for r in rows], width=0.4, label="up (tensor payload)")
+    ax.bar([i + 0.2 for i in x], [max(r["wire_bytes_up_per_token"], 1e-1) for r in rows], width=0.4, label="up (on the wire)")
+    ax.set_xticks(list(x), keys, rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("bytes up per token")
+    ax.grid(alpha=0.3, axis="y", which="both")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Bytes up per token ({link})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_clients(results: dict, path: Path) -> None:
+    c = results["clients"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for i, name in enumerate(dict.fromkeys(r["system"] for r in c["rows"])):
+        color = f"C{i}"
+        mine = sorted((r for r in c["rows"] if r["system"] == name), key=lambda r: r["clients"])
+        n = [r["clients"] for r in mine]
+        axes[0].plot(n, [r["p99_ms"] for r in mine], marker="o", color=color, label=f"{name} p99")
+        axes[0].plot(n, [r["p50_ms"] for r in mine], marker=".", linestyle=":", color=color, label=f"{name} p50")
+        axes[1].plot(n, [r["throughput_tok_s"] for r in mine], marker="o", color=color, label=name)
+    axes[0].axhline(c["p99_slo_ms"], color="gray", linestyle="--", linewidth=1, label=f"p99 SLO {c['p99_slo_ms']:.0f} ms")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent edge sessions")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("time per token, ms")
+    axes[1].set_ylabel("tokens / s (all sessions)")
+    fig.suptitle(f"Many edge clients against one server ({c['link']})", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- markdown -------------------------------------------------------------------------------------
+def _target_link(results: dict) -> str:
+    targets = results.get("targets") or []
+    if targets:
+        return targets[0]["link"]
+    return min(results["links"], key=lambda l: abs(l["rtt_ms"] - 20))["name"]
+
+
+def _runs_table(rows: list[dict]) -> list[str]:
+    out = ["| system | time/token mean / median (p90) ms | TTFT median (p90) ms | bytes up/token payload (wire) | "
+           "bytes down/token payload (wire) | edge / cloud tokens | cloud layer-token work | server time | "
+           "token agreement | ROUGE-L | perplexity |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        out.append(
+            f"| {r['key']} | {r['time_per_token_ms']['mean']:.1f} / {r['time_per_token_ms']['median']:.1f} "
+            f"({r['time_per_token_ms']['p90']:.1f}) "
+            f"| {r['ttft_ms']['median']:.1f} ({r['ttft_ms']['p90']:.1f}) "
+            f"| {_bytes(r['bytes_up_per_token'])} ({_bytes(r['wire_bytes_up_per_token'])}) "
+            f"| {_bytes(r['bytes_down_per_token'])} ({_bytes(r['wire_bytes_down_per_token'])}) "
+            f"| {_pct(r['edge_share'], 0)} / {_pct(r['cloud_share'], 0)} "
+            f"| {_pct(r.get('cloud_work_share'))} | {_pct(r.get('server_time_share'))} "
+            f"| {_pct(r.get('token_agreement'))} | {_f(r.get('rouge_l'), '.3f')} | {_f(r.get('perplexity'), '.1f')} |")
+    return out
+
+
+def _exits_table(results: dict) -> list[str]:
+    rows = [r for r in results["runs"] if r["link"] == results["links"][0]["name"] and r["system"] != "cloud-only"]
+    exits = [f"edge:{e}" for e in results["meta"]["exit_layers"]]
+    out = ["| system | " + " | ".join(exits) + " | cloud | cloud requests/token | uploads/token |",
+           "| --- |" + " ---: |" * (len(exits) + 3)]
+    for r in rows:
+        share = r["exit_share"]
+        out.append(f"| {r['key']} | " + " | ".join(_pct(share.get(e), 1) for e in exits)
+                   + f" | {_pct(share['cloud'], 1)} | {r['cloud_requests_per_token']:.2f} | {r['uploads_per_token']:.2f} |")
+    return out
+
+
+def _clients_section(c: dict) -> list[str]:
+    out = [f"Each session replays a recorded {c['tokens_per_session']}-token generation "
+           f"({c['prompts']} held-out prompts; {c['sessions_per_client']} sessions per client, one after another): "
+           "the edge's compute is slept (it runs on the edge device, not on the server), its requests go through "
+           f"the link emulator ({c['link']}) to the one server, uploads in the background as the edge's uploader does.",
+           "", "| system | clients | tokens/s | p50 ms | p99 ms | TTFT p50 ms | server busy s (share of wall) | server executions / requests |",
+           "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in c["rows"]:
+        out.append(f"| {r['system']} | {r['clients']} | {r['throughput_tok_s']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
+                   f"| {r['ttft_p50_ms']:.1f} | {r['server_busy_s']:.2f} ({_pct(r['server_busy_share'], 0)}) "
+                   f"| {r['server_executions']} / {r['server_requests']} |")
+    out += ["", f"Clients one server carries at the same p99 time per token (the most clients measured before p99 "
+            f"first exceeds the bound; ~ interpolates between the measured points). Bound used in the plot: "
+            f"{c['p99_slo_ms']:.1f} ms ({c['slo_rule']}).", ""]
+    names = list(c["capacity"])
+    out += ["| p99 bound | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for entry in c.get("capacity_by_slo") or [{"multiple": None, "p99_slo_ms": c["p99_slo_ms"], "capacity": c["capacity"]}]:
+        label = f"{entry['p99_slo_ms']:.0f} ms" + (f" ({entry['multiple']:g} x single-client)" if entry["multiple"] else "")
+        cells = []
+        for name in names:
+            cap = entry["capacity"][name]
+            cell = str(cap["max_clients_within_slo"]) + ("+" if cap["all_measured_within_slo"] else "")
+            if cap.get("interpolated_clients"):
+                cell += f" (~{cap['interpolated_clients']:g})"
+            cells.append(cell)
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _perf_section(perf: dict) -> list[str]:
+    inputs = perf.get("inputs", {})
+    out = [f"`{perf.get('command', 'python -m bench.perf_sweep')}`: recorded edge sessions as `--input-data` "
+           "(one stream per sequence), one perf_analyzer run per concurrency (concurrent sequences), sync gRPC.", ""]
+    for model, info in inputs.items():
+        out.append(f"- {model}: {info['streams']} streams of {info['steps_per_stream']} requests "
+                   f"({info['token_requests']} token requests, {info['uploads']} uploads in all)")
+    out += ["", "A `ce_collm` inference is an upload or a token request (a cloud-resolved token, catch-up rows "
+            "included; edge-resolved tokens never reach the server); a `cloud_only` inference is one token.", "",
+            "| model | concurrency | inferences/s | cloud tokens/s | p50 ms | p99 ms | server compute ms/inference | teardown errors |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in perf.get("rows", []):
+        if "throughput" not in r:
+            out.append(f"| {r['model']} | {r['concurrency']} | failed: {r.get('error', '?')} | | | | | |")
+            continue
+        compute = r.get("server_compute_us")
+        out.append(f"| {r['model']} | {r['concurrency']} | {r['throughput']:.1f} | {r['tokens_per_s']:.1f} "
+                   f"| {r['p50_us'] / 1000:.1f} | {r['p99_us'] / 1000:.1f} | {_f(None if compute is None else compute / 1000, '.2f')} "
+                   f"| {_f(r.get('teardown_errors'), 'd')} |")
+    return out
+
+
+def _reading(results: dict) -> list[str]:
+    """What the target numbers are made of, from the measurements themselves."""
+    targets = results.get("targets") or []
+    if not targets:
+        return []
+    m, link = results["meta"], targets[0]["link"]
+    by = {(r["key"], r["link"]): r for r in results["runs"]}
+    collab, cloud = by.get((targets[0]["system"], link)), by.get(("cloud-only", link))
+    if collab is None or cloud is None or "time_per_token_by_resolver_ms" not in collab:
+        return []
+    split = collab["time_per_token_by_resolver_ms"]
+    edge_t, cloud_t, ref_t = split.get("edge"), split.get("cloud"), cloud["time_per_token_ms"]["mean"]
+    share = collab["edge_share"]
+    out = ["## Reading the targets", ""]
+    if edge_t is not None and cloud_t is not None:
+        ideal = 1 - (share * edge_t + (1 - share) * ref_t) / ref_t
+        out.append(
+            f"- Time per token: {targets[0]['system']} resolved {100 * share:.0f}% of its tokens on the edge at "
+            f"{edge_t:.1f} ms each; its cloud tokens took {cloud_t:.1f} ms against cloud-only's {ref_t:.1f} ms "
+            f"(the edge's {m['split_layer']} layers and exit heads run before every cloud request, and the ensemble "
+            f"chains two python models). Even if a cloud token cost no more than a cloud-only one, "
+            f"{100 * share:.0f}% edge tokens would give at most {100 * ideal:.0f}% less time per token here. The "
+            "saving grows with the round trip (see the other links) and with the share of confident exits, which "
+            "a small model trained for minutes keeps low.")
+    work_bound = (m["num_layers"] - m["split_layer"]) / m["num_layers"]
+    out.append(f"- Cloud layer-token work: the cloud runs {m['num_layers'] - m['split_layer']} of {m['num_layers']} "
+               f"layers and catches up every row once, so {100 * work_bound:.0f}% is the bound for any threshold; "
+               "it ends a little lower only by the rows still pending on the edge when a generation stops.")
+    lc = results.get("long_context")
+    if lc:
+        out.append(f"- Bytes up: the naive split sends the whole context with every token (about prompt + position "
+                   f"rows), collaborative one row per token (plus the prompt once), so the ratio grows with the "
+                   f"generation: {targets[-1]['measured']:.1f}x over {m['max_new_tokens']} tokens, "
+                   f"{lc['ratio']:.1f}x over {lc['tokens']}.")
+    agree = collab.get("token_agreement")
+    if agree == 1.0:
+        out.append("- Token agreement: every token the edge resolved was the full model's choice on these prompts "
+                   "(a wrong exit would also change every later token's context); the standalone edge, which never "
+                   "asks the cloud, shows what the exits alone give.")
+    elif agree is not None:
+        out.append(f"- Token agreement {100 * agree:.1f}%: position by position, so one wrong exit also costs the "
+                   "tokens after it (their context differs); exact matches and ROUGE-L are in the tables.")
+    out.append(f"- Noise: the {m['cpus']} cores are shared by the server, the edge, the link emulator and whatever "
+               "else runs on the machine; systems run interleaved per prompt so that load lands on all alike.")
+    return out + [""]
+
+
+def render_markdown(results: dict, plots: dict[str, str]) -> str:
+    m = results["meta"]
+    lines = [
+        "# CE-CoLLM benchmark", "",
+        f"Generated by `{m.get('command') or 'ce-collm bench'}` on {m['date']} in {m['wall_s'] / 60:.1f} min. "
+        f"Model `{m['checkpoint']}` ({m['arch']}, {m['num_layers']} layers, hidden {m['hidden_size']}, vocab "
+        f"{m['vocab_size']}), split at layer {m['split_layer']}, edge exits after layers {m['exit_layers']}. "
+        f"{m['prompts']} held-out prompts ({min(m['prompt_tokens'])}-{max(m['prompt_tokens'])} tokens) x "
+        f"{m['max_new_tokens']} greedy tokens each, every system on the same tritonserver {m.get('triton_version') or ''} "
+        f"(python backend, {m['serve_options']['instance_kind']}, {m['serve_options']['instances']} instance per model, "
+        f"max batch {m['serve_options']['max_batch_size']}). Machine: {m['cpus']} CPU cores ({m['machine']}), no GPU; "
+        f"server (torch with {m.get('server_threads') or 'default'} thread per model process), edge (torch with "
+        f"{m['edge_threads']} thread) and link emulator share them.", "",
+    ]
+    targets = results.get("targets") or []
+    if targets:
+        lines += [f"## Targets ({targets[0]['system']} vs cloud-only, {targets[0]['link']})", "",
+                  "| target | wanted | measured | |", "| --- | --- | --- | --- |"]
+        for t in targets:
+            lines.append(f"| {t['name']} | {t['target']} | {t['display']} | {'met' if t['met'] else '**missed**'} |")
+        lines.append("")
+    lines += _reading(results)
+    lines += ["## Systems per link", "",
+              "Time per token: between consecutive tokens (the first token's time is TTFT). Bytes: tensor payload "
+              "counted by the edge, and everything the link emulator carried (gRPC/HTTP-2 framing included). "
+              "Cloud layer-token work: rows x layers the server computed, as a share of cloud-only's; server time: "
+              "Triton's compute time (statistics API, per executed batch) as a share of cloud-only's. Quality is "
+              "against cloud-only's output for the same prompts; perplexity is the full model's perplexity of the "
+              "chosen tokens (lower: the full model finds the continuation likelier).", ""]
+    for link in [l["name"] for l in results["links"]]:
+        lines += [f"### {link}", ""] + _runs_table([r for r in results["runs"] if r["link"] == link]) + [""]
+    if "latency" in plots:
+        lines += [f"![time per token vs link]({plots['latency']})", ""]
+    lines += ["## Where tokens are resolved", "", "Shares of tokens per edge exit and the cloud (identical on every link: "
+              "the exit decision does not depend on the network).", ""] + _exits_table(results) + [""]
+    lc = results.get("long_context")
+    if lc:
+        lines += [f"Over longer generations ({lc['prompts']} prompts x {lc['tokens']} tokens, loopback link) the naive "
+                  "split's requests keep growing with the context while collaborative's stay one row per token:", "",
+                  "| system | bytes up/token payload | on the wire |", "| --- | ---: | ---: |"]
+        lines += [f"| {r['key']} | {_bytes(r['bytes_up_per_token'])} | {_bytes(r['wire_bytes_up_per_token'])} |"
+                  for r in lc["rows"]]
+        lines += ["", f"Ratio: {lc['ratio']:.1f}x (payload), {lc['wire_ratio']:.1f}x (wire).", ""]
+    if "quality" in plots:
+        lines += [f"![quality vs cloud share]({plots['quality']})", ""]
+    if "bytes" in plots:
+        lines += [f"![bytes up per token]({plots['bytes']})", ""]
+    if results.get("clients"):
+        lines += ["## Many edge clients", ""] + _clients_section(results["clients"]) + [""]
+        if "clients" in plots:
+            lines += [f"![many clients]({plots['clients']})", ""]
+    if results.get("perf_analyzer"):
+        lines += ["## perf_analyzer", ""] + _perf_section(results["perf_analyzer"]) + [""]
+    samples = [s for s in results.get("samples") or [] if s.get("text") is not None]
+    if samples:
+        lines += ["## The first prompt's continuation", ""]
+        for s in samples:
+            text = s["text"].replace("\n", " / ").replace("|", "\\|")
+            lines.append(f"- **{s['key']}**: {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out: Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    perf = out / "perf_analyzer.json"
+    if perf.is_file() and "perf_analyzer" not in results:
+        results = dict(results, perf_analyzer=json.loads(perf.read_text()))
+    plots = {}
+    makers = {"quality": plot_quality, "latency": plot_latency, "bytes": plot_bytes}
+    if results.get("clients"):
+        makers["clients"] = plot_clients
+    for name, make in makers.items():
+        make(results, out / PLOTS[name])
+        plots[name] = PLOTS[name]
+    path = out / "report.md"
+    path.write_text(render_markdown(results, plots) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else Path(__file__).resolve().parent / "results"
+    results = json.loads((out / "results.json").read_text())
+    print(write_report(results, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
