@@ -27,23 +27,41 @@ from tests.tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PLAN = REPO / "models" / "shakespeare-llama" / "partition_plan.json"
-DEMO_WEIGHTS = DEMO_PLAN.parent / "model.safetensors"
-MODELS = ["llama", "gpt2"] + (["demo"] if DEMO_WEIGHTS.is_file() else [])
+TINY = ["llama", "gpt2"]
+MODELS = TINY + ["demo"]  # the committed demo model: its parity is checked in CI
 PROMPT = [5, 17, 33, 2, 71, 8]
 
 
-@pytest.fixture(scope="module", params=MODELS)
-def exported(request, tmp_path_factory):
-    """(plan, onnx_dir, kind): graphs in fp32 and fp16, exported once per module."""
-    out = tmp_path_factory.mktemp(f"onnx-{request.param}")
-    if request.param == "demo":
-        plan = PartitionPlan.load(DEMO_PLAN)
-    else:
-        ckpt = tmp_path_factory.mktemp(request.param)
-        save_tiny(request.param, ckpt)
-        plan = PartitionPlan(ckpt.resolve(), 4, (1, 3, 4), threshold=1.0, codec="fp32")
-    export_plan(plan, out)
-    return plan, out, request.param
+@pytest.fixture(scope="module")
+def _exports(tmp_path_factory):
+    """kind -> (plan, onnx_dir, kind): graphs in fp32 and fp16, exported once per module."""
+    cache = {}
+
+    def export(kind: str):
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(f"onnx-{kind}")
+            if kind == "demo":
+                plan = PartitionPlan.load(DEMO_PLAN)
+            else:
+                ckpt = tmp_path_factory.mktemp(kind)
+                save_tiny(kind, ckpt)
+                plan = PartitionPlan(ckpt.resolve(), 4, (1, 3, 4), threshold=1.0, codec="fp32")
+            export_plan(plan, out)
+            cache[kind] = (plan, out, kind)
+        return cache[kind]
+
+    return export
+
+
+@pytest.fixture(params=MODELS)
+def exported(request, _exports):
+    return _exports(request.param)
+
+
+@pytest.fixture(params=TINY)
+def exported_tiny(request, _exports):
+    """The tiny checkpoints alone: paths the demo model would only make slower."""
+    return _exports(request.param)
 
 
 def _torch_edge(plan: PartitionPlan) -> EdgePartition:
@@ -98,12 +116,10 @@ def test_onnx_runner_gives_torch_tokens_standalone_and_collaborative(exported):
         assert set(got.exits()) == ({f"edge:{plan.exit_layers[-1]}"} if mode == "standalone" else {"cloud"})
 
 
-def test_onnx_runner_catches_up_skipped_layers_like_torch(exported):
+def test_onnx_runner_catches_up_skipped_layers_like_torch(exported_tiny):
     """Exits forced at the first exit, then one token at 1.0 carries every pending row through the
     ONNX segments: the KV of every edge layer equals the PyTorch runner's."""
-    plan, onnx_dir, kind = exported
-    if kind == "demo":
-        pytest.skip("the tiny checkpoints cover the catch-up path; the demo model adds only time here")
+    plan, onnx_dir, kind = exported_tiny
     runners = {"torch": TorchRunner(load_model(plan.checkpoint, range(0, plan.split_layer))),
                "onnx": OnnxRunner(plan, onnx_dir, threads=1)}
     states, tokens = {}, {}
@@ -193,12 +209,10 @@ def test_ensemble_checker_accepts_the_python_repository(exported, tmp_path):
     assert check_ensemble(broken, configs)
 
 
-def test_trt_configs_cli(exported, tmp_path, capsys):
+def test_trt_configs_cli(exported_tiny, tmp_path, capsys):
     from plugin.cli import main
 
-    plan, onnx_dir, kind = exported
-    if kind == "demo":
-        pytest.skip("covered on the tiny checkpoints")
+    plan, onnx_dir, kind = exported_tiny
     plan_file = tmp_path / "plan.json"
     plan.save(plan_file)
     out = tmp_path / "repo"
