@@ -20,23 +20,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from tests.identity_model import write_identity_repository
+
 pytestmark = pytest.mark.server
 
-CONFIG = """name: "identity"
-backend: "python"
-max_batch_size: 0
-input [ { name: "IN" data_type: TYPE_FP32 dims: [ -1 ] } ]
-output [ { name: "OUT" data_type: TYPE_FP32 dims: [ -1 ] } ]
-instance_group [ { count: 1 kind: KIND_CPU } ]
-"""
-MODEL = """import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy())])
-                for r in requests]
-"""
 ADMIN = ("ce-collm-admin", "s3cret-for-tests")
 
 
@@ -64,11 +51,7 @@ def certs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
-    r = tmp_path_factory.mktemp("identity-repo")
-    (r / "identity" / "1").mkdir(parents=True)
-    (r / "identity" / "config.pbtxt").write_text(CONFIG)
-    (r / "identity" / "1" / "model.py").write_text(MODEL)
-    return r
+    return write_identity_repository(tmp_path_factory.mktemp("identity-repo"))
 
 
 def _infer(client) -> np.ndarray:
