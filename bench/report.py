@@ -261,7 +261,7 @@ def _reading(results: dict) -> list[str]:
             f"chains two python models). Even if a cloud token cost no more than a cloud-only one, "
             f"{100 * share:.0f}% edge tokens would give at most {100 * ideal:.0f}% less time per token here. The "
             "saving grows with the round trip (see the other links) and with the share of confident exits, which "
-            "a small model trained for minutes keeps low.")
+            "a small model trained for under an hour on a CPU keeps low.")
     work_bound = (m["num_layers"] - m["split_layer"]) / m["num_layers"]
     out.append(f"- Cloud layer-token work: the cloud runs {m['num_layers'] - m['split_layer']} of {m['num_layers']} "
                f"layers and catches up every row once, so {100 * work_bound:.0f}% is the bound for any threshold; "
