@@ -660,8 +660,8 @@ Greedy continuation of the first prompt (last layer, 60 new tokens):
 ```python
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
-tok = AutoTokenizer.from_pretrained("models/shakespeare-llama")
-model = LlamaForCausalLM.from_pretrained("models/shakespeare-llama", dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained("./models/shakespeare-llama")
+model = LlamaForCausalLM.from_pretrained("./models/shakespeare-llama", dtype=torch.float32)
 ids = tok("ROMEO.\\nBut soft, what light", return_tensors="pt").input_ids
 print(tok.decode(model.generate(ids, max_new_tokens=40, do_sample=False)[0]))
 ```
