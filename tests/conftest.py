@@ -39,7 +39,7 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, triton_backend_dir: P
     def start(model_repository: Path, *, timeout_s: float = 120.0, **kwargs: Any) -> TritonServer:
         kwargs.setdefault("log_file", logs / f"{len(servers):02d}-{Path(model_repository).name}.log")
         # live test sequences would otherwise hold every stop/restart for Triton's default 30 s
-        kwargs.setdefault("extra_args", ["--exit-timeout-secs=3"])
+        kwargs["extra_args"] = ["--exit-timeout-secs=3", *kwargs.get("extra_args", ())]
         server = TritonServer(model_repository, backend_dir=triton_backend_dir, **kwargs)
         servers.append(server)
         return server.start(timeout_s)
