@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -166,11 +167,21 @@ def test_endpoints_answer(torch_server: TritonServer) -> None:
         assert b"nv_inference_count" in resp.read()
 
 
+def _accepts(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.server
 def test_stop_frees_the_ports(start_server, torch_repo: Path) -> None:
     server = start_server(torch_repo)
     pid = server.pid
-    assert not any(port_is_free(p) for p in server.ports())
+    # every endpoint listens (metrics may bind a moment after the models report ready)
+    deadline = time.monotonic() + 10
+    while not all(_accepts(p) for p in server.ports()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_accepts(p) for p in server.ports())
     assert server.stop() == 0
     assert not server.is_running()
     assert all(port_is_free(p) for p in server.ports())
