@@ -212,38 +212,30 @@ class Generator:
                     raise
                 self._down_until = time.monotonic() + self.latency.retry_after_s  # the rows stay unsent
 
-    def _send_rows(self, want_token: bool, end: bool = False) -> CloudReply:
-        """Send every row at the split the cloud has not seen, in chunks of at most max_block_rows:
-        upload-only chunks first, then the last one with want_token / END. Caller holds the lock."""
-        while self.split_log.length - self._sent > self.max_block_rows:
+    def _send_rows(self, want_token: bool, end: bool = False, stop: int | None = None) -> CloudReply:
+        """Send the rows at the split from the first the cloud has not seen up to `stop` (default: all),
+        in chunks of at most max_block_rows: upload-only chunks first, then the last one with
+        want_token / END. Caller holds the lock."""
+        stop = self.split_log.length if stop is None else stop
+        while stop - self._sent > self.max_block_rows:
             self._send(self._rows_request(False, self._sent, self._sent + self.max_block_rows))
-        return self._send(self._rows_request(want_token, self._sent, self.split_log.length, end))
+        return self._send(self._rows_request(want_token, self._sent, stop, end))
 
     def _rows_request(self, want_token: bool, first: int, stop: int, end: bool = False) -> CloudRequest:
         return CloudRequest(self.sequence_id, first, want_token, rows=encode(self.split_log.rows(first, stop), self.codec),
                             split_layer=self.edge.plan.split_layer, start=first == 0 and not self._started, end=end)
 
     def _send(self, req: CloudRequest) -> CloudReply:
-        """Caller holds the lock. Re-syncs once if the cloud lost the sequence."""
+        """Caller holds the lock. When the cloud lost the sequence (restart, TTL), re-send the whole
+        context with START up to the end of this request, then finish it as it was meant."""
         try:
             reply = self.link.send(req)
         except SequenceNeedsStart:
-            if self.edge is None:
+            if self.edge is None or req.start:  # nothing to re-sync from, or the re-sync itself failed
                 raise
-            # The cloud restarted or expired this sequence: re-send the whole context with START,
-            # up to the end of this request, then finish the request as it was meant.
             self.stats.resyncs += 1
             self._started, self._sent = False, 0
-            stop = req.start_pos + req.num_rows
-            while stop - self._sent > self.max_block_rows:
-                self._account(self._rows_request(False, self._sent, self._sent + self.max_block_rows))
-            req = self._rows_request(req.want_token, self._sent, stop, req.end)
-            reply = self.link.send(req)
-        return self._account(req, reply)
-
-    def _account(self, req: CloudRequest, reply: CloudReply | None = None) -> CloudReply:
-        """Send `req` unless its reply is given, then record what the cloud now holds."""
-        reply = reply if reply is not None else self.link.send(req)
+            return self._send_rows(req.want_token, req.end, stop=req.start_pos + req.num_rows)
         self._started = not req.end
         self._sent = req.start_pos + req.num_rows
         self.stats.bytes_up += req.nbytes
