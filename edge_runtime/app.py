@@ -47,9 +47,9 @@ class EdgeApp:
 
     def generator(self, mode: str, link=None, threshold: float | None = None, codec: str | None = None,
                   sampler: Sampler | None = None, sequence_id: int | None = None, async_uploads: bool = True,
-                  latency: LatencyPolicy | None = None) -> Generator:
+                  latency: LatencyPolicy | None = None, speculate: bool = True) -> Generator:
         """A fresh session; sequence ids are random 63-bit numbers unless given (0 is reserved by Triton)."""
         return Generator(self.edge, link, mode, threshold=threshold, codec=codec, sampler=sampler or Greedy(),
                          eos_token_ids=self.eos_token_ids,
                          sequence_id=sequence_id or secrets.randbits(63) | 1, async_uploads=async_uploads,
-                         latency=latency)
+                         latency=latency, speculate=speculate)

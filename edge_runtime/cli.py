@@ -47,6 +47,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="latency-aware: per-token budget for a cloud round trip (default: %(default)s)")
     p.add_argument("--sequence-id", type=int, help="Triton sequence id (default: a random one)")
     p.add_argument("--sync-uploads", action="store_true", help="upload rows in the foreground (default: background)")
+    p.add_argument("--no-speculate", action="store_true",
+                   help="collaborative: do not compute the next position on the edge's best guess while a cloud "
+                        "request is out (greedy decoding speculates by default; tokens are the same either way)")
     p.add_argument("--patience", type=float, default=30.0, metavar="S",
                    help="collaborative: keep retrying an unreachable cloud this long before giving up "
                         "(latency-aware never waits: it answers on the edge) (default: %(default)s)")
@@ -95,7 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampler = Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed)
     gen = app.generator(args.mode, link, threshold=args.threshold, codec=args.codec, sampler=sampler,
                         sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
-                        latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000))
+                        latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000), speculate=not args.no_speculate)
     printer = TokenPrinter(app.tokenizer, app.plan.exit_layers, colour=False if args.no_color else None)
     records, error = [], None
     if not args.json:
@@ -116,7 +119,7 @@ def _generate(args: argparse.Namespace) -> int:
         "exits": [r.exit for r in records], "tokens_per_exit": dict(Counter(r.exit for r in records)),
         "cloud_requests": s.cloud_requests, "uploads": s.uploads, "resyncs": s.resyncs, "fallbacks": s.fallbacks,
         "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "edge_s": round(s.edge_s, 4),
-        "cloud_wait_s": round(s.cloud_wait_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,
+        "cloud_wait_s": round(s.cloud_wait_s, 4), "speculated": s.speculated, "speculation_hits": s.speculation_hits, "wall_s": round(s.wall_s, 4), "mode": args.mode,
         "threshold": gen.threshold, "codec": gen.codec, "sequence_id": gen.sequence_id,
     }
     if error:
@@ -128,7 +131,8 @@ def _generate(args: argparse.Namespace) -> int:
         per_exit = ", ".join(f"{k}: {v}" for k, v in sorted(result["tokens_per_exit"].items()))
         print(f"[{len(ids)} tokens in {s.wall_s:.2f} s | {per_exit} | cloud requests {s.cloud_requests}, "
               f"uploads {s.uploads} | up {s.bytes_up:,} B, down {s.bytes_down:,} B | edge {s.edge_s:.2f} s, "
-              f"waiting on cloud {s.cloud_wait_s:.2f} s]", file=sys.stderr)
+              f"waiting on cloud {s.cloud_wait_s:.2f} s | guesses kept {s.speculation_hits}/{s.speculated}]",
+              file=sys.stderr)
         if error:
             print(f"error: {error} (the {len(ids)} tokens above were generated before it)", file=sys.stderr)
     return 1 if error else 0

@@ -5,11 +5,17 @@ waits on the network), latency-aware (collaborative, but exits locally while the
 round trip breaks the per-token budget or the cloud is unreachable), cloud-only (the baseline).
 Uploads of layer-k rows can run in a background thread; a token request sends whatever is still
 unsent and waits only for itself.
+
+While a token request is on the wire, collaborative mode computes the next position on the edge
+with the last exit's best guess for the cloud's token (greedy decoding only). When the cloud agrees,
+that step is already done: the next token exits or goes to the cloud at once. When it does not,
+the edge's caches are rewound and the step is computed again, so the tokens never change.
 """
 from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
@@ -17,7 +23,8 @@ import numpy as np
 import torch
 
 from plugin.codec import encode
-from plugin.edge import EdgePartition, ExitPolicy
+from plugin.edge import EdgePartition, EdgeStep, ExitPolicy
+from plugin.kv_store import KVMark
 from plugin.protocol import CloudReply, CloudRequest, SequenceNeedsStart
 from plugin.sampling import Greedy, Sampler
 
@@ -51,7 +58,10 @@ class SessionStats:
     fallbacks: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
-    edge_s: float = 0.0
+    speculated: int = 0  # edge steps computed on a guessed token while a cloud request was out
+    speculation_hits: int = 0  # ... whose guess was the cloud's token (the step was kept)
+    edge_s: float = 0.0  # edge compute between tokens (speculative steps not included)
+    speculation_s: float = 0.0  # edge compute overlapped with cloud requests
     cloud_wait_s: float = 0.0
     wall_s: float = 0.0
 
@@ -77,13 +87,23 @@ class LatencyPolicy:
     alpha: float = 0.3  # weight of the newest round trip in the moving estimate
 
 
+@dataclass
+class _Speculation:
+    """An edge step computed on a guessed token; `mark` is where the edge stood before it."""
+
+    pos: int
+    token_id: int
+    mark: KVMark
+    step: EdgeStep
+
+
 class Generator:
     """One generation session against one cloud sequence id."""
 
     def __init__(self, edge: EdgePartition | None, link: CloudLink | None, mode: str = "collaborative",
                  threshold: float | None = None, codec: str | None = None, sampler: Sampler | None = None,
                  eos_token_ids: tuple[int, ...] = (), sequence_id: int = 1, async_uploads: bool = False,
-                 latency: LatencyPolicy | None = None, max_block_rows: int = 1024):
+                 latency: LatencyPolicy | None = None, max_block_rows: int = 1024, speculate: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "standalone" and link is None:
@@ -109,6 +129,10 @@ class Generator:
         self._down_until = 0.0
         self._asked = 0
         self._uploader = _Uploader(self._upload_pending) if async_uploads and mode != "standalone" else None
+        # guesses are checked against the cloud's token, so only greedy decoding can keep them
+        self.speculate = speculate and mode == "collaborative" and isinstance(self.sampler, Greedy)
+        self._spec: _Speculation | None = None
+        self._requests = ThreadPoolExecutor(1, thread_name_prefix="ce-collm-request") if self.speculate else None
 
     # -- the loop ----------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
@@ -146,8 +170,10 @@ class Generator:
             return TokenRecord(self.sampler.pick_from(reply.topk_ids, reply.topk_logprobs), "cloud", [], {},
                                reply.catchup_rows)
         t0 = time.perf_counter()
-        policy = ExitPolicy(self.threshold, local_only=not self._cloud_wanted())
-        step = self.edge.step(self.seq, block, pos, policy, self.sampler)
+        step = self._speculated_step(block, pos)
+        if step is None:
+            policy = ExitPolicy(self.threshold, local_only=not self._cloud_wanted())
+            step = self.edge.step(self.seq, block, pos, policy, self.sampler)
         self.stats.edge_s += time.perf_counter() - t0
         if step.split_rows is not None:
             self.split_log.append(step.split_rows.hidden)
@@ -158,14 +184,13 @@ class Generator:
                 self._upload_soon()
             return record
         try:
-            reply = self._request_token()
+            reply = self._request_token(step, pos + len(block))
         except CloudUnreachable:
             if self.mode != "latency-aware":
                 raise
             self._down_until = time.monotonic() + self.latency.retry_after_s
-            last = self.edge.plan.exit_layers[-1]
-            record.token_id = self.sampler.pick(self.edge.exit_logits(step.last_exit_hidden, last))
-            record.exit, record.fallback = f"edge:{last}", True
+            record.token_id = self.sampler.pick(step.last_exit_logits)
+            record.exit, record.fallback = f"edge:{self.edge.plan.exit_layers[-1]}", True
             self.stats.fallbacks += 1
             return record
         record.token_id = self.sampler.pick_from(reply.topk_ids, reply.topk_logprobs)
@@ -184,15 +209,59 @@ class Generator:
         over_budget = self._rtt is not None and self._rtt > self.latency.budget_s
         return not over_budget or self._asked % self.latency.probe_every == 0
 
+    # -- speculation -------------------------------------------------------------------------------
+    def _speculate(self, token_id: int, pos: int) -> None:
+        """Compute the edge step for `token_id` at `pos` now; `_speculated_step` keeps or undoes it."""
+        t0, mark = time.perf_counter(), self.seq.mark()
+        try:
+            step = self.edge.step(self.seq, [token_id], pos, ExitPolicy(self.threshold), self.sampler)
+        except BaseException:
+            self.seq.rewind(mark)
+            raise
+        self._spec = _Speculation(pos, token_id, mark, step)
+        self.stats.speculated += 1
+        self.stats.speculation_s += time.perf_counter() - t0
+
+    def _speculated_step(self, block: list[int], pos: int) -> EdgeStep | None:
+        """The speculative step if it guessed this block, else None (and the edge rewound)."""
+        spec = self._spec
+        if spec is not None and spec.pos == pos and block == [spec.token_id]:
+            self._spec = None
+            self.stats.speculation_hits += 1
+            return spec.step
+        self.drop_speculation()
+        return None
+
+    def drop_speculation(self) -> None:
+        """Undo the step computed ahead, if any: the edge then holds exactly the positions decoded."""
+        spec, self._spec = self._spec, None
+        if spec is not None:
+            self.seq.rewind(spec.mark)
+
     # -- requests ----------------------------------------------------------------------------------
-    def _request_token(self) -> CloudReply:
+    def _request_token(self, step: EdgeStep, next_pos: int) -> CloudReply:
+        """Ask the cloud for the next token; meanwhile, speculate on the last exit's best guess."""
         t0 = time.perf_counter()
-        with self._lock:
-            reply = self._send_rows(want_token=True)
+        if self._requests is None:
+            reply = self._send_token_request()
+        else:
+            pending = self._requests.submit(self._send_token_request)
+            try:
+                self._speculate(int(step.last_exit_logits.argmax()), next_pos)
+            finally:
+                error = pending.exception()  # waits for the reply
+            if error is not None:
+                self.drop_speculation()
+                raise error
+            reply = pending.result()
         rtt = time.perf_counter() - t0
         self.stats.cloud_wait_s += rtt
         self._rtt = rtt if self._rtt is None else (1 - self.latency.alpha) * self._rtt + self.latency.alpha * rtt
         return reply
+
+    def _send_token_request(self) -> CloudReply:
+        with self._lock:
+            return self._send_rows(want_token=True)
 
     def _upload_soon(self) -> None:
         if self._uploader is not None:
@@ -248,6 +317,9 @@ class Generator:
         """Stop the uploader and END the cloud sequence (with any rows it has not seen)."""
         if self._uploader is not None:
             self._uploader.close()
+        if self._requests is not None:
+            self._requests.shutdown()
+        self.drop_speculation()
         with self._lock:
             if not self._started:
                 return

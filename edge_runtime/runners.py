@@ -10,6 +10,7 @@ layers [first, last) of one block and an exit head. All three give the same toke
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -35,6 +36,13 @@ class GraphSequenceKV(SequenceKV):
 
     def length(self, layer: int) -> int:
         return int(self.kv[layer][0].shape[2])
+
+    def _layer_ids(self) -> Iterable[int]:
+        return self.kv.keys()
+
+    def _truncate(self, layer: int, length: int) -> None:
+        keys, values = self.kv[layer]
+        self.kv[layer] = (keys[:, :, :length], values[:, :, :length])
 
     @property
     def nbytes(self) -> int:

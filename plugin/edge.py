@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from .decoder import DecoderModel, confidence
-from .kv_store import PendingRows, SequenceKV
+from .kv_store import KVMark, PendingRows, SequenceKV
 from .plan import PartitionPlan
 from .sampling import Sampler
 
@@ -29,6 +29,11 @@ class SequenceState(Protocol):
 
     def length(self, layer: int) -> int:
         """Positions the KV cache of `layer` holds: the next block entering it must start there."""
+
+    def mark(self) -> KVMark: ...
+
+    def rewind(self, mark: KVMark) -> None:
+        """Undo every step since `mark` (a speculative step whose guessed token was wrong)."""
 
 
 class SegmentRunner(Protocol):
@@ -101,7 +106,7 @@ class EdgeStep:
     confidences: list[tuple[int, float]] = field(default_factory=list)  # (exit layer, confidence) seen
     split_rows: PendingRows | None = None  # rows that reached the split in this step: the cloud's input
     rows_by_layer: dict[int, int] = field(default_factory=dict)  # rows computed per layer in this step
-    last_exit_hidden: torch.Tensor | None = None  # [D] at the last exit: the edge's answer if the cloud fails
+    last_exit_logits: torch.Tensor | None = None  # [V] of the last exit: the edge's answer if the cloud fails
 
 
 class EdgePartition:
@@ -156,9 +161,9 @@ class EdgePartition:
                 out.split_rows = PendingRows(start, h)
             if boundary not in self.plan.exit_layers:
                 continue
-            if boundary == last_exit:
-                out.last_exit_hidden = h[-1]
             logits = runner.exit_logits(h[-1], boundary)  # [V]
+            if boundary == last_exit:
+                out.last_exit_logits = logits
             conf = float(confidence(logits)[0])
             out.confidences.append((boundary, conf))
             if policy.exits(conf, boundary == last_exit):

@@ -9,6 +9,7 @@ The rules that keep early exit exact (DESIGN.md, "KV caches of skipped layers"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -40,6 +41,10 @@ class LayerKV:
         self._v[:, start_pos:end] = v
         self.length = end
 
+    def truncate(self, length: int) -> None:
+        """Forget positions [length, ...) (`SequenceKV.rewind` checks the length)."""
+        self.length = length
+
     @property
     def keys(self) -> torch.Tensor:
         return self._k[:, : self.length]  # [Hkv, length, Dh]
@@ -69,6 +74,14 @@ class PendingRows:
         return self.start + self.hidden.shape[0]
 
 
+@dataclass(frozen=True)
+class KVMark:
+    """Where a sequence stood: the cached length of every layer and the rows pending at each boundary."""
+
+    lengths: dict[int, int]
+    pending: dict[int, PendingRows]
+
+
 class SequenceKV:
     """One sequence's caches for layers [first_layer, last_layer) and its pending rows."""
 
@@ -92,6 +105,23 @@ class SequenceKV:
 
     def length(self, layer: int) -> int:
         return self.layers[layer].length
+
+    def mark(self) -> KVMark:
+        return KVMark({i: self.length(i) for i in self._layer_ids()}, dict(self.pending))
+
+    def rewind(self, mark: KVMark) -> None:
+        """Back to `mark`: positions cached since are dropped, the pending rows are those held then."""
+        for layer, length in mark.lengths.items():
+            if not 0 <= length <= self.length(layer):
+                raise PositionError(f"cannot rewind layer {layer} from {self.length(layer)} positions to {length}")
+            self._truncate(layer, length)
+        self.pending = dict(mark.pending)
+
+    def _layer_ids(self) -> Iterable[int]:
+        return self.layers.keys()
+
+    def _truncate(self, layer: int, length: int) -> None:
+        self.layers[layer].truncate(length)
 
     @property
     def nbytes(self) -> int:

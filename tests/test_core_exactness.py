@@ -59,6 +59,7 @@ def _decode_then_flush(edge, cloud, threshold, prompt, n_new):
         pos += len(block)
         block = [record.token_id]
         tokens.append(record.token_id)
+    gen.drop_speculation()  # the step computed ahead on a guess is not part of the decoded positions
     return gen, tokens[:pos], exits
 
 
@@ -91,8 +92,41 @@ def test_kv_after_catch_up_equals_full_model(tiny, mode):
     else:
         assert 0 < len(edge_exits) < 40, exits  # some tokens exit, some do not
     assert exits[-1] == "cloud"
+    assert gen.stats.speculated == exits.count("cloud")  # every cloud request computed ahead, then kept or rewound
     assert not gen.seq.pending and not cloud.context.sessions[7].pending  # flushed: nothing waits anywhere
     _assert_kv_matches_full_model(hf, gen.seq, cloud.partition.sequences[7].kv, tokens, edge.plan.split_layer)
+
+
+def test_speculation_never_changes_tokens(tiny):
+    """Steps computed ahead on a guess are kept when the cloud agrees and rewound when it does not."""
+    path, _ = tiny
+    edge, cloud = _pipeline(path, torch.float64, threshold=1.0)
+    threshold = _first_exit_confidences(edge, cloud, PROMPTS[1], 40)[20]
+    runs = {}
+    for speculate in (False, True):
+        gen = Generator(edge, cloud, "collaborative", threshold=threshold, sequence_id=20 + speculate,
+                        speculate=speculate)
+        runs[speculate] = gen.generate(PROMPTS[1], 40)
+    plain, ahead = runs[False], runs[True]
+    assert ahead.token_ids == plain.token_ids and ahead.exits() == plain.exits()
+    assert plain.stats.speculated == 0
+    assert ahead.stats.speculated == ahead.stats.cloud_requests
+    assert 0 < ahead.stats.speculation_hits < ahead.stats.speculated, "want both kept and rewound guesses"
+
+
+def test_rewind_restores_lengths_and_pending_rows_and_refuses_to_go_forward():
+    seq = SequenceKV(0, 2, num_kv_heads=1, head_dim=4, dtype=torch.float32, device="cpu")
+    for layer in seq.layers.values():
+        layer.append(0, torch.ones(1, 3, 4), torch.ones(1, 3, 4))
+    seq.add_pending(1, 3, torch.zeros(1, 8))
+    mark = seq.mark()
+    seq.layers[0].append(3, torch.ones(1, 2, 4), torch.ones(1, 2, 4))
+    seq.add_pending(1, 4, torch.zeros(1, 8))
+    seq.rewind(mark)
+    assert seq.length(0) == 3 and seq.pending[1].start == 3 and seq.pending[1].end == 4
+    seq.layers[0].truncate(1)
+    with pytest.raises(PositionError, match="rewind layer 0 from 1 positions to 3"):
+        seq.rewind(mark)
 
 
 def test_broken_catch_up_fails_the_kv_check(tiny, monkeypatch):

@@ -114,6 +114,9 @@ def test_onnx_runner_gives_torch_tokens_standalone_and_collaborative(exported):
         assert got.token_ids == ref.token_ids, mode
         assert got.exits() == ref.exits()
         assert set(got.exits()) == ({f"edge:{plan.exit_layers[-1]}"} if mode == "standalone" else {"cloud"})
+        if mode == "collaborative":  # each runner computed the same steps ahead and kept the same ones
+            assert (got.stats.speculated, got.stats.speculation_hits) == (ref.stats.speculated, ref.stats.speculation_hits)
+            print(f"[{kind}] speculation: {got.stats.speculation_hits} of {got.stats.speculated} guesses kept")
 
 
 def test_onnx_runner_catches_up_skipped_layers_like_torch(exported_tiny):
