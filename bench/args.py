@@ -23,17 +23,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholds", default=None, metavar="T,T", help="collaborative thresholds (default: 0.8,0.9,1.0)")
     p.add_argument("--codecs", default=None, metavar="C,C", help="hidden-state codecs (default: fp16,int8)")
     p.add_argument("--prompts", type=int, default=None, metavar="N", help="held-out prompts (default: 8)")
-    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="tokens per generation (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="tokens per generation (default: 96)")
     p.add_argument("--clients", default=None, metavar="N,N",
                    help="concurrent edge sessions in the many-clients sweep; empty string skips it (default: 1,4,16,32)")
     p.add_argument("--client-tokens", type=int, default=None, metavar="N", help="tokens per session in the sweep (default: 16)")
     p.add_argument("--long-tokens", type=int, default=None, metavar="N",
                    help="also measure bytes up of naive split vs collaborative over N-token generations; 0 skips "
-                        "(default: 128)")
+                        "(default: 256)")
     p.add_argument("--sessions-per-client", type=int, default=2, metavar="N", help="(default: %(default)s)")
     p.add_argument("--p99-slo-ms", type=float, default=None, metavar="MS",
                    help="p99 time per token that defines how many clients a server carries "
                         "(default: 2 x the worst single-client p99 of the two systems)")
+    p.add_argument("--edge-runner", choices=["onnx", "torch"], default="onnx",
+                   help="how the edge computes its layers: onnx (ONNX Runtime over fp32 graphs the bench exports "
+                        "into OUT/raw/onnx, as a device without TensorRT runs them) or torch (default: %(default)s)")
     p.add_argument("--edge-threads", type=int, default=1, metavar="N", help="torch threads of the edge (default: %(default)s)")
     p.add_argument("--server-threads", type=int, default=1, metavar="N",
                    help="OMP/MKL threads of each python-backend model process of the bench's own server; 0 keeps "

@@ -143,7 +143,9 @@ class NaiveSplitGenerator:
         try:
             for _ in range(max_new_tokens):
                 t0 = time.perf_counter()
-                h = runner.run(0, split, torch.tensor(block, dtype=torch.long), pos, state)  # [T, D], no exits
+                h, first = torch.tensor(block, dtype=torch.long), 0
+                for boundary in self.edge.plan.boundaries:  # the runner's segments; no exit heads
+                    h, first = runner.run(first, boundary, h, pos, state), boundary  # [T, D]
                 context.append(h)
                 stats.edge_s += time.perf_counter() - t0
                 rows = encode(torch.cat(context), self.codec)  # the whole context, every time

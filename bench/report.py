@@ -238,6 +238,11 @@ def _perf_section(perf: dict) -> list[str]:
     return out
 
 
+def _kept(row: dict) -> str:
+    done = row.get("speculated", 0)
+    return f"{row.get('speculation_hits', 0) / done:.0%}" if done else "none"
+
+
 def _reading(results: dict) -> list[str]:
     """What the target numbers are made of, from the measurements themselves."""
     targets = results.get("targets") or []
@@ -257,8 +262,10 @@ def _reading(results: dict) -> list[str]:
         out.append(
             f"- Time per token: {targets[0]['system']} resolved {100 * share:.0f}% of its tokens on the edge at "
             f"{edge_t:.1f} ms each; its cloud tokens took {cloud_t:.1f} ms against cloud-only's {ref_t:.1f} ms "
-            f"(the edge's {m['split_layer']} layers and exit heads run before every cloud request, and the ensemble "
-            f"chains two python models). Even if a cloud token cost no more than a cloud-only one, "
+            f"(the ensemble chains two python models, and the edge's {m['split_layer']} layers and exit heads run "
+            f"before a cloud request unless they were computed ahead: while each request was out the edge computed "
+            f"the next position on its best guess, and kept {_kept(collab)} of those guesses). Even if a cloud "
+            f"token cost no more than a cloud-only one, "
             f"{100 * share:.0f}% edge tokens would give at most {100 * ideal:.0f}% less time per token here. The "
             "saving grows with the round trip (see the other links) and with the share of confident exits, which "
             "a small model trained for under an hour on a CPU keeps low.")
@@ -296,7 +303,7 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
         f"{m['max_new_tokens']} greedy tokens each, every system on the same tritonserver {m.get('triton_version') or ''} "
         f"(python backend, {m['serve_options']['instance_kind']}, {m['serve_options']['instances']} instance per model, "
         f"max batch {m['serve_options']['max_batch_size']}). Machine: {m['cpus']} CPU cores ({m['machine']}), no GPU; "
-        f"server (torch with {m.get('server_threads') or 'default'} thread per model process), edge (torch with "
+        f"server (torch with {m.get('server_threads') or 'default'} thread per model process), edge ({m.get('edge_runner', 'torch')} with "
         f"{m['edge_threads']} thread) and link emulator share them.", "",
     ]
     targets = results.get("targets") or []

@@ -37,11 +37,13 @@ import torch
 
 from edge_runtime.decoding import Generator, SessionStats, TokenRecord
 from edge_runtime.triton_link import TritonLink
-from plugin.checkpoint import load_model
+from edge_runtime.runners import load_runner
+from plugin.checkpoint import load_model, read_config
 from plugin.context import Limits
 from plugin.decoder import DecoderModel
 from plugin.edge import EdgePartition
 from plugin.link_emulator import LinkEmulator
+from plugin.onnx_export import ExportError, Manifest, export_plan
 from plugin.plan import PartitionPlan
 from plugin.protocol import CloudReply, CloudRequest
 from plugin.repository import ServeOptions
@@ -113,18 +115,19 @@ class BenchConfig:
     plan: PartitionPlan
     prompts: list[list[int]]  # token ids, fixed set
     prompt_texts: list[str] | None = None
-    max_new_tokens: int = 32
+    max_new_tokens: int = 96  # a short reply; the naive split's bytes grow with it, collaborative's do not
     thresholds: tuple[float, ...] = (0.8, 0.9, 1.0)
     codecs: tuple[str, ...] = ("fp16", "int8")
     links: tuple[LinkSpec, ...] = tuple(LinkSpec.parse(s) for s in DEFAULT_LINKS.split(","))
     clients: tuple[int, ...] = (1, 4, 16, 32)
     client_tokens: int = 16  # tokens per session in the many-clients sweep
-    long_tokens: int = 128  # bytes up of naive split vs collaborative on longer generations (0: skip)
+    long_tokens: int = 256  # bytes up of naive split vs collaborative on longer generations (0: skip)
     sessions_per_client: int = 2
     clients_link: LinkSpec | None = None  # default: the link whose RTT is closest to 20 ms, no bandwidth cap
     p99_slo_ms: float | None = None  # default: 2 x the worst single-client p99 of the two systems
     out: Path = DEFAULT_OUT
     edge_threads: int = 1
+    edge_runner: str = "onnx"  # onnx (graphs exported into out/raw/onnx) or torch
     server_threads: int | None = 1  # OMP/MKL threads of each python-backend process (None: torch's default)
     serve_options: ServeOptions = ServeOptions(limits=Limits(max_sessions=512))
     tokenizer: object | None = None  # tokenizers.Tokenizer, for sample texts in the report
@@ -304,6 +307,7 @@ def summarize_run(system: System, link: LinkSpec, runs: list[PromptRun], num_lay
         "cloud_layer_token_work": 0 if system.kind == "standalone" else sum(sum(r.cloud_rows) for r in runs) * cloud_layers,
         "edge_compute_s": stats["edge_s"], "cloud_wait_s": stats["cloud_wait_s"],
         "resyncs": stats["resyncs"],
+        "speculated": stats.get("speculated", 0), "speculation_hits": stats.get("speculation_hits", 0),
     }
     if wire is not None:
         out["wire_bytes_up_per_token"] = wire["bytes_up"] / tokens
@@ -540,6 +544,19 @@ def _progress(total: int, enabled: bool, desc: str, unit: str = "run"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
+def bench_edge(plan: PartitionPlan, runner: str, onnx_dir: Path, threads: int) -> EdgePartition:
+    """The edge as a device runs it: ONNX Runtime over fp32 graphs exported into onnx_dir (kept while
+    the plan and weights are unchanged), or the PyTorch layer loop."""
+    if runner == "torch":
+        return EdgePartition(load_model(plan.checkpoint, range(0, plan.split_layer), exit_adapters=plan.exit_adapters),
+                             plan)
+    try:
+        Manifest.load(onnx_dir).check_plan(plan)
+    except ExportError:
+        export_plan(plan, onnx_dir, ("fp32",))
+    return EdgePartition(load_runner(runner, plan, onnx_dir=onnx_dir, threads=threads), plan)
+
+
 def _warm_up(systems: list[System], edge: EdgePartition, url: str, prompt: list[int], new_id) -> None:
     """One short generation per kind of system on a direct connection (lazy state, allocator, pools)."""
     links = open_links(url)
@@ -557,9 +574,8 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
     raw = out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     plan = cfg.plan
-    edge_model = load_model(plan.checkpoint, range(0, plan.split_layer), exit_adapters=plan.exit_adapters)
-    edge = EdgePartition(edge_model, plan)
-    cfg_model = edge_model.cfg
+    edge = bench_edge(plan, cfg.edge_runner, raw / "onnx", cfg.edge_threads)
+    cfg_model = read_config(plan.checkpoint)
     scorer = Scorer(load_model(plan.checkpoint))
     standalone_t = 0.8 if 0.8 in cfg.thresholds else min(cfg.thresholds)
     systems = systems_for(cfg.thresholds, cfg.codecs, standalone_t)
@@ -739,7 +755,7 @@ def _meta(cfg: BenchConfig, server: TritonServer, model_cfg, wall_s: float) -> d
         "prompts": len(cfg.prompts), "prompt_tokens": [len(p) for p in cfg.prompts],
         "max_new_tokens": cfg.max_new_tokens, "thresholds": list(cfg.thresholds), "codecs": list(cfg.codecs),
         "triton_version": version, "python": platform.python_version(), "torch": torch.__version__,
-        "cpus": os.cpu_count(), "machine": platform.machine(), "edge_threads": cfg.edge_threads,
+        "cpus": os.cpu_count(), "machine": platform.machine(), "edge_threads": cfg.edge_threads, "edge_runner": cfg.edge_runner,
         "server_threads": cfg.server_threads,
         "serve_options": {"max_batch_size": cfg.serve_options.max_batch_size, "instances": cfg.serve_options.instances,
                           "instance_kind": cfg.serve_options.instance_kind, "dtype": cfg.serve_options.dtype},
@@ -794,14 +810,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     clients = pick(args.clients, "1,4,16,32", "1,4")
     return BenchConfig(
         plan=plan, prompts=prompts, prompt_texts=texts, tokenizer=tokenizer,
-        max_new_tokens=pick(args.max_new_tokens, 32, 12),
+        max_new_tokens=pick(args.max_new_tokens, 96, 12),
         thresholds=_floats(pick(args.thresholds, "0.8,0.9,1.0", "0.8,1.0")),
         codecs=tuple(c.strip() for c in pick(args.codecs, "fp16,int8", "fp16").split(",") if c.strip()),
         links=tuple(LinkSpec.parse(s) for s in links.split(",") if s.strip()),
         clients=_ints(clients), client_tokens=pick(args.client_tokens, 16, 8),
-        long_tokens=pick(args.long_tokens, 128, 32),
+        long_tokens=pick(args.long_tokens, 256, 32),
         sessions_per_client=args.sessions_per_client, p99_slo_ms=args.p99_slo_ms, out=args.out,
-        edge_threads=args.edge_threads, server_threads=args.server_threads or None, progress=not args.no_progress,
+        edge_threads=args.edge_threads, edge_runner=args.edge_runner, server_threads=args.server_threads or None, progress=not args.no_progress,
         command="ce-collm bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
     )
 

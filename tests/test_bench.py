@@ -106,6 +106,7 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
             assert r["cloud_share"] == 1.0
             # every row of every prompt crosses the cloud's layers once: (N - k) / N of cloud-only's work
             assert r["cloud_work_share"] == pytest.approx(cloud_layers / LAYERS)
+            assert r["speculated"] == r["tokens"]  # each request had the next position computed ahead
         if key == "collaborative@1/fp32":
             assert r["token_agreement"] == 1.0 and r["exact_match"] == 1.0 and r["rouge_l"] == 1.0
         if r["system"] == "collaborative":
