@@ -190,7 +190,8 @@ def _exits_table(results: dict) -> list[str]:
 def _clients_section(c: dict) -> list[str]:
     out = [f"Each session replays a recorded {c['tokens_per_session']}-token generation "
            f"({c['prompts']} held-out prompts; {c['sessions_per_client']} sessions per client, one after another): "
-           "the edge's compute is slept (it runs on the edge device, not on the server), its requests go through "
+           "the edge's compute between tokens is slept (it runs on the edge device, not on the server; steps it "
+           "computed ahead during a request overlap that request), its requests go through "
            f"the link emulator ({c['link']}) to the one server, uploads in the background as the edge's uploader does.",
            "", "| system | clients | tokens/s | p50 ms | p99 ms | TTFT p50 ms | server busy s (share of wall) | server executions / requests |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
