@@ -46,8 +46,11 @@ def test_exact_collaborative_equals_cloud_only_and_in_process(app, server):
     cloud_only = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--mode", "cloud-only")
     reference = app.generator("collaborative", LocalCloud(load_model(app.plan.checkpoint)), threshold=1.0,
                               codec="fp32").generate(app.encode(PROMPT), int(n))
-    assert collab["token_ids"] == cloud_only["token_ids"] == reference.token_ids
+    plain = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
+                 "--codec", "fp32", "--no-speculate")
+    assert collab["token_ids"] == cloud_only["token_ids"] == reference.token_ids == plain["token_ids"]
     assert set(collab["exits"]) == {"cloud"} and collab["cloud_requests"] == int(n)
+    assert collab["speculated"] == int(n) and plain["speculated"] == 0
     assert collab["text"] == app.tokenizer.decode(reference.token_ids, skip_special_tokens=True)
 
 
@@ -63,7 +66,7 @@ def test_streamed_text_and_statistics(server):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith(PROMPT) and len(done.stdout) > len(PROMPT)
-    assert "12 tokens in" in done.stderr and "cloud requests" in done.stderr
+    assert "12 tokens in" in done.stderr and "cloud requests" in done.stderr and "guesses kept" in done.stderr
 
 
 def test_missing_url_is_a_clear_error():
