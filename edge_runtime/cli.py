@@ -48,7 +48,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequence-id", type=int, help="Triton sequence id (default: a random one)")
     p.add_argument("--sync-uploads", action="store_true", help="upload rows in the foreground (default: background)")
     p.add_argument("--no-speculate", action="store_true",
-                   help="collaborative: do not compute the next position on the edge's best guess while a cloud "
+                   help="collaborative, latency-aware: do not compute the next position on the edge's best guess while a cloud "
                         "request is out (greedy decoding speculates by default; tokens are the same either way)")
     p.add_argument("--patience", type=float, default=30.0, metavar="S",
                    help="collaborative: keep retrying an unreachable cloud this long before giving up "

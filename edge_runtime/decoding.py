@@ -6,7 +6,7 @@ round trip breaks the per-token budget or the cloud is unreachable), cloud-only 
 Uploads of layer-k rows can run in a background thread; a token request sends whatever is still
 unsent and waits only for itself.
 
-While a token request is on the wire, collaborative mode computes the next position on the edge
+While a token request is on the wire, collaborative and latency-aware modes compute the next position on the edge
 with the last exit's best guess for the cloud's token (greedy decoding only). When the cloud agrees,
 that step is already done: the next token exits or goes to the cloud at once. When it does not,
 the edge's caches are rewound and the step is computed again, so the tokens never change.
@@ -130,7 +130,7 @@ class Generator:
         self._asked = 0
         self._uploader = _Uploader(self._upload_pending) if async_uploads and mode != "standalone" else None
         # guesses are checked against the cloud's token, so only greedy decoding can keep them
-        self.speculate = speculate and mode == "collaborative" and isinstance(self.sampler, Greedy)
+        self.speculate = speculate and mode in ("collaborative", "latency-aware") and isinstance(self.sampler, Greedy)
         self._spec: _Speculation | None = None
         self._requests = ThreadPoolExecutor(1, thread_name_prefix="ce-collm-request") if self.speculate else None
 
@@ -170,9 +170,9 @@ class Generator:
             return TokenRecord(self.sampler.pick_from(reply.topk_ids, reply.topk_logprobs), "cloud", [], {},
                                reply.catchup_rows)
         t0 = time.perf_counter()
-        step = self._speculated_step(block, pos)
+        policy = ExitPolicy(self.threshold, local_only=not self._cloud_wanted())
+        step = self._speculated_step(block, pos, policy)
         if step is None:
-            policy = ExitPolicy(self.threshold, local_only=not self._cloud_wanted())
             step = self.edge.step(self.seq, block, pos, policy, self.sampler)
         self.stats.edge_s += time.perf_counter() - t0
         if step.split_rows is not None:
@@ -222,10 +222,10 @@ class Generator:
         self.stats.speculated += 1
         self.stats.speculation_s += time.perf_counter() - t0
 
-    def _speculated_step(self, block: list[int], pos: int) -> EdgeStep | None:
-        """The speculative step if it guessed this block, else None (and the edge rewound)."""
+    def _speculated_step(self, block: list[int], pos: int, policy: ExitPolicy) -> EdgeStep | None:
+        """The speculative step if it guessed this block under this policy, else None (and the edge rewound)."""
         spec = self._spec
-        if spec is not None and spec.pos == pos and block == [spec.token_id]:
+        if spec is not None and spec.pos == pos and block == [spec.token_id] and not policy.local_only:
             self._spec = None
             self.stats.speculation_hits += 1
             return spec.step
