@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -45,5 +46,5 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, triton_backend_dir: P
         return server.start(timeout_s)
 
     yield start
-    for server in servers:
-        server.stop(timeout_s=30)
+    with ThreadPoolExecutor(max(1, len(servers))) as pool:  # each may wait out its exit timeout: wait once
+        list(pool.map(lambda server: server.stop(timeout_s=30), servers))
