@@ -11,7 +11,7 @@ import torch
 
 from bench.naive_split import NaiveSplitService, write_bench_repository
 from bench.perf_inputs import input_data, record_sessions
-from bench.run import BenchConfig, LinkSpec, System, capacity, rouge_l, run_benchmark, token_agreement
+from bench.run import BenchConfig, LinkSpec, System, capacity, paired_interval, rouge_l, run_benchmark, token_agreement
 from plugin.context import Limits
 from plugin.plan import PartitionPlan
 from plugin.protocol import START_POS
@@ -37,6 +37,14 @@ def test_quality_metrics():
     assert capacity(rows, 50) == {"a": {"max_clients_within_slo": 4, "all_measured_within_slo": False,
                                         "interpolated_clients": pytest.approx(7.2, abs=0.1)}}
     assert capacity(rows, 100)["a"]["all_measured_within_slo"] and capacity(rows, 5)["a"]["max_clients_within_slo"] == 0
+
+
+def test_paired_interval_over_prompts():
+    assert paired_interval([10, 20, 30], [20, 40, 60]) == (pytest.approx(0.5), pytest.approx(0.5))
+    low, high = paired_interval([8, 30, 20, 25], [20, 31, 30, 26])  # one prompt gains a lot, the others little
+    point = 1 - (8 + 30 + 20 + 25) / (20 + 31 + 30 + 26)
+    assert low < point < high and high - low > 0.1
+    assert all(math.isnan(x) for x in paired_interval([1.0], [2.0]))
 
 
 def test_naive_split_service_recomputes_the_whole_context(tmp_path):
@@ -122,6 +130,8 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
     assert runs[("cloud-only", 10)]["time_per_token_ms"]["median"] >= 10
     assert runs[("naive-split/fp32", 10)]["ttft_ms"]["median"] >= 10
     assert {t["name"] for t in results["targets"]} >= {"time per token vs cloud-only", "token agreement with cloud-only"}
+    time_target = next(t for t in results["targets"] if t["name"] == "time per token vs cloud-only")
+    assert time_target["interval"][0] <= time_target["measured"] <= time_target["interval"][1]
     long = results["long_context"]  # longer contexts: the naive split's requests grow, collaborative's do not
     assert long["tokens"] == 10 and long["ratio"] > runs[("naive-split/fp32", 0)]["bytes_up_per_token"] / runs[
         ("collaborative@0.1/fp32", 0)]["bytes_up_per_token"] > 1
