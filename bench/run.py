@@ -44,7 +44,7 @@ from plugin.context import Limits
 from plugin.decoder import DecoderModel
 from plugin.edge import EdgePartition
 from plugin.link_emulator import LinkEmulator
-from plugin.onnx_export import ExportError, Manifest, export_plan
+from plugin.onnx_export import ExportError, export_plan
 from plugin.plan import PartitionPlan
 from plugin.protocol import CloudReply, CloudRequest
 from plugin.repository import ServeOptions
@@ -571,10 +571,11 @@ def bench_edge(plan: PartitionPlan, runner: str, onnx_dir: Path, threads: int) -
         return EdgePartition(load_model(plan.checkpoint, range(0, plan.split_layer), exit_adapters=plan.exit_adapters),
                              plan)
     try:
-        Manifest.load(onnx_dir).check_plan(plan)
-    except ExportError:
+        graphs = load_runner(runner, plan, onnx_dir=onnx_dir, threads=threads)
+    except ExportError:  # none yet, or exported from another plan or other weights
         export_plan(plan, onnx_dir, ("fp32",))
-    return EdgePartition(load_runner(runner, plan, onnx_dir=onnx_dir, threads=threads), plan)
+        graphs = load_runner(runner, plan, onnx_dir=onnx_dir, threads=threads)
+    return EdgePartition(graphs, plan)
 
 
 def _warm_up(systems: list[System], edge: EdgePartition, url: str, prompt: list[int], new_id) -> None:
