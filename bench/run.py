@@ -310,7 +310,7 @@ def summarize_run(system: System, link: LinkSpec, runs: list[PromptRun], num_lay
         "cloud_layer_token_work": 0 if system.kind == "standalone" else sum(sum(r.cloud_rows) for r in runs) * cloud_layers,
         "edge_compute_s": stats["edge_s"], "cloud_wait_s": stats["cloud_wait_s"],
         "resyncs": stats["resyncs"],
-        "speculated": stats.get("speculated", 0), "speculation_hits": stats.get("speculation_hits", 0),
+        "speculated": stats["speculated"], "speculation_hits": stats["speculation_hits"],
     }
     if wire is not None:
         out["wire_bytes_up_per_token"] = wire["bytes_up"] / tokens

@@ -51,6 +51,7 @@ def test_exact_collaborative_equals_cloud_only_and_in_process(app, server):
     assert collab["token_ids"] == cloud_only["token_ids"] == reference.token_ids == plain["token_ids"]
     assert set(collab["exits"]) == {"cloud"} and collab["cloud_requests"] == int(n)
     assert collab["speculated"] == int(n) and plain["speculated"] == 0
+    assert collab["speculation_s"] > 0 and plain["speculation_s"] == 0
     assert collab["text"] == app.tokenizer.decode(reference.token_ids, skip_special_tokens=True)
 
 
