@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_PLAN = REPO_ROOT / "models" / "shakespeare-llama" / "partition_plan.json"
+from plugin.paths import REPO_ROOT, DEMO_PLAN as DEFAULT_PLAN
+
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 DEFAULT_LINKS = "0/1000,20/100,60/20"  # RTT ms / Mbit per second
 

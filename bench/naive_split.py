@@ -8,7 +8,7 @@ and so does the cloud's work.
 
 It is served by a bench-only python model, `naive_split`, that `write_bench_repository` adds to a
 repository generated from the partition plan (the deployable `model_repository/` does not carry
-it). Its tensors are the ensemble's edge inputs and token outputs (plugin/protocol.py).
+it). Its tensors are the ensemble's edge inputs and token outputs (plugin/protocol/messages.py).
 """
 from __future__ import annotations
 
@@ -19,17 +19,18 @@ from typing import Iterator
 
 import torch
 
-from edge_runtime.decoding import CloudLink, Generation, TokenRecord
-from plugin.checkpoint import load_model, read_config
-from plugin.cloud import CloudPartition
-from plugin.codec import CodecError, decode, encode
-from plugin.context import PendingBlock
-from plugin.edge import EdgePartition
-from plugin.plan import PartitionPlan
-from plugin.protocol import CloudRequest, ProtocolError
-from plugin.repository import _TOKEN_OUTPUTS, ServeOptions, _block, _edge_inputs, _parameters, write_repository
-from plugin.services import DTYPES, checkpoint_path, limits_from
-from plugin.wire import Tensors, reply_outputs, request_from_inputs
+from edge_runtime.decoding import Generation, TokenRecord
+from edge_runtime.link import CloudLink
+from plugin.model.checkpoint import load_model, read_config
+from plugin.protocol.codec import CodecError, decode, encode
+from plugin.protocol.errors import ProtocolError
+from plugin.protocol.messages import CloudRequest, PendingBlock
+from plugin.protocol.wire import reply_outputs, request_from_inputs, Tensors
+from plugin.serving.repository import _block, _edge_inputs, _parameters, _TOKEN_OUTPUTS, ServeOptions, write_repository
+from plugin.serving.services import DTYPES, checkpoint_path, limits_from
+from plugin.split.cloud import CloudPartition
+from plugin.split.edge import EdgePartition
+from plugin.split.plan import PartitionPlan
 
 MODEL_NAME = "naive_split"
 _SCRATCH_ID = 1  # every request is its own one-shot sequence in the partition

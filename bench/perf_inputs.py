@@ -26,15 +26,15 @@ from typing import Sequence
 
 import numpy as np
 
-from plugin.checkpoint import load_model, read_config
-from plugin.cloud import LocalCloud
-from plugin.context import Limits
-from plugin.edge import EdgePartition
-from plugin.plan import PartitionPlan
-from plugin.protocol import CloudRequest
-from plugin.wire import request_inputs
-
-from .run import DEFAULT_PLAN, System, Trace, load_prompts, record_trace
+from bench.run import DEFAULT_PLAN, load_prompts, record_trace, System, Trace
+from edge_runtime.runners import load_runner
+from plugin.model.checkpoint import load_model, read_config
+from plugin.protocol.messages import CloudRequest
+from plugin.protocol.wire import request_inputs
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 
 
 def step_tensors(req: CloudRequest, split_layer: int | None = None) -> dict[str, dict]:
@@ -80,7 +80,7 @@ def record_sessions(plan: PartitionPlan, prompts: list[list[int]], tokens: int, 
     else:
         n_layers = read_config(plan.checkpoint).num_layers
         cloud = LocalCloud(load_model(plan.checkpoint, range(plan.split_layer, n_layers)), limits)
-        edge = EdgePartition(load_model(plan.checkpoint, range(0, plan.split_layer), exit_adapters=plan.exit_adapters), plan)
+        edge = EdgePartition(load_runner("torch", plan), plan)
         system = System("collaborative", plan.threshold if threshold is None else threshold, codec or plan.codec)
     return [record_trace(system, edge, cloud, p, tokens, sequence_id=i + 1) for i, p in enumerate(prompts)]
 

@@ -30,12 +30,12 @@ import urllib.request
 from pathlib import Path
 from typing import Sequence
 
-from plugin.plan import PartitionPlan
-from plugin.repository import write_repository
-from plugin.server import TritonServer, find_perf_analyzer, perf_analyzer_env
+from bench.perf_inputs import record_sessions, write_input_data
+from bench.run import DEFAULT_OUT, DEFAULT_PLAN, load_prompts
+from plugin.serving.repository import write_repository
+from plugin.serving.server import find_perf_analyzer, perf_analyzer_env, TritonServer
+from plugin.split.plan import PartitionPlan
 
-from .perf_inputs import record_sessions, write_input_data
-from .run import DEFAULT_OUT, DEFAULT_PLAN, load_prompts
 
 MODELS = ("ce_collm", "cloud_only")
 
@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "inputs": {m: {k: v for k, v in i.items() if k != "path"} for m, i in inputs.items()}, "rows": rows}
     (args.out / "perf_analyzer.json").write_text(json.dumps(result, indent=1) + "\n")
     if (args.out / "results.json").is_file():  # refresh the report with this section
-        from .report import write_report
+        from bench.report import write_report
 
         write_report(json.loads((args.out / "results.json").read_text()), args.out)
     print(f"wrote {args.out / 'perf_analyzer.json'}")

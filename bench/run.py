@@ -36,23 +36,24 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from bench.link_emulator import LinkEmulator
+from bench.naive_split import MODEL_NAME as NAIVE_MODEL, NaiveSplitGenerator, write_bench_repository
 from edge_runtime.decoding import Generator, SessionStats, TokenRecord
-from edge_runtime.triton_link import TritonLink
 from edge_runtime.runners import load_runner
-from plugin.checkpoint import load_model, read_config
-from plugin.context import Limits
-from plugin.decoder import DecoderModel
-from plugin.edge import EdgePartition
-from plugin.link_emulator import LinkEmulator
-from plugin.onnx_export import ExportError, export_plan
-from plugin.plan import PartitionPlan
-from plugin.protocol import CloudReply, CloudRequest
-from plugin.repository import ServeOptions
-from plugin.server import TritonServer
+from edge_runtime.triton_link import TritonLink
+from plugin.export.manifest import ExportError
+from plugin.export.onnx import export_plan
+from plugin.model.checkpoint import load_model, read_config
+from plugin.model.decoder import DecoderModel
+from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.serving.repository import ServeOptions
+from plugin.serving.server import TritonServer
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits
+from plugin.split.plan import PartitionPlan
+from bench.args import DEFAULT_LINKS, DEFAULT_OUT, DEFAULT_PLAN, REPO_ROOT, add_arguments  # noqa: F401 (re-exported)
 
-from .naive_split import MODEL_NAME as NAIVE_MODEL, NaiveSplitGenerator, write_bench_repository
 
-from .args import DEFAULT_LINKS, DEFAULT_OUT, DEFAULT_PLAN, REPO_ROOT, add_arguments  # noqa: F401 (re-exported)
 CE_MODELS = ("context_manager", "cloud_partition")  # what the ce_collm ensemble runs
 
 
@@ -568,8 +569,7 @@ def bench_edge(plan: PartitionPlan, runner: str, onnx_dir: Path, threads: int) -
     """The edge as a device runs it: ONNX Runtime over fp32 graphs exported into onnx_dir (kept while
     the plan and weights are unchanged), or the PyTorch layer loop."""
     if runner == "torch":
-        return EdgePartition(load_model(plan.checkpoint, range(0, plan.split_layer), exit_adapters=plan.exit_adapters),
-                             plan)
+        return EdgePartition(load_runner("torch", plan), plan)
     try:
         graphs = load_runner(runner, plan, onnx_dir=onnx_dir, threads=threads)
     except ExportError:  # none yet, or exported from another plan or other weights
@@ -676,7 +676,7 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
     results["meta"]["wall_s"] = time.perf_counter() - t_start
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_json_default) + "\n")
-    from .report import write_report
+    from bench.report import write_report
 
     write_report(results, out)
     return results

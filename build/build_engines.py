@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from plugin.engines import add_build_arguments
+    from plugin.export.engines import add_build_arguments
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
@@ -36,11 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from plugin.engines import (TensorRTUnavailable, build_engine, calibration_feeds, describe_plan, engine_graphs,
-                                engine_profiles, import_tensorrt, options_from_args, read_calibration_tokens,
-                                write_engine_manifest)
-    from plugin.onnx_export import ExportError, Manifest, default_onnx_dir, graph_path, load_full_model
-    from plugin.plan import PartitionPlan
+    from plugin.export.engines import TensorRTUnavailable, build_engine, calibration_feeds, describe_plan, engine_graphs, engine_profiles, import_tensorrt, options_from_args, read_calibration_tokens, write_engine_manifest
+    from plugin.export.manifest import ExportError, Manifest, default_onnx_dir, graph_path
+    from plugin.export.onnx import load_full_model
+    from plugin.split.plan import PartitionPlan
 
     try:
         opts = options_from_args(args)

@@ -101,10 +101,10 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from plugin.calibration import collect, headline, write_outputs
-    from plugin.checkpoint import load_model
-    from plugin.exit_training import TextTokenizer, read_documents, spaced_windows
-    from plugin.plan import PartitionPlan
+    from plugin.training.calibration import collect, headline, write_outputs
+    from plugin.model.checkpoint import load_model
+    from plugin.training.exit_heads import TextTokenizer, read_documents, spaced_windows
+    from plugin.split.plan import PartitionPlan
 
     def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)

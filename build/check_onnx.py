@@ -38,9 +38,10 @@ def main(argv=None) -> int:
     import onnx
     from tqdm import tqdm
 
-    from plugin.onnx_export import (ExportError, Manifest, check_parity, default_onnx_dir, graph_path,
-                                    load_full_model, parity_summary, parity_table)
-    from plugin.plan import PartitionPlan
+    from plugin.export.manifest import ExportError, Manifest, default_onnx_dir, graph_path
+    from plugin.export.parity import check_parity, parity_summary, parity_table
+    from plugin.export.onnx import load_full_model
+    from plugin.split.plan import PartitionPlan
 
     plan = PartitionPlan.load(args.plan)
     onnx_dir = args.onnx_dir or default_onnx_dir(plan)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Export the partition plan's graphs to ONNX: each edge segment with its exit head, each exit head
 alone, and the cloud partition, in fp32 and fp16, with past/present K/V and dynamic batch, block and
-past axes (plugin/onnx_export.py says what every graph takes and returns).
+past axes (plugin/export/onnx.py says what every graph takes and returns).
 
     .venv/bin/python build/export_onnx.py --plan models/shakespeare-llama/partition_plan.json --out DIR
     .venv/bin/python build/export_onnx.py --plan PLAN --check     # then ONNX Runtime vs PyTorch parity
@@ -35,10 +35,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    from plugin.checkpoint import read_config
-    from plugin.onnx_export import (check_parity, default_onnx_dir, export_plan, graph_specs, parity_summary,
-                                    parity_table)
-    from plugin.plan import PartitionPlan
+    from plugin.model.checkpoint import read_config
+    from plugin.export.parity import check_parity, parity_summary, parity_table
+    from plugin.export.manifest import default_onnx_dir, graph_specs
+    from plugin.export.onnx import export_plan
+    from plugin.split.plan import PartitionPlan
 
     plan = PartitionPlan.load(args.plan)
     out = args.out or default_onnx_dir(plan)

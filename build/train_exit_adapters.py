@@ -8,7 +8,7 @@ distribution (KL(final || exit)) and the next token (cross-entropy). The backbon
 frozen and in eval mode, and runs without gradients; only the adapters train.
 
 The adapters are saved beside the checkpoint (default CHECKPOINT/exit_adapters.safetensors) in the
-format `plugin.checkpoint.load_model(..., exit_adapters=...)` reads; --update-plan writes the
+format `plugin.model.checkpoint.load_model(..., exit_adapters=...)` reads; --update-plan writes the
 `exit_adapters` key into the plan so the edge, the exports and the calibration find them.
 
 Examples (from the repository root)::
@@ -98,10 +98,9 @@ def main(argv=None) -> int:
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    from plugin.checkpoint import load_model
-    from plugin.exit_training import (ExitHeads, TextTokenizer, evaluate_heads, freeze, lr_at, random_windows,
-                                      read_documents, save_adapters, spaced_windows, train_step, update_plan)
-    from plugin.plan import PartitionPlan
+    from plugin.model.checkpoint import load_model
+    from plugin.training.exit_heads import ExitHeads, TextTokenizer, evaluate_heads, freeze, lr_at, random_windows, read_documents, save_adapters, spaced_windows, train_step, update_plan
+    from plugin.split.plan import PartitionPlan
 
     def log(msg: str) -> None:
         tqdm.write(msg, file=sys.stderr)

@@ -7,15 +7,14 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from plugin.checkpoint import read_config
-from plugin.edge import EdgePartition
-from plugin.plan import PartitionPlan
-from plugin.sampling import Greedy, Sampler
+from edge_runtime.decoding import Generator, LatencyPolicy
+from plugin.model.checkpoint import read_config
+from plugin.model.sampling import Greedy, Sampler
+from plugin.paths import DEMO_PLAN
+from plugin.split.edge import EdgePartition
+from plugin.split.plan import PartitionPlan
 
-from .decoding import Generator, LatencyPolicy
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_PLAN = REPO_ROOT / "models" / "shakespeare-llama" / "partition_plan.json"
 
 
 class ModelMissing(FileNotFoundError):
@@ -32,7 +31,7 @@ class EdgeApp:
     @classmethod
     def load(cls, plan_path: str | Path = DEMO_PLAN, runner: str = "torch", **runner_options) -> "EdgeApp":
         """runner: torch, onnx or tensorrt (options go to edge_runtime.runners.load_runner)."""
-        from .runners import load_runner
+        from edge_runtime.runners import load_runner
 
         plan = PartitionPlan.load(plan_path)
         if not (plan.checkpoint / "config.json").is_file():

@@ -8,9 +8,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from .app import DEMO_PLAN
-from .decoding import MODES, CloudUnreachable, LatencyPolicy
-from .runners import RUNNERS
+from edge_runtime.decoding import MODES, LatencyPolicy
+from edge_runtime.link import CloudUnreachable
+from edge_runtime.runners import RUNNERS
+from plugin.paths import DEMO_PLAN
 
 DESCRIPTION = """\
 Generate text on the edge with early exits, asking a CE-CoLLM Triton server only when no edge exit
@@ -64,13 +65,13 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from plugin.sampling import Greedy, TopP
+    from plugin.model.sampling import Greedy, TopP
 
-    from plugin.engines import TensorRTUnavailable
-    from plugin.onnx_export import ExportError
+    from plugin.export.engines import TensorRTUnavailable
+    from plugin.export.manifest import ExportError
 
-    from .app import EdgeApp, ModelMissing
-    from .display import TokenPrinter
+    from edge_runtime.app import EdgeApp, ModelMissing
+    from edge_runtime.display import TokenPrinter
 
     if args.mode != "standalone" and not args.url:
         print(f"error: --url HOST:PORT is needed in {args.mode} mode (start a server with `ce-collm serve`)",
@@ -86,8 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     link = None
     if args.mode != "standalone":
-        from .reconnect import ReconnectingLink
-        from .triton_link import TritonLink
+        from edge_runtime.reconnect import ReconnectingLink
+        from edge_runtime.triton_link import TritonLink
 
         read = lambda path: path.read_text() if path else None  # noqa: E731
         link = TritonLink(args.url, "cloud_only" if args.mode == "cloud-only" else "ce_collm", ssl=args.ssl,

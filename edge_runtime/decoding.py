@@ -17,27 +17,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from plugin.codec import encode
-from plugin.edge import EdgePartition, EdgeStep, ExitPolicy
-from plugin.kv_store import KVMark
-from plugin.protocol import CloudReply, CloudRequest, SequenceNeedsStart
-from plugin.sampling import Greedy, Sampler
+from edge_runtime.link import CloudLink, CloudUnreachable
+from plugin.model.kv import KVMark
+from plugin.model.sampling import Greedy, Sampler
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import SequenceNeedsStart
+from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.split.edge import EdgePartition, EdgeStep, ExitPolicy
+
 
 MODES = ("collaborative", "standalone", "latency-aware", "cloud-only")
-
-
-class CloudUnreachable(ConnectionError):
-    """The cloud did not answer (server down, link cut, deadline passed)."""
-
-
-class CloudLink(Protocol):
-    def send(self, req: CloudRequest) -> CloudReply:
-        """Deliver one request through the ensemble; raise the cloud's error or CloudUnreachable."""
 
 
 @dataclass

@@ -11,14 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-from plugin.plan import PartitionPlan
-from plugin.repository import TEMPLATE_REPOSITORY, check_repository, write_repository
-from plugin.server import TritonServer
-
-from .app import DEMO_PLAN, EdgeApp, ModelMissing
-from .decoding import Generation
-from .display import TokenPrinter, summary_table
-from .triton_link import TritonLink
+from edge_runtime.app import EdgeApp, ModelMissing
+from edge_runtime.decoding import Generation
+from edge_runtime.display import summary_table, TokenPrinter
+from edge_runtime.triton_link import TritonLink
+from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
+from plugin.serving.repository import check_repository, write_repository
+from plugin.serving.server import TritonServer
+from plugin.split.plan import PartitionPlan
 
 
 def _prompts(plan: PartitionPlan, count: int) -> list[str]:
@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     except ModelMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stale = check_repository(app.plan, TEMPLATE_REPOSITORY)
+    stale = check_repository(app.plan, MODEL_REPOSITORY)
     if stale:
         print(f"regenerating {', '.join(stale)} configs from {args.plan}")
-        write_repository(app.plan, TEMPLATE_REPOSITORY)
-    print(f"starting tritonserver on {TEMPLATE_REPOSITORY} ...", flush=True)
+        write_repository(app.plan, MODEL_REPOSITORY)
+    print(f"starting tritonserver on {MODEL_REPOSITORY} ...", flush=True)
     t0 = time.perf_counter()
     runs: dict[str, list[Generation]] = {"collaborative": [], "standalone": [], "cloud-only": []}
-    with TritonServer(TEMPLATE_REPOSITORY) as server:
+    with TritonServer(MODEL_REPOSITORY) as server:
         print(f"server ready in {time.perf_counter() - t0:.1f} s at grpc {server.grpc_url}\n")
         edge_link, cloud_link = TritonLink(server.grpc_url), TritonLink(server.grpc_url, "cloud_only")
         for i, prompt in enumerate(_prompts(app.plan, args.prompts), start=1):

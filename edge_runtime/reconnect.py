@@ -20,9 +20,10 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from plugin.protocol import CloudReply, CloudRequest, ProtocolError, SequenceNeedsStart
+from edge_runtime.link import CloudLink, CloudUnreachable
+from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.messages import CloudReply, CloudRequest
 
-from .decoding import CloudLink, CloudUnreachable
 
 _LANDED = "position overlap"  # the context manager's words when a block starts before its next position
 _LATER = ("rate limit:", "too many live sessions")  # refused, nothing changed: the same request may come again

@@ -1,4 +1,4 @@
-"""Segment runners behind one interface (`plugin.edge.SegmentRunner`): PyTorch, ONNX Runtime, TensorRT.
+"""Segment runners behind one interface (`plugin.split.edge.SegmentRunner`): PyTorch, ONNX Runtime, TensorRT.
 
 `EdgePartition` owns the segment loop (pending rows, exits, the split); a runner only computes
 layers [first, last) of one block and an exit head. All three give the same tokens at threshold
@@ -15,16 +15,46 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from plugin.checkpoint import load_model
-from plugin.edge import TorchRunner
-from plugin.engines import ENGINE_MANIFEST, TensorRTUnavailable, import_tensorrt, load_engine_manifest
-from plugin.kv_store import PositionError, SequenceKV
-from plugin.onnx_export import NP_DTYPES, ExportError, GraphSpec, Manifest, default_onnx_dir, graph_path, kv_names
-from plugin.plan import PartitionPlan
+from plugin.export.engines import ENGINE_MANIFEST, import_tensorrt, load_engine_manifest, TensorRTUnavailable
+from plugin.export.manifest import NP_DTYPES, default_onnx_dir, ExportError, graph_path, GraphSpec, kv_names, Manifest
+from plugin.model.checkpoint import load_model
+from plugin.model.decoder import DecoderModel
+from plugin.model.kv import PositionError, SequenceKV
+from plugin.split.plan import PartitionPlan
 
 RUNNERS = ("torch", "onnx", "tensorrt")
 EXPORT_COMMAND = ".venv/bin/python build/export_onnx.py --plan {plan} --out {out}"
 __all__ = ["RUNNERS", "GraphSequenceKV", "OnnxRunner", "TensorRTRunner", "TorchRunner", "load_runner"]
+
+
+
+class TorchRunner:
+    """The reference runner: the project's own PyTorch layer loop (`DecoderModel`)."""
+
+    def __init__(self, model: DecoderModel, layers: range | None = None):
+        self.model = model
+        self.layers = layers if layers is not None else model.layer_range
+        if self.layers.start < model.layer_range.start or self.layers.stop > model.layer_range.stop:
+            raise ValueError(f"runner layers {self.layers} outside the model's {model.layer_range}")
+        self.hidden_size, self.num_layers = model.cfg.hidden_size, model.cfg.num_layers
+
+    def new_sequence(self) -> SequenceKV:
+        return self.model.new_sequence(self.layers.start, self.layers.stop)
+
+    @torch.inference_mode()
+    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
+            state: SequenceKV) -> torch.Tensor:
+        model = self.model
+        positions = torch.arange(start_pos, start_pos + x.shape[0], device=model.device)[None]  # [1, T]
+        if first_layer == 0:
+            h = model.embed_tokens(x.to(model.device)[None], positions)  # [1, T, D]
+        else:
+            h = x.to(model.device, model.dtype)[None]  # [1, T, D]
+        return model.run_layers(h, positions, first_layer, last_layer, [state])[0]  # [T, D]
+
+    @torch.inference_mode()
+    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
+        return self.model.exit_logits(hidden_row, layer)
 
 
 class GraphSequenceKV(SequenceKV):

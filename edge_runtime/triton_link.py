@@ -5,9 +5,11 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from edge_runtime.decoding import CloudUnreachable
-from plugin.protocol import OUTPUTS, CloudReply, CloudRequest, ProtocolError, SequenceNeedsStart
-from plugin.wire import reply_from_outputs, request_inputs
+from edge_runtime.link import CloudUnreachable
+from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.protocol.tensors import OUTPUTS
+from plugin.protocol.wire import reply_from_outputs, request_inputs
 
 # Triton's own words when the sequence slot is gone (server restart, idle timeout), and ours.
 _NEEDS_START = ("must specify the START flag", "re-send its context with START")

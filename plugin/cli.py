@@ -1,6 +1,6 @@
 """`ce-collm`: the cloud side's command line.
 
-Each subcommand is one entry of COMMANDS: a one-line summary, a function that adds its arguments
+Each subcommand is one entry of COMMANDS (or of an installed package's `ce_collm.commands` entry points): a one-line summary, a function that adds its arguments
 and a function that runs it and returns the exit code. Adding a subcommand is adding an entry.
 """
 from __future__ import annotations
@@ -10,10 +10,12 @@ import signal
 import sys
 import threading
 import time
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-DEFAULT_MODEL_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
+from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
+
 
 
 class Command(NamedTuple):
@@ -25,7 +27,7 @@ class Command(NamedTuple):
 
 # -- serve ---------------------------------------------------------------------------------------
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY, metavar="DIR",
+    p.add_argument("--model-repository", type=Path, default=MODEL_REPOSITORY, metavar="DIR",
                    help="Triton model repository to serve (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", metavar="ADDR",
                    help="address all three endpoints bind to; 0.0.0.0 exposes them (default: %(default)s)")
@@ -55,7 +57,7 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     """Run tritonserver on the model repository until Ctrl-C or SIGTERM."""
-    from plugin.server import TritonServer, TritonServerError
+    from plugin.serving.server import TritonServer, TritonServerError
 
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = {}
@@ -109,13 +111,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # -- configs -------------------------------------------------------------------------------------
-DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "models" / "shakespeare-llama" / "partition_plan.json"
 
 
 def _configs_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", type=Path, default=DEFAULT_PLAN, metavar="FILE",
+    p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE",
                    help="partition plan (JSON or YAML) naming the checkpoint and split (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_REPOSITORY, metavar="DIR",
+    p.add_argument("--out", type=Path, default=MODEL_REPOSITORY, metavar="DIR",
                    help="model repository to write (default: %(default)s)")
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances and float16 cloud weights")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="(default: %(default)s)")
@@ -137,9 +138,9 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
 
 def _configs(args: argparse.Namespace) -> int:
     """Generate the Triton configs from the partition plan, or check they are up to date."""
-    from plugin.context import Limits
-    from plugin.plan import PartitionPlan
-    from plugin.repository import ServeOptions, check_repository, write_repository
+    from plugin.split.limits import Limits
+    from plugin.split.plan import PartitionPlan
+    from plugin.serving.repository import ServeOptions, check_repository, write_repository
 
     plan = PartitionPlan.load(args.plan)
     opts = ServeOptions(
@@ -162,10 +163,10 @@ def _configs(args: argparse.Namespace) -> int:
 
 # -- trt-configs ---------------------------------------------------------------------------------
 def _trt_configs_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", type=Path, default=DEFAULT_PLAN, metavar="FILE", help="partition plan (default: %(default)s)")
+    p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE", help="partition plan (default: %(default)s)")
     p.add_argument("--onnx-dir", type=Path, metavar="DIR",
                    help="graphs from build/export_onnx.py (default: <checkpoint>/onnx)")
-    p.add_argument("--out", type=Path, default=DEFAULT_MODEL_REPOSITORY.with_name("model_repository_trt"), metavar="DIR",
+    p.add_argument("--out", type=Path, default=MODEL_REPOSITORY.with_name("model_repository_trt"), metavar="DIR",
                    help="variant repository to write (default: %(default)s)")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",
                    help="the ONNX graph the cloud engine is built from; sets the KV state dtype (default: %(default)s)")
@@ -179,9 +180,9 @@ def _trt_configs_arguments(p: argparse.ArgumentParser) -> None:
 
 def _trt_configs(args: argparse.Namespace) -> int:
     """Generate (or --check) the tensorrt_plan variant; both parse every config and match the graph."""
-    from plugin.onnx_export import ExportError, default_onnx_dir
-    from plugin.plan import PartitionPlan
-    from plugin.trt_repository import TrtServeOptions, validate_trt_repository, write_trt_repository
+    from plugin.export.manifest import ExportError, default_onnx_dir
+    from plugin.split.plan import PartitionPlan
+    from plugin.serving.trt_repository import TrtServeOptions, validate_trt_repository, write_trt_repository
 
     plan = PartitionPlan.load(args.plan)
     onnx_dir = args.onnx_dir or default_onnx_dir(plan)
@@ -202,29 +203,6 @@ def _trt_configs(args: argparse.Namespace) -> int:
         return 1
     print(f"validated: configs parse as Triton ModelConfig and match {onnx_dir}")
     return 0
-
-
-# -- bench ---------------------------------------------------------------------------------------
-def _bench_path() -> None:
-    """bench/ lives beside plugin/ in the repository (it is not an installed package)."""
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-
-
-def _bench_arguments(p: argparse.ArgumentParser) -> None:
-    _bench_path()
-    from bench.args import add_arguments
-
-    add_arguments(p)
-
-
-def _bench(args: argparse.Namespace) -> int:
-    """Run the benchmark harness (bench/run.py) and print the targets' verdicts."""
-    _bench_path()
-    from bench.run import run_from_args
-
-    return run_from_args(args)
 
 
 COMMANDS: dict[str, Command] = {
@@ -261,19 +239,13 @@ COMMANDS: dict[str, Command] = {
             "unless --host says otherwise."
         ),
     ),
-    "bench": Command(
-        summary="benchmark CE-CoLLM against cloud-only, naive split and standalone edge (tables + plots)",
-        add_arguments=_bench_arguments,
-        run=_bench,
-        description=(
-            "Start tritonserver on a repository generated from the partition plan (plus the bench-only "
-            "naive_split model), put a link emulator (delay, bandwidth) between edge and server, and run "
-            "cloud-only, naive split, standalone edge and collaborative (per threshold and codec) on held-out "
-            "prompts at each link, then N concurrent edge sessions. Writes results.json, report.md and PNG "
-            "plots to --out. --quick is a small run."
-        ),
-    ),
 }
+
+
+def _installed_commands() -> dict[str, Command]:
+    """Subcommands other installed packages add (entry point group `ce_collm.commands`): `bench` comes from
+    bench/cli.py this way, so that plugin never imports bench."""
+    return {ep.name: ep.load() for ep in entry_points(group="ce_collm.commands")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="CE-CoLLM cloud side: serve and manage the Triton model repository.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, cmd in COMMANDS.items():
+    for name, cmd in {**COMMANDS, **_installed_commands()}.items():
         p = sub.add_parser(name, help=cmd.summary, description=cmd.description or cmd.summary)
         cmd.add_arguments(p)
         p.set_defaults(run=cmd.run)

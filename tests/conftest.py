@@ -12,7 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) from anywhere still imports plugin
     sys.path.insert(0, str(REPO_ROOT))
 
-from plugin.server import TritonServer, find_tritonserver, prepare_backend_dir  # noqa: E402
+from plugin.serving.server import TritonServer, find_tritonserver, prepare_backend_dir  # noqa: E402
 
 StartServer = Callable[..., TritonServer]
 

@@ -33,7 +33,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from edge_runtime.decoding import Generation, Generator  # noqa: E402
 from edge_runtime.triton_link import TritonLink  # noqa: E402
-from plugin.edge import EdgePartition  # noqa: E402
+from plugin.split.edge import EdgePartition  # noqa: E402
+from edge_runtime.runners import TorchRunner
 
 GAUGES = (("ce_collm_sessions_live", "context_manager"), ("ce_collm_sessions_live", "cloud_partition"),
           ("ce_collm_pending_bytes", "context_manager"), ("ce_collm_kv_bytes", "cloud_partition"))
@@ -217,11 +218,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="where to write the figures (default: %(default)s)")
     args = p.parse_args(argv)
 
-    from plugin.checkpoint import load_model
-    from plugin.context import Limits
-    from plugin.plan import PartitionPlan
-    from plugin.repository import ServeOptions, write_repository
-    from plugin.server import TritonServer
+    from plugin.model.checkpoint import load_model
+    from plugin.split.limits import Limits
+    from plugin.split.plan import PartitionPlan
+    from plugin.serving.repository import ServeOptions, write_repository
+    from plugin.serving.server import TritonServer
     from tests.tiny_models import VOCAB, save_tiny
 
     with tempfile.TemporaryDirectory(prefix="ce-collm-soak-") as tmp:
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         limits = Limits(max_sessions=max(64, 2 * args.sessions), max_context=max(256, args.tokens + 64),
                         max_block_rows=max(256, args.tokens + 64), ttl_s=120)
         write_repository(plan, repo, ServeOptions(limits=limits))
-        edge = EdgePartition(load_model(ckpt, range(0, plan.split_layer)), plan)
+        edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, plan.split_layer))), plan)
         with TritonServer(repo, log_file=Path(tmp) / "server.log", extra_args=["--exit-timeout-secs=5"]) as server:
             t0 = time.perf_counter()
             report = soak(edge, server.grpc_url, server.metrics_url, server.pid, args.sessions, args.tokens,

@@ -11,14 +11,14 @@ import torch
 
 from bench.naive_split import NaiveSplitService, write_bench_repository
 from bench.perf_inputs import input_data, record_sessions
-from bench.run import BenchConfig, LinkSpec, System, capacity, paired_interval, rouge_l, run_benchmark, token_agreement
-from plugin.context import Limits
-from plugin.plan import PartitionPlan
-from plugin.protocol import START_POS
-from plugin.repository import ServeOptions
-from plugin.wire import request_inputs
-from plugin.codec import encode
-from plugin.protocol import CloudRequest
+from bench.run import BenchConfig, capacity, LinkSpec, paired_interval, rouge_l, run_benchmark, System, token_agreement
+from plugin.protocol.codec import encode
+from plugin.protocol.messages import CloudRequest
+from plugin.protocol.tensors import START_POS
+from plugin.protocol.wire import request_inputs
+from plugin.serving.repository import ServeOptions
+from plugin.split.limits import Limits
+from plugin.split.plan import PartitionPlan
 from tests.tiny_models import LAYERS, save_tiny
 
 SPLIT, EXITS = 4, (1, 3, 4)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.codec import CodecError, EncodedRows, decode, encode
+from plugin.protocol.codec import CodecError, decode, encode, EncodedRows
 
 
 def test_fp32_is_lossless_and_fp16_int8_are_bounded():

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.codec import encode
-from plugin.context import ContextManager, Limits
-from plugin.protocol import CloudRequest, ProtocolError, SequenceNeedsStart
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.messages import CloudRequest
+from plugin.split.context import ContextManager
+from plugin.split.limits import Limits
 
 D = 16
 

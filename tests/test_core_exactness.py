@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from plugin.checkpoint import load_model
-from plugin.edge import EdgePartition
-from plugin.kv_store import PositionError, SequenceKV
 from edge_runtime.decoding import Generator
-from plugin.cloud import LocalCloud
-from plugin.plan import PartitionPlan
+from edge_runtime.runners import TorchRunner
+from plugin.model.checkpoint import load_model
+from plugin.model.kv import PositionError, SequenceKV
+from plugin.split.edge import EdgePartition
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.tiny_models import LAYERS, VOCAB, save_tiny
 
 PROMPTS = [[5, 17, 33, 2, 71], [90, 4, 4, 12, 61, 8, 30, 55, 1], [42]]
@@ -29,7 +30,7 @@ def tiny(request, tmp_path_factory):
 
 def _pipeline(path, dtype, threshold, codec="fp32", split=4, exits=(1, 3, 4)):
     plan = PartitionPlan(checkpoint=path, split_layer=split, exit_layers=exits, threshold=threshold, codec=codec)
-    edge = EdgePartition(load_model(path, range(0, split), dtype=dtype), plan)
+    edge = EdgePartition(TorchRunner(load_model(path, range(0, split), dtype=dtype)), plan)
     cloud = LocalCloud(load_model(path, range(split, LAYERS), dtype=dtype))
     return edge, cloud
 

@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from edge_runtime.app import DEMO_PLAN, EdgeApp
+from edge_runtime.app import EdgeApp
 from edge_runtime.triton_link import TritonLink
-from plugin.checkpoint import load_model
-from plugin.cloud import LocalCloud
-from plugin.repository import TEMPLATE_REPOSITORY, check_repository
+from plugin.model.checkpoint import load_model
+from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
+from plugin.serving.repository import check_repository
+from plugin.split.local import LocalCloud
 
 pytestmark = pytest.mark.server
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
@@ -25,7 +26,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def server(start_server):
-    return start_server(TEMPLATE_REPOSITORY)
+    return start_server(MODEL_REPOSITORY)
 
 
 def _cli(*args: str, timeout: float = 180) -> dict:
@@ -36,7 +37,7 @@ def _cli(*args: str, timeout: float = 180) -> dict:
 
 
 def test_committed_configs_match_the_demo_plan(app):
-    assert check_repository(app.plan, TEMPLATE_REPOSITORY) == []
+    assert check_repository(app.plan, MODEL_REPOSITORY) == []
 
 
 def test_exact_collaborative_equals_cloud_only_and_in_process(app, server):

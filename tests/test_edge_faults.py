@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from edge_runtime.decoding import Generator, LatencyPolicy
+from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
-from plugin.checkpoint import load_model
-from plugin.cloud import LocalCloud
-from plugin.edge import EdgePartition
-from plugin.plan import PartitionPlan
-from plugin.repository import write_repository
+from plugin.model.checkpoint import load_model
+from plugin.serving.repository import write_repository
+from plugin.split.edge import EdgePartition
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.tiny_models import LAYERS, save_tiny
 
 pytestmark = pytest.mark.server
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory):
     plan = PartitionPlan(ckpt, SPLIT, EXITS, threshold=1.0, codec="fp16")
     repo = tmp_path_factory.mktemp("repo")
     write_repository(plan, repo)
-    return plan, repo, EdgePartition(load_model(ckpt, range(0, SPLIT)), plan), ckpt
+    return plan, repo, EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan), ckpt
 
 
 def _reference(plan, edge, ckpt, n, threshold=1.0):
@@ -100,8 +101,8 @@ def test_background_uploads_match_foreground(tiny, start_server):
 
 def test_long_contexts_travel_in_chunks_within_the_block_limit(tiny, start_server, tmp_path):
     """A prompt and a re-sync longer than max_block_rows go as several requests, nothing refused."""
-    from plugin.context import Limits
-    from plugin.repository import ServeOptions
+    from plugin.split.limits import Limits
+    from plugin.serving.repository import ServeOptions
 
     plan, _, edge, ckpt = tiny
     repo = tmp_path / "repo"

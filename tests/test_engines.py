@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.checkpoint import load_model, read_config
-from plugin.engines import (BuildOptions, TensorRTUnavailable, add_build_arguments, calibration_feeds,
-                            describe_plan, engine_graphs, engine_profiles, options_from_args,
-                            read_calibration_tokens)
-from plugin.onnx_export import new_manifest
-from plugin.plan import PartitionPlan
+from plugin.export.engines import (
+    add_build_arguments, BuildOptions, calibration_feeds, describe_plan, engine_graphs, engine_profiles,
+    options_from_args, read_calibration_tokens, TensorRTUnavailable)
+from plugin.export.manifest import new_manifest
+from plugin.model.checkpoint import load_model, read_config
+from plugin.split.plan import PartitionPlan
 from tests.tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,8 +159,8 @@ def test_tensorrt_engines_build_and_give_onnx_tokens(tiny, tmp_path):
         pytest.skip("tensorrt imports but there is no CUDA GPU to build on")
     from edge_runtime.decoding import Generator
     from edge_runtime.runners import load_runner
-    from plugin.edge import EdgePartition
-    from plugin.onnx_export import export_plan
+    from plugin.split.edge import EdgePartition
+    from plugin.export.onnx import export_plan
 
     plan, _ = tiny
     onnx_dir = tmp_path / "onnx"

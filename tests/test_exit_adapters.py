@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugin.calibration import TokenStats, exit_assignment, report
-from plugin.checkpoint import load_model
-from plugin.exit_training import (ExitHeads, TextTokenizer, evaluate_heads, freeze, random_windows,
-                                  spaced_windows, train_step)
-from plugin.plan import PartitionPlan
+from plugin.model.checkpoint import load_model
+from plugin.split.plan import PartitionPlan
+from plugin.training.calibration import exit_assignment, report, TokenStats
+from plugin.training.exit_heads import (
+    evaluate_heads, ExitHeads, freeze, random_windows, spaced_windows, TextTokenizer, train_step)
 from tests.tiny_models import LAYERS, VOCAB, save_tiny
 
 REPO = Path(__file__).resolve().parents[1]

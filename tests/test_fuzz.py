@@ -22,15 +22,18 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from edge_runtime.decoding import Generator
+from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
-from plugin.checkpoint import load_model
-from plugin.cloud import LocalCloud
-from plugin.codec import encode
-from plugin.context import Limits
-from plugin.edge import EdgePartition
-from plugin.plan import PartitionPlan
-from plugin.protocol import OUTPUTS, CloudRequest, ProtocolError
-from plugin.repository import ServeOptions, write_repository
+from plugin.model.checkpoint import load_model
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import ProtocolError
+from plugin.protocol.messages import CloudRequest
+from plugin.protocol.tensors import OUTPUTS
+from plugin.serving.repository import ServeOptions, write_repository
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.soak import gauges, wait_for_gauges
 from tests.tiny_models import LAYERS, save_tiny
 
@@ -54,7 +57,7 @@ def fz(tmp_path_factory, start_server):
     # every refused START holds a Triton sequence slot until the idle timeout: room for the fuzz's
     write_repository(plan, repo, ServeOptions(limits=LIMITS, sequence_slots=512))
     server = start_server(repo)
-    edge = EdgePartition(load_model(ckpt, range(0, SPLIT)), plan)
+    edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
     return server, edge, ckpt
 
 

@@ -11,17 +11,22 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.decoding import CloudUnreachable, Generator, LatencyPolicy
+from edge_runtime.decoding import Generator, LatencyPolicy
+from edge_runtime.link import CloudUnreachable
 from edge_runtime.reconnect import ReconnectingLink
-from plugin.checkpoint import load_model
-from plugin.cloud import CloudPartition, LocalCloud, token_block
-from plugin.codec import encode
-from plugin.context import ContextManager, Limits, PendingBlock, RateLimiter
-from plugin.edge import EdgePartition
-from plugin.plan import PartitionPlan
-from plugin.protocol import CloudRequest, ProtocolError
-from plugin.repository import render_configs
-from plugin.services import limits_from
+from edge_runtime.runners import TorchRunner
+from plugin.model.checkpoint import load_model
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import ProtocolError
+from plugin.protocol.messages import CloudRequest, PendingBlock
+from plugin.serving.repository import render_configs
+from plugin.serving.services import limits_from
+from plugin.split.cloud import CloudPartition, token_block
+from plugin.split.context import ContextManager
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits, RateLimiter
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.tiny_models import LAYERS, save_tiny
 
 D = 16
@@ -100,7 +105,7 @@ def test_generated_configs_carry_every_limit(tmp_path):
     save_tiny("llama", ckpt)
     limits = Limits(max_sessions=7, max_context=99, max_block_rows=33, ttl_s=2.5, max_request_bytes=12345,
                     max_requests_per_s=12.5)
-    from plugin.repository import ServeOptions
+    from plugin.serving.repository import ServeOptions
     configs = render_configs(PartitionPlan(ckpt, 4, (1, 4)), tmp_path / "repo", ServeOptions(limits=limits))
     for name in ("context_manager", "cloud_partition", "cloud_only"):
         params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', configs[name]))
@@ -176,7 +181,7 @@ PROMPT = [5, 17, 33, 2, 71, 8]
 
 def _edge_and_cloud(ckpt):
     plan = PartitionPlan(ckpt, 4, (1, 3, 4), threshold=0.08)
-    return EdgePartition(load_model(ckpt, range(0, 4)), plan), LocalCloud(load_model(ckpt, range(4, LAYERS)))
+    return EdgePartition(TorchRunner(load_model(ckpt, range(0, 4))), plan), LocalCloud(load_model(ckpt, range(4, LAYERS)))
 
 
 def test_reconnecting_link_loses_and_repeats_nothing(tiny):

@@ -15,7 +15,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from plugin.link_emulator import LinkEmulator, LinkSettings
+from bench.link_emulator import LinkEmulator, LinkSettings
 from tests.identity_model import write_identity_repository
 
 
@@ -158,7 +158,6 @@ def _timed_infer_ms(client, x, n: int = 5) -> float:
         _infer(client, x)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000
-
 
 
 @pytest.mark.server

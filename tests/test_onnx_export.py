@@ -11,18 +11,19 @@ import pytest
 import torch
 
 from edge_runtime.decoding import Generator
-from edge_runtime.runners import OnnxRunner, load_runner
-from plugin.checkpoint import load_model, read_config
-from plugin.cloud import LocalCloud
-from plugin.edge import EdgePartition, ExitPolicy, TorchRunner
-from plugin.kv_store import PositionError
-from plugin.onnx_export import (ExportError, Manifest, check_parity, export_plan, graph_path, parity_summary,
-                                parity_table)
-from plugin.plan import PartitionPlan
-from plugin.repository import ServeOptions, render_configs
-from plugin.sampling import Greedy
-from plugin.trt_repository import (check_ensemble, graph_io, parse_config, validate_trt_repository,
-                                   write_trt_repository)
+from edge_runtime.runners import load_runner, OnnxRunner, TorchRunner
+from plugin.export.manifest import ExportError, graph_path, Manifest
+from plugin.export.onnx import export_plan
+from plugin.export.parity import check_parity, parity_summary, parity_table
+from plugin.model.checkpoint import load_model, read_config
+from plugin.model.kv import PositionError
+from plugin.model.sampling import Greedy
+from plugin.serving.repository import render_configs, ServeOptions
+from plugin.serving.trt_repository import (check_ensemble, graph_io, parse_config, validate_trt_repository,
+                                           write_trt_repository)
+from plugin.split.edge import EdgePartition, ExitPolicy
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def exported_tiny(request, _exports):
 
 
 def _torch_edge(plan: PartitionPlan) -> EdgePartition:
-    return EdgePartition(load_model(plan.checkpoint, range(0, plan.split_layer)), plan)
+    return EdgePartition(TorchRunner(load_model(plan.checkpoint, range(0, plan.split_layer))), plan)
 
 
 def _cloud(plan: PartitionPlan) -> LocalCloud:

@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from plugin.checkpoint import load_model
-from plugin.edge import EdgePartition
-from plugin.plan import PartitionPlan, PlanError
+from edge_runtime.runners import TorchRunner
+from plugin.model.checkpoint import load_model
+from plugin.split.edge import EdgePartition
+from plugin.split.plan import PartitionPlan, PlanError
 from tests.tiny_models import save_tiny
 
 
@@ -42,7 +43,7 @@ def test_split_beyond_depth_is_refused(tmp_path):
     save_tiny("llama", tmp_path)  # 6 layers
     plan = PartitionPlan.from_dict(_plan(split_layer=6, exit_layers=[2]), base_dir=tmp_path)
     with pytest.raises(PlanError, match="beyond the model's depth.*6 layers"):
-        EdgePartition(load_model(tmp_path, range(0, 6)), plan)
+        EdgePartition(TorchRunner(load_model(tmp_path, range(0, 6))), plan)
 
 
 def test_plan_round_trips_through_json_and_yaml(tmp_path):

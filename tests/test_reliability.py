@@ -1,7 +1,7 @@
 """Faults and load against a real tritonserver: a vanished edge, a cut link, a slow cloud, many sessions.
 
 One server per module on free 127.0.0.1 ports, with a 2 s TTL (context manager, cloud partition and
-Triton's sequence batcher alike). The link emulator (plugin/link_emulator.py) stands between the
+Triton's sequence batcher alike). The link emulator (bench/link_emulator.py) stands between the
 edge and the server where the network misbehaves. Every generation must complete with one token
 per position, equal to a fault-free run where the mode makes that comparable; where the edge
 answered some tokens itself (latency-aware), every token the cloud chose is checked against the
@@ -18,19 +18,21 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.link_emulator import LinkEmulator
 from edge_runtime.decoding import Generator, LatencyPolicy
 from edge_runtime.reconnect import ReconnectingLink
+from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
-from plugin.checkpoint import load_model
-from plugin.cloud import LocalCloud
-from plugin.codec import encode
-from plugin.context import Limits
-from plugin.edge import EdgePartition
-from plugin.link_emulator import LinkEmulator
-from plugin.plan import PartitionPlan
-from plugin.protocol import CloudRequest, ProtocolError, SequenceNeedsStart
-from plugin.repository import ServeOptions, write_repository
-from plugin.server import TritonServer
+from plugin.model.checkpoint import load_model
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.messages import CloudRequest
+from plugin.serving.repository import ServeOptions, write_repository
+from plugin.serving.server import TritonServer
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.soak import gauges, prompts, run_sessions, server_rss_kib, wait_for_gauges
 from tests.tiny_models import LAYERS, VOCAB, save_tiny
 
@@ -50,7 +52,7 @@ def rel(tmp_path_factory, start_server):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(plan, repo, ServeOptions(limits=LIMITS))
     server = start_server(repo)
-    edge = EdgePartition(load_model(ckpt, range(0, SPLIT)), plan)
+    edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
     return server, edge, ckpt, hf
 
 
@@ -264,7 +266,7 @@ def test_sessions_never_see_each_others_context(rel):
 def test_short_soak_concurrent_equals_one_at_a_time(rel):
     """`make soak` runs 32 x 200 tokens; this is the same check at 8 x 40."""
     server, edge, ckpt, _ = rel
-    edge = EdgePartition(edge.model, PartitionPlan(ckpt, SPLIT, (SPLIT,)))  # every edge exit uploads its row
+    edge = EdgePartition(edge.runner, PartitionPlan(ckpt, SPLIT, (SPLIT,)))  # every edge exit uploads its row
     session_prompts = prompts(8, VOCAB, seed=1)
     before = wait_for_gauges(server.metrics_url, gauges(server.metrics_url))
     alone = run_sessions(edge, server.grpc_url, session_prompts, 40, concurrent=False, threshold=MIXED)

@@ -1,4 +1,4 @@
-"""plugin.server and `ce-collm serve` against a real tritonserver on 127.0.0.1."""
+"""plugin.serving.server and `ce-collm serve` against a real tritonserver on 127.0.0.1."""
 from __future__ import annotations
 
 import os
@@ -18,14 +18,8 @@ import pytest
 import torch
 
 from plugin import cli
-from plugin.server import (
-    TritonServer,
-    TritonServerError,
-    find_tritonserver,
-    free_ports,
-    port_is_free,
-    prepare_backend_dir,
-)
+from plugin.serving.server import (
+    find_tritonserver, free_ports, port_is_free, prepare_backend_dir, TritonServer, TritonServerError)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +41,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-import plugin.server
+import plugin.serving.server
 
 
 class TritonPythonModel:
@@ -59,7 +53,7 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor("Y", y.numpy().astype(np.float32)),
                 pb_utils.Tensor("TORCH_VERSION", np.array([torch.__version__.encode()], dtype=np.object_)),
-                pb_utils.Tensor("PLUGIN_DIR", np.array([plugin.server.REPO_ROOT.as_posix().encode()],
+                pb_utils.Tensor("PLUGIN_DIR", np.array([plugin.paths.REPO_ROOT.as_posix().encode()],
                                                        dtype=np.object_)),
             ]))
         return responses

@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.triton_link import TritonLink
-from plugin.checkpoint import load_model
-from plugin.codec import EncodedRows, encode
-from plugin.context import Limits
-from plugin.edge import EdgePartition
 from edge_runtime.decoding import Generator
-from plugin.cloud import LocalCloud
-from plugin.plan import PartitionPlan
-from plugin.protocol import CloudRequest, ProtocolError, SequenceNeedsStart
-from plugin.repository import ServeOptions, write_repository
+from edge_runtime.runners import TorchRunner
+from edge_runtime.triton_link import TritonLink
+from plugin.model.checkpoint import load_model
+from plugin.protocol.codec import encode, EncodedRows
+from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.messages import CloudRequest
+from plugin.serving.repository import ServeOptions, write_repository
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.tiny_models import LAYERS, save_tiny
 
 pytestmark = pytest.mark.server
@@ -39,7 +41,7 @@ def setup(tmp_path_factory, start_server):
     repo = tmp_path_factory.mktemp("repo")
     write_repository(plan, repo, ServeOptions(limits=LIMITS))
     server = start_server(repo)
-    edge = EdgePartition(load_model(ckpt, range(0, SPLIT)), plan)
+    edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
     reference = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)), LIMITS)
     return plan, edge, reference, server, load_model(ckpt)
 
@@ -100,7 +102,7 @@ def _raw(link, sid, pos, rows, want=False, start=False, end=False, split=None):
 def test_bad_requests_get_errors_and_leave_context_intact(setup):
     plan, edge, reference, server, _ = setup
     link = TritonLink(server.grpc_url)
-    hidden = edge.model.cfg.hidden_size
+    hidden = edge.runner.model.cfg.hidden_size
     rows = lambda n: encode(torch.randn(n, hidden), "fp16")  # noqa: E731
     sid = 900
     _raw(link, sid, 0, rows(3), start=True, split=SPLIT)
@@ -127,7 +129,7 @@ def test_unknown_sequence_is_reported_as_needing_start(setup):
     plan, edge, reference, server, _ = setup
     link = TritonLink(server.grpc_url)
     with pytest.raises(SequenceNeedsStart):
-        _raw(link, 950, 0, encode(torch.randn(1, edge.model.cfg.hidden_size), "fp16"), want=True)
+        _raw(link, 950, 0, encode(torch.randn(1, edge.runner.model.cfg.hidden_size), "fp16"), want=True)
 
 
 def _metric(server, name, model):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.codec import encode
-from plugin.context import PendingBlock
-from plugin.protocol import CloudReply, CloudRequest, ProtocolError
-from plugin.wire import (block_from_inputs, block_outputs, reply_from_outputs, reply_outputs, request_from_inputs,
-                         request_inputs)
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import ProtocolError
+from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
+from plugin.protocol.wire import (
+    block_from_inputs, block_outputs, reply_from_outputs, reply_outputs, request_from_inputs, request_inputs)
 
 
 @pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])

@@ -1,4 +1,4 @@
 """cloud_partition: resumes each session at its split layer with its own KV (plugin/cloud.py)."""
-from plugin.triton_adapter import model_class
+from plugin.serving.triton_adapter import model_class
 
 TritonPythonModel = model_class("cloud_partition")

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .decoder import DecoderModel, confidence
-from .exit_training import exit_forward
+from plugin.model.decoder import confidence, DecoderModel
+from plugin.training.exit_heads import exit_forward
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 

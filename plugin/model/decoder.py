@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kv_store import SequenceKV, kv_gatherer
-from .layers import DecoderLayer, ModelConfig, RMSNorm
+from plugin.model.config import ModelConfig
+from plugin.model.kv import kv_gatherer, SequenceKV
+from plugin.model.layers import DecoderLayer, RMSNorm
 
 
 class ExitAdapter(nn.Module):

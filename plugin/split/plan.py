@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .codec import CODEC_DTYPES
+from plugin.protocol.codec import CODEC_DTYPES
 
 _KEYS = {"checkpoint", "split_layer", "exit_layers", "threshold", "codec", "exit_adapters"}
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_model, read_config
-from .cloud import CloudPartition, token_block
-from .context import ContextManager, Limits
-from .protocol import ProtocolError
-from .wire import Tensors, block_from_inputs, block_outputs, reply_outputs, request_from_inputs
+from plugin.model.checkpoint import load_model, read_config
+from plugin.protocol.errors import ProtocolError
+from plugin.protocol.wire import block_from_inputs, block_outputs, reply_outputs, request_from_inputs, Tensors
+from plugin.split.cloud import CloudPartition, token_block
+from plugin.split.context import ContextManager
+from plugin.split.limits import Limits
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -8,10 +8,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .context import ContextManager, Limits, PendingBlock
-from .decoder import DecoderModel
-from .kv_store import PositionError, SequenceKV
-from .protocol import TOP_K, CloudReply, CloudRequest, ProtocolError, SequenceNeedsStart
+from plugin.model.decoder import DecoderModel
+from plugin.model.kv import PositionError, SequenceKV
+from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
+from plugin.protocol.tensors import TOP_K
+from plugin.split.limits import Limits
 
 
 @dataclass
@@ -151,20 +153,3 @@ def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None
                         token_ids=torch.from_numpy(ids.copy()))
 
 
-class LocalCloud:
-    """Context manager -> cloud partition, chained as the `ce_collm` ensemble chains them, in one
-    process: the in-process reference the Triton path must match token for token."""
-
-    def __init__(self, model: DecoderModel, limits: Limits | None = None):
-        self.context = ContextManager(model.cfg.hidden_size, model.cfg.num_layers, limits)
-        self.partition = CloudPartition(model, limits)
-
-    def send(self, req: CloudRequest) -> CloudReply:
-        if req.token_ids is not None:
-            block = token_block(req, self.partition.model.cfg.vocab_size, self.partition.limits)
-        else:
-            block = self.context.handle(req)
-        reply = self.partition.step([block])[0]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply

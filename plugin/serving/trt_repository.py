@@ -21,13 +21,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import read_config
-from .onnx_export import GraphSpec, Manifest, graph_path
-from .plan import PartitionPlan
-from .protocol import OUTPUTS
-from .repository import (TEMPLATE_REPOSITORY, ServeOptions, _block, _edge_inputs, _maps, _tensor, _TOKEN_OUTPUTS,
-                         render_configs)
-from .wire import PENDING_HIDDEN, PENDING_START
+from plugin.export.manifest import graph_path, GraphSpec, Manifest
+from plugin.model.checkpoint import read_config
+from plugin.paths import MODEL_REPOSITORY
+from plugin.protocol.tensors import OUTPUTS, PENDING_HIDDEN, PENDING_START
+from plugin.serving.repository import (_TOKEN_OUTPUTS, ServeOptions, _block, _edge_inputs, _maps, _tensor,
+                                       render_configs)
+from plugin.split.plan import PartitionPlan
 
 ENGINE_FILE = "model.plan"
 ONNX_TO_TRITON = {1: "TYPE_FP32", 10: "TYPE_FP16", 7: "TYPE_INT64", 6: "TYPE_INT32", 9: "TYPE_BOOL", 3: "TYPE_INT8"}
@@ -126,7 +126,7 @@ def render_ensemble(plan: PartitionPlan, hidden_size: int) -> str:
 
 
 def _edge_input_names() -> list[str]:
-    from .protocol import HIDDEN_INPUTS, HIDDEN_SCALE, SPLIT_LAYER, START_POS, WANT_TOKEN
+    from plugin.protocol.tensors import HIDDEN_INPUTS, HIDDEN_SCALE, SPLIT_LAYER, START_POS, WANT_TOKEN
 
     return [*HIDDEN_INPUTS.values(), HIDDEN_SCALE, START_POS, WANT_TOKEN, SPLIT_LAYER]
 
@@ -157,7 +157,7 @@ def write_trt_repository(plan: PartitionPlan, onnx_dir: Path, out_dir: Path, opt
         (out_dir / name / "config.pbtxt").write_text(text)
         written.append(out_dir / name / "config.pbtxt")
         if name in PYTHON_MODELS:
-            shutil.copyfile(TEMPLATE_REPOSITORY / name / "1" / "model.py", out_dir / name / "1" / "model.py")
+            shutil.copyfile(MODEL_REPOSITORY / name / "1" / "model.py", out_dir / name / "1" / "model.py")
     if engine is not None:
         shutil.copyfile(engine, out_dir / "cloud_partition" / "1" / ENGINE_FILE)
         written.append(out_dir / "cloud_partition" / "1" / ENGINE_FILE)

@@ -7,54 +7,10 @@ from typing import Callable
 
 import torch
 
-from .codec import CodecError, decode
-from .protocol import CloudRequest, ProtocolError, SequenceNeedsStart
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_sessions: int = 256
-    max_context: int = 4096  # positions per session
-    max_block_rows: int = 1024  # rows in one request
-    ttl_s: float = 600.0  # idle sessions are dropped: Triton frees idle slots without telling us
-    max_request_bytes: int = 64 << 20  # tensor payload of one request (1024 fp32 rows of hidden 8192 = 32 MiB)
-    max_requests_per_s: float = 1000.0  # per session, token bucket one second deep; 0 turns it off
-
-
-class RateLimiter:
-    """A token bucket: `rate` requests per second on average, bursts of up to one second's worth."""
-
-    def __init__(self, rate: float, now: float):
-        self.rate, self.burst = rate, max(1.0, rate)
-        self.tokens, self.stamp = self.burst, now
-
-    def allow(self, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
-@dataclass
-class PendingBlock:
-    """What the context manager hands the cloud partition for one request."""
-
-    sequence_id: int
-    split_layer: int
-    start_pos: int
-    hidden: torch.Tensor  # [n, D]; n == 0 for upload-only requests
-    want_token: bool
-    start: bool = False
-    end: bool = False
-    token_ids: torch.Tensor | None = None  # [n] int64 instead of hidden, for the cloud-only baseline (split 0)
-
-    @property
-    def num_rows(self) -> int:
-        return self.hidden.shape[0] if self.token_ids is None else self.token_ids.shape[0]
+from plugin.protocol.codec import CodecError, decode
+from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.messages import CloudRequest, PendingBlock
+from plugin.split.limits import Limits, RateLimiter
 
 
 @dataclass

@@ -13,14 +13,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import read_config
-from .context import Limits
-from .plan import PartitionPlan
-from .protocol import HIDDEN_INPUTS, HIDDEN_SCALE, OUTPUTS, SPLIT_LAYER, START_POS, TOKEN_IDS, TOP_K, WANT_TOKEN
-from .wire import PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT
+from plugin.model.checkpoint import read_config
+from plugin.paths import MODEL_REPOSITORY
+from plugin.protocol.tensors import (
+    HIDDEN_INPUTS, HIDDEN_SCALE, OUTPUTS, PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT, SPLIT_LAYER,
+    START_POS, TOKEN_IDS, TOP_K, WANT_TOKEN)
+from plugin.split.limits import Limits
+from plugin.split.plan import PartitionPlan
 
 MODEL_DIRS = ("context_manager", "cloud_partition", "cloud_only")  # python models with a model.py
-TEMPLATE_REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 _TRITON_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "int8": "TYPE_INT8"}
 
 
@@ -154,8 +155,8 @@ def write_repository(plan: PartitionPlan, out_dir: Path, opts: ServeOptions = Se
         (out_dir / name / "1").mkdir(parents=True, exist_ok=True)
         (out_dir / name / "config.pbtxt").write_text(text)
         written.append(out_dir / name / "config.pbtxt")
-        source = TEMPLATE_REPOSITORY / name / "1" / "model.py"
-        if name in MODEL_DIRS and out_dir != TEMPLATE_REPOSITORY:
+        source = MODEL_REPOSITORY / name / "1" / "model.py"
+        if name in MODEL_DIRS and out_dir != MODEL_REPOSITORY:
             shutil.copyfile(source, out_dir / name / "1" / "model.py")
     return written
 

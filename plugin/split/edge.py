@@ -2,8 +2,7 @@
 
 The segment loop (pending rows carried across each boundary, the exit decision, rows left waiting
 when a token exits, the rows that reach the split) lives here once. What computes a segment is a
-`SegmentRunner`: the PyTorch layer loop (`TorchRunner`, below), or the ONNX Runtime and TensorRT
-runners over exported graphs (`edge_runtime/runners.py`).
+`SegmentRunner`: the PyTorch layer loop, ONNX Runtime or TensorRT (`edge_runtime/runners.py`).
 """
 from __future__ import annotations
 
@@ -12,10 +11,10 @@ from typing import Protocol
 
 import torch
 
-from .decoder import DecoderModel, confidence
-from .kv_store import KVMark, PendingRows, SequenceKV
-from .plan import PartitionPlan
-from .sampling import Sampler
+from plugin.model.decoder import confidence
+from plugin.model.kv import KVMark, PendingRows
+from plugin.model.sampling import Sampler
+from plugin.split.plan import PartitionPlan
 
 
 class SequenceState(Protocol):
@@ -57,35 +56,6 @@ class SegmentRunner(Protocol):
         """Logits [V] of the exit after `layer` layers for one hidden row [D]."""
 
 
-class TorchRunner:
-    """The reference runner: the project's own PyTorch layer loop (`DecoderModel`)."""
-
-    def __init__(self, model: DecoderModel, layers: range | None = None):
-        self.model = model
-        self.layers = layers if layers is not None else model.layer_range
-        if self.layers.start < model.layer_range.start or self.layers.stop > model.layer_range.stop:
-            raise ValueError(f"runner layers {self.layers} outside the model's {model.layer_range}")
-        self.hidden_size, self.num_layers = model.cfg.hidden_size, model.cfg.num_layers
-
-    def new_sequence(self) -> SequenceKV:
-        return self.model.new_sequence(self.layers.start, self.layers.stop)
-
-    @torch.inference_mode()
-    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
-            state: SequenceKV) -> torch.Tensor:
-        model = self.model
-        positions = torch.arange(start_pos, start_pos + x.shape[0], device=model.device)[None]  # [1, T]
-        if first_layer == 0:
-            h = model.embed_tokens(x.to(model.device)[None], positions)  # [1, T, D]
-        else:
-            h = x.to(model.device, model.dtype)[None]  # [1, T, D]
-        return model.run_layers(h, positions, first_layer, last_layer, [state])[0]  # [T, D]
-
-    @torch.inference_mode()
-    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
-        return self.model.exit_logits(hidden_row, layer)
-
-
 @dataclass(frozen=True)
 class ExitPolicy:
     """Exit when confident; a threshold of 1.0 never exits (a saturated softmax rounds to 1.0)."""
@@ -110,28 +80,17 @@ class EdgeStep:
 
 
 class EdgePartition:
-    """Takes a `SegmentRunner`, or a `DecoderModel` (wrapped in a `TorchRunner` for layers [0, k))."""
+    """The plan's edge layers [0, k) on one `SegmentRunner`, with an exit decision at every exit."""
 
-    def __init__(self, runner: SegmentRunner | DecoderModel, plan: PartitionPlan):
-        num_layers = runner.cfg.num_layers if isinstance(runner, DecoderModel) else runner.num_layers
-        plan.check_depth(num_layers)
-        layers = runner.layer_range if isinstance(runner, DecoderModel) else runner.layers
-        if layers.start != 0 or layers.stop < plan.split_layer:
-            raise ValueError(f"the edge needs layers [0, {plan.split_layer}), the runner holds {layers}")
-        if isinstance(runner, DecoderModel):
-            runner = TorchRunner(runner, range(0, plan.split_layer))
+    def __init__(self, runner: SegmentRunner, plan: PartitionPlan):
+        plan.check_depth(runner.num_layers)
+        if runner.layers.start != 0 or runner.layers.stop < plan.split_layer:
+            raise ValueError(f"the edge needs layers [0, {plan.split_layer}), the runner holds {runner.layers}")
         self.runner, self.plan = runner, plan
 
     @property
     def hidden_size(self) -> int:
         return self.runner.hidden_size
-
-    @property
-    def model(self) -> DecoderModel:
-        """The PyTorch model behind a `TorchRunner` (other runners have none)."""
-        if not isinstance(self.runner, TorchRunner):
-            raise AttributeError(f"this edge runs on {type(self.runner).__name__}, which has no PyTorch model")
-        return self.runner.model
 
     def new_sequence(self) -> SequenceState:
         return self.runner.new_sequence()

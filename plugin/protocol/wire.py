@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .codec import EncodedRows
-from .context import PendingBlock
-from .protocol import (HIDDEN_INPUTS, HIDDEN_SCALE, SPLIT_LAYER, START_POS, TOKEN_IDS, TOP_K, WANT_TOKEN,
-                       CloudReply, CloudRequest, ProtocolError)
+from plugin.protocol.codec import EncodedRows
+from plugin.protocol.errors import ProtocolError
+from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
+from plugin.protocol.tensors import (
+    HIDDEN_INPUTS, HIDDEN_SCALE, PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT, SPLIT_LAYER, START_POS,
+    TOKEN_IDS, TOP_K, WANT_TOKEN)
 
-# Tensors between the ensemble's two steps (context_manager -> cloud_partition).
-PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = "PENDING_HIDDEN", "PENDING_START", "PENDING_SPLIT", "PENDING_WANT"
 
 Tensors = dict[str, np.ndarray]
 

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from plugin.paths import REPO_ROOT
+
 INSTALL_HINT = (
     "install the Python wheel that ships it (pip install nvidia-pytriton==0.7.0, "
     "tritonserver 2.51.0 with the python backend) or run inside the NGC Triton container "

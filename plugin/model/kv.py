@@ -13,7 +13,7 @@ from typing import Iterable
 
 import torch
 
-from .layers import causal_mask
+from plugin.model.layers import causal_mask
 
 
 class PositionError(ValueError):

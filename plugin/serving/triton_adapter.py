@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .services import CloudService, ContextManagerService, RequestData
+from plugin.serving.services import CloudService, ContextManagerService, RequestData
 
 CONTROLS = ("START", "END", "CORRID")
 METRIC_HELP = {

@@ -24,25 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from .codec import EncodedRows
-
-HIDDEN_INPUTS = {"fp32": "HIDDEN_FP32", "fp16": "HIDDEN_FP16", "int8": "HIDDEN_INT8"}
-HIDDEN_SCALE = "HIDDEN_SCALE"
-TOKEN_IDS = "TOKEN_IDS"
-START_POS = "START_POS"
-WANT_TOKEN = "WANT_TOKEN"
-SPLIT_LAYER = "SPLIT_LAYER"
-OUTPUTS = ("TOKEN_ID", "CONFIDENCE", "TOPK_IDS", "TOPK_LOGPROBS", "CATCHUP_ROWS")
-TOP_K = 8
-
-
-class ProtocolError(ValueError):
-    """A request that breaks the protocol; the session's stored context is left as it was."""
-
-
-class SequenceNeedsStart(ProtocolError):
-    """The cloud holds no context for this sequence: the edge must re-send it with START."""
+from plugin.protocol.codec import EncodedRows
+from plugin.protocol.tensors import TOP_K
 
 
 @dataclass
@@ -81,3 +66,21 @@ class CloudReply:
     def nbytes(self) -> int:
         """TOKEN_ID + CONFIDENCE + TOPK_IDS + TOPK_LOGPROBS (always TOP_K wide) + CATCHUP_ROWS."""
         return 8 + 4 + 12 * TOP_K + 4
+
+
+@dataclass
+class PendingBlock:
+    """What the context manager hands the cloud partition for one request."""
+
+    sequence_id: int
+    split_layer: int
+    start_pos: int
+    hidden: torch.Tensor  # [n, D]; n == 0 for upload-only requests
+    want_token: bool
+    start: bool = False
+    end: bool = False
+    token_ids: torch.Tensor | None = None  # [n] int64 instead of hidden, for the cloud-only baseline (split 0)
+
+    @property
+    def num_rows(self) -> int:
+        return self.hidden.shape[0] if self.token_ids is None else self.token_ids.shape[0]

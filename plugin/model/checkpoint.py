@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .decoder import DecoderModel, ExitAdapter
-from .layers import ModelConfig
+from plugin.model.config import ModelConfig
+from plugin.model.decoder import DecoderModel, ExitAdapter
 
 LLAMA_STYLE = ("llama", "qwen2", "mistral")
 

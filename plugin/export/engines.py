@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decoder import DecoderModel
-from .onnx_export import GraphSpec, Manifest
+from plugin.export.manifest import GraphSpec, Manifest
+from plugin.model.decoder import DecoderModel
 
 ENGINE_MANIFEST = "engines.json"
 ENGINE_FORMAT = "ce-collm-engines/1"

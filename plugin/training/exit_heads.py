@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder import DecoderModel, ExitAdapter
+from plugin.model.decoder import DecoderModel, ExitAdapter
 
 # ----------------------------------------------------------------------------------------------
 # text -> token windows (the checkpoint's own tokenizer.json)
@@ -292,7 +292,7 @@ def save_adapters(heads: ExitHeads, path: str | Path, metadata: dict[str, object
 
 def update_plan(plan_path: str | Path, adapters_path: str | Path) -> dict:
     """Set the plan file's `exit_adapters` key (path relative to the plan); keeps its other keys."""
-    from .plan import PartitionPlan
+    from plugin.split.plan import PartitionPlan
 
     plan_path = Path(plan_path)
     yaml_plan = plan_path.suffix in (".yaml", ".yml")

@@ -1,0 +1,1 @@
+"""Build artifacts: the graph manifest, ONNX export and parity, TensorRT engines."""

@@ -1,0 +1,1 @@
+"""Exit heads for a checkpoint: adapter training and calibration reports."""
