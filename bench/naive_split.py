@@ -146,7 +146,7 @@ class NaiveSplitGenerator:
                 t0 = time.perf_counter()
                 h, first = torch.tensor(block, dtype=torch.long), 0
                 for boundary in self.edge.plan.boundaries:  # the runner's segments; no exit heads
-                    h, first = runner.run(first, boundary, h, pos, state), boundary  # [T, D]
+                    h, first = runner.run(first, boundary, h, pos, state, None).hidden, boundary  # [T, D]
                 context.append(h)
                 stats.edge_s += time.perf_counter() - t0
                 rows = encode(torch.cat(context), self.codec)  # the whole context, every time

@@ -1,7 +1,9 @@
 """Segment runners behind one interface (`plugin.split.edge.SegmentRunner`): PyTorch, ONNX Runtime, TensorRT.
 
-`EdgePartition` owns the segment loop (pending rows, exits, the split); a runner only computes
-layers [first, last) of one block and an exit head. All three give the same tokens at threshold
+`EdgePartition` owns the segment loop (pending rows, exit decisions, the split); a runner computes
+layers [first, last) of one block and, when the segment ends at an exit, that exit's logits, confidence
+and token for the last row (the exported graphs compute them in the same pass; nothing is computed
+twice). All three give the same tokens at threshold
 1.0 up to float noise (tests/test_onnx_export.py checks torch == onnx on tiny checkpoints).
 
     runner = load_runner("onnx", plan)              # or "torch", "tensorrt"
@@ -10,22 +12,20 @@ layers [first, last) of one block and an exit head. All three give the same toke
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
-
 import numpy as np
 import torch
 
 from plugin.export.engines import ENGINE_MANIFEST, import_tensorrt, load_engine_manifest, TensorRTUnavailable
 from plugin.export.manifest import NP_DTYPES, default_onnx_dir, ExportError, graph_path, GraphSpec, kv_names, Manifest
 from plugin.model.checkpoint import load_model
-from plugin.model.decoder import DecoderModel
-from plugin.model.kv import PositionError, SequenceKV
+from plugin.model.decoder import confidence, DecoderModel
+from plugin.model.kv import BoundaryRows, checked_rewind, KVMark, PositionError, SequenceKV
+from plugin.split.edge import ExitOutput, SegmentOutput
 from plugin.split.plan import PartitionPlan
 
 RUNNERS = ("torch", "onnx", "tensorrt")
 EXPORT_COMMAND = ".venv/bin/python build/export_onnx.py --plan {plan} --out {out}"
 __all__ = ["RUNNERS", "GraphSequenceKV", "OnnxRunner", "TensorRTRunner", "TorchRunner", "load_runner"]
-
 
 
 class TorchRunner:
@@ -42,43 +42,50 @@ class TorchRunner:
         return self.model.new_sequence(self.layers.start, self.layers.stop)
 
     @torch.inference_mode()
-    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
-            state: SequenceKV) -> torch.Tensor:
+    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int, state: SequenceKV,
+            exit_layer: int | None) -> SegmentOutput:
         model = self.model
         positions = torch.arange(start_pos, start_pos + x.shape[0], device=model.device)[None]  # [1, T]
         if first_layer == 0:
             h = model.embed_tokens(x.to(model.device)[None], positions)  # [1, T, D]
         else:
             h = x.to(model.device, model.dtype)[None]  # [1, T, D]
-        return model.run_layers(h, positions, first_layer, last_layer, [state])[0]  # [T, D]
+        h = model.run_layers(h, positions, first_layer, last_layer, [state])[0]  # [T, D]
+        if exit_layer is None:
+            return SegmentOutput(h, None)
+        logits = model.exit_logits(h[-1], exit_layer).float()  # [V]
+        conf, token = confidence(logits)
+        return SegmentOutput(h, ExitOutput(logits, float(conf), int(token)))
 
     @torch.inference_mode()
     def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
         return self.model.exit_logits(hidden_row, layer)
 
 
-class GraphSequenceKV(SequenceKV):
-    """The pending rows of `SequenceKV` plus past K/V per layer as the runner's arrays [1, Hkv, P, Dh]."""
+class GraphSequenceKV:
+    """A graph runner's sequence: past K/V per layer as the runner's arrays [1, Hkv, P, Dh], and pending rows."""
 
     def __init__(self, layers: range, empty_kv):
-        super().__init__(0, 0, 0, 0, torch.float32, "cpu")  # no torch caches: only the pending-row half
         self.kv = {i: (empty_kv(), empty_kv()) for i in layers}  # layer -> (keys, values)
+        self.pending = BoundaryRows()
 
     def length(self, layer: int) -> int:
         return int(self.kv[layer][0].shape[2])
 
-    def _layer_ids(self) -> Iterable[int]:
-        return self.kv.keys()
+    def mark(self) -> KVMark:
+        return KVMark({i: self.length(i) for i in self.kv}, self.pending.copy())
 
-    def _truncate(self, layer: int, length: int) -> None:
-        keys, values = self.kv[layer]
-        self.kv[layer] = (keys[:, :, :length], values[:, :, :length])
+    def rewind(self, mark: KVMark) -> None:
+        for layer, length in checked_rewind(mark, self.length):
+            keys, values = self.kv[layer]
+            self.kv[layer] = (keys[:, :, :length], values[:, :, :length])
+        self.pending = mark.pending.copy()
 
     @property
     def nbytes(self) -> int:
         kv = sum(a.nbytes if isinstance(a, np.ndarray) else a.element_size() * a.numel()
                  for pair in self.kv.values() for a in pair)
-        return kv + sum(p.hidden.element_size() * p.hidden.numel() for p in self.pending.values())
+        return kv + self.pending.nbytes
 
 
 class _GraphRunner:
@@ -95,17 +102,19 @@ class _GraphRunner:
         specs = manifest.specs()
         self.segments = {(s.first_layer, s.last_layer): s for s in specs if s.kind == "edge"}
         self.heads = {s.exit_layer: s for s in specs if s.kind == "exit_head"}
-        self._last_exit: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (row [D], logits [V])
 
     def new_sequence(self) -> GraphSequenceKV:
         return GraphSequenceKV(self.layers, self._empty_kv)
 
-    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
-            state: GraphSequenceKV) -> torch.Tensor:
+    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int, state: GraphSequenceKV,
+            exit_layer: int | None) -> SegmentOutput:
         spec = self.segments.get((first_layer, last_layer))
         if spec is None:
             raise ValueError(f"no exported segment for layers [{first_layer}, {last_layer}); the graphs cover "
                              f"{sorted(self.segments)}: re-export for this plan")
+        if exit_layer is not None and spec.exit_layer != exit_layer:
+            raise ValueError(f"the graph for layers [{first_layer}, {last_layer}) ends with exit {spec.exit_layer}, "
+                             f"not {exit_layer}: re-export for this plan")
         held = state.length(first_layer)
         if start_pos != held:
             raise PositionError(f"block starts at position {start_pos} but layer {first_layer} holds {held} positions")
@@ -122,16 +131,14 @@ class _GraphRunner:
         for j, layer in enumerate(spec.layers):
             state.kv[layer] = (out[present[2 * j]], out[present[2 * j + 1]])
         hidden = _cpu_tensor(out["hidden_out"])[0]  # [T, D] fp32
-        if spec.exit_layer is not None:
-            self._last_exit[spec.exit_layer] = (hidden[-1].clone(), _cpu_tensor(out["exit_logits"])[0])
-        return hidden
+        if exit_layer is None:
+            return SegmentOutput(hidden, None)
+        head = ExitOutput(_cpu_tensor(out["exit_logits"])[0], float(out["exit_confidence"][0, 0]),
+                          int(out["exit_token"][0, 0]))
+        return SegmentOutput(hidden, head)
 
     def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
-        """The segment graph computed this row's exit logits already; other rows go through the exit head."""
-        cached = self._last_exit.get(layer)
         row = hidden_row.detach().cpu().float()
-        if cached is not None and torch.equal(cached[0], row):
-            return cached[1]
         spec = self.heads.get(layer)
         if spec is None:
             raise ValueError(f"no exit head exported for layer {layer}; exits: {sorted(self.heads)}")

@@ -12,7 +12,7 @@ import torch
 from edge_runtime.decoding import Generator
 from edge_runtime.runners import TorchRunner
 from plugin.model.checkpoint import load_model
-from plugin.model.kv import PositionError, SequenceKV
+from plugin.model.kv import BoundaryRows, PositionError, SequenceKV
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
@@ -119,10 +119,10 @@ def test_rewind_restores_lengths_and_pending_rows_and_refuses_to_go_forward():
     seq = SequenceKV(0, 2, num_kv_heads=1, head_dim=4, dtype=torch.float32, device="cpu")
     for layer in seq.layers.values():
         layer.append(0, torch.ones(1, 3, 4), torch.ones(1, 3, 4))
-    seq.add_pending(1, 3, torch.zeros(1, 8))
+    seq.pending.add(1, 3, torch.zeros(1, 8))
     mark = seq.mark()
     seq.layers[0].append(3, torch.ones(1, 2, 4), torch.ones(1, 2, 4))
-    seq.add_pending(1, 4, torch.zeros(1, 8))
+    seq.pending.add(1, 4, torch.zeros(1, 8))
     seq.rewind(mark)
     assert seq.length(0) == 3 and seq.pending[1].start == 3 and seq.pending[1].end == 4
     seq.layers[0].truncate(1)
@@ -134,7 +134,7 @@ def test_broken_catch_up_fails_the_kv_check(tiny, monkeypatch):
     """Mutation check: if pending rows were dropped instead of carried, the KV check must fail."""
     path, hf = tiny
     edge, cloud = _pipeline(path, torch.float32, threshold=1.0)
-    monkeypatch.setattr(SequenceKV, "take_pending", lambda self, boundary: None)
+    monkeypatch.setattr(BoundaryRows, "take", lambda self, boundary: None)
     with pytest.raises((PositionError, AssertionError)):
         gen, tokens, _ = _decode_then_flush(edge, cloud, 0.0, PROMPTS[0], 10)
         _assert_kv_matches_full_model(hf.float(), gen.seq, cloud.partition.sequences[7].kv, tokens,

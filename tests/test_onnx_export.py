@@ -151,13 +151,14 @@ def test_onnx_runner_keeps_the_position_rule(exported):
     plan, onnx_dir, _ = exported
     runner = OnnxRunner(plan, onnx_dir, threads=1)
     state = runner.new_sequence()
-    h = runner.run(0, plan.boundaries[0], torch.tensor(PROMPT), 0, state)
-    assert h.shape == (len(PROMPT), runner.hidden_size) and state.length(0) == len(PROMPT)
+    first = plan.boundaries[0]
+    out = runner.run(0, first, torch.tensor(PROMPT), 0, state, first if first in plan.exit_layers else None)
+    assert out.hidden.shape == (len(PROMPT), runner.hidden_size) and state.length(0) == len(PROMPT)
     with pytest.raises(PositionError, match="starts at position 3 but layer 0 holds 6"):
-        runner.run(0, plan.boundaries[0], torch.tensor([1]), 3, state)
+        runner.run(0, first, torch.tensor([1]), 3, state, None)
     with pytest.raises(ValueError, match="no exported segment"):
-        runner.run(0, plan.split_layer + 1, torch.tensor([1]), 6, state)
-    # a row the segment did not just compute goes through the exit-head graph
+        runner.run(0, plan.split_layer + 1, torch.tensor([1]), 6, state, None)
+    # any row goes through the exit-head graph alone
     row = torch.randn(runner.hidden_size)
     logits = runner.exit_logits(row, plan.exit_layers[0])
     ref = load_model(plan.checkpoint, range(0, plan.split_layer)).exit_logits(row, plan.exit_layers[0])

@@ -9,7 +9,6 @@ The rules that keep early exit exact (DESIGN.md, "KV caches of skipped layers"):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
@@ -74,12 +73,49 @@ class PendingRows:
         return self.start + self.hidden.shape[0]
 
 
+class BoundaryRows:
+    """The rows waiting at each boundary (the pending rows), in position order, for one sequence.
+
+    Both kinds of sequence state hold one: `SequenceKV` (PyTorch caches) and the graph runners' state.
+    """
+
+    def __init__(self, rows: dict[int, PendingRows] | None = None):
+        self._rows: dict[int, PendingRows] = dict(rows or {})
+
+    def add(self, boundary: int, start: int, hidden: torch.Tensor) -> None:
+        """Rows that stopped at `boundary` wait there, after any rows already waiting."""
+        held = self._rows.get(boundary)
+        if held is None:
+            self._rows[boundary] = PendingRows(start, hidden)
+            return
+        if start != held.end:
+            raise PositionError(f"pending rows at layer {boundary} end at {held.end}, new rows start at {start}")
+        self._rows[boundary] = PendingRows(held.start, torch.cat([held.hidden, hidden]))
+
+    def take(self, boundary: int) -> PendingRows | None:
+        """The rows waiting at `boundary`, which then wait no more (the caller carries them on)."""
+        return self._rows.pop(boundary, None)
+
+    def __getitem__(self, boundary: int) -> PendingRows:
+        return self._rows[boundary]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def copy(self) -> "BoundaryRows":
+        return BoundaryRows(self._rows)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.hidden.element_size() * p.hidden.numel() for p in self._rows.values())
+
+
 @dataclass(frozen=True)
 class KVMark:
     """Where a sequence stood: the cached length of every layer and the rows pending at each boundary."""
 
     lengths: dict[int, int]
-    pending: dict[int, PendingRows]
+    pending: BoundaryRows
 
 
 class SequenceKV:
@@ -88,45 +124,31 @@ class SequenceKV:
     def __init__(self, first_layer: int, last_layer: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         self.layers = {i: LayerKV(num_kv_heads, head_dim, dtype, device) for i in range(first_layer, last_layer)}
-        self.pending: dict[int, PendingRows] = {}
-
-    def add_pending(self, boundary: int, start: int, hidden: torch.Tensor) -> None:
-        """Rows that stopped at `boundary` wait there, after any rows already waiting."""
-        held = self.pending.get(boundary)
-        if held is None:
-            self.pending[boundary] = PendingRows(start, hidden)
-            return
-        if start != held.end:
-            raise PositionError(f"pending rows at layer {boundary} end at {held.end}, new rows start at {start}")
-        self.pending[boundary] = PendingRows(held.start, torch.cat([held.hidden, hidden]))
-
-    def take_pending(self, boundary: int) -> PendingRows | None:
-        return self.pending.pop(boundary, None)
+        self.pending = BoundaryRows()
 
     def length(self, layer: int) -> int:
         return self.layers[layer].length
 
     def mark(self) -> KVMark:
-        return KVMark({i: self.length(i) for i in self._layer_ids()}, dict(self.pending))
+        return KVMark({i: self.length(i) for i in self.layers}, self.pending.copy())
 
     def rewind(self, mark: KVMark) -> None:
         """Back to `mark`: positions cached since are dropped, the pending rows are those held then."""
-        for layer, length in mark.lengths.items():
-            if not 0 <= length <= self.length(layer):
-                raise PositionError(f"cannot rewind layer {layer} from {self.length(layer)} positions to {length}")
-            self._truncate(layer, length)
-        self.pending = dict(mark.pending)
-
-    def _layer_ids(self) -> Iterable[int]:
-        return self.layers.keys()
-
-    def _truncate(self, layer: int, length: int) -> None:
-        self.layers[layer].truncate(length)
+        for layer, length in checked_rewind(mark, self.length):
+            self.layers[layer].truncate(length)
+        self.pending = mark.pending.copy()
 
     @property
     def nbytes(self) -> int:
-        kv = sum(layer.nbytes for layer in self.layers.values())
-        return kv + sum(p.hidden.element_size() * p.hidden.numel() for p in self.pending.values())
+        return sum(layer.nbytes for layer in self.layers.values()) + self.pending.nbytes
+
+
+def checked_rewind(mark: KVMark, length_of) -> list[tuple[int, int]]:
+    """(layer, length) pairs to truncate to; refuses a mark that lies ahead of what a layer holds."""
+    for layer, length in mark.lengths.items():
+        if not 0 <= length <= length_of(layer):
+            raise PositionError(f"cannot rewind layer {layer} from {length_of(layer)} positions to {length}")
+    return list(mark.lengths.items())
 
 
 def kv_gatherer(caches: list[LayerKV], positions: torch.Tensor, lengths: list[int]):

@@ -11,20 +11,15 @@ from typing import Protocol
 
 import torch
 
-from plugin.model.decoder import confidence
-from plugin.model.kv import KVMark, PendingRows
+from plugin.model.kv import BoundaryRows, KVMark, PendingRows
 from plugin.model.sampling import Sampler
 from plugin.split.plan import PartitionPlan
 
 
 class SequenceState(Protocol):
-    """One sequence's runner state: the pending-row API of `SequenceKV` plus the runner's own KV."""
+    """One sequence's runner state: its KV (in whatever form the runner keeps it) and its pending rows."""
 
-    pending: dict[int, PendingRows]
-
-    def add_pending(self, boundary: int, start: int, hidden: torch.Tensor) -> None: ...
-
-    def take_pending(self, boundary: int) -> PendingRows | None: ...
+    pending: BoundaryRows
 
     def length(self, layer: int) -> int:
         """Positions the KV cache of `layer` holds: the next block entering it must start there."""
@@ -35,8 +30,24 @@ class SequenceState(Protocol):
         """Undo every step since `mark` (a speculative step whose guessed token was wrong)."""
 
 
+@dataclass
+class ExitOutput:
+    """What the exit head after a segment says about the segment's last row."""
+
+    logits: torch.Tensor  # [V] float32
+    confidence: float  # max softmax probability
+    token: int  # its argmax
+
+
+@dataclass
+class SegmentOutput:
+    hidden: torch.Tensor  # [T, D] rows leaving the segment
+    exit: ExitOutput | None  # set when the segment ends at an exit
+
+
 class SegmentRunner(Protocol):
-    """Computes a segment of layers; knows nothing about exits, thresholds or pending rows."""
+    """Computes a segment of layers and, where one ends a segment, its exit head; knows nothing about
+    thresholds or pending rows."""
 
     hidden_size: int
     num_layers: int  # depth of the whole model (the plan's split must leave the cloud a layer)
@@ -44,16 +55,17 @@ class SegmentRunner(Protocol):
 
     def new_sequence(self) -> SequenceState: ...
 
-    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int,
-            state: SequenceState) -> torch.Tensor:
-        """Layers [first_layer, last_layer) over one block of rows at positions [start_pos, start_pos + T).
+    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int, state: SequenceState,
+            exit_layer: int | None) -> SegmentOutput:
+        """Layers [first_layer, last_layer) over one block of rows at positions [start_pos, start_pos + T),
+        then the exit head after `exit_layer` (== last_layer, or None for no exit) on the last row.
 
-        x: token ids [T] (int64) when first_layer == 0, else hidden rows [T, D]. Returns hidden [T, D].
+        x: token ids [T] (int64) when first_layer == 0, else hidden rows [T, D] float32.
         The block must start at the cached length of first_layer (`PositionError` otherwise).
         """
 
     def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits [V] of the exit after `layer` layers for one hidden row [D]."""
+        """Logits [V] of the exit after `layer` layers for any one hidden row [D] (the exit head alone)."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +107,6 @@ class EdgePartition:
     def new_sequence(self) -> SequenceState:
         return self.runner.new_sequence()
 
-    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
-        return self.runner.exit_logits(hidden_row, layer)
-
     @torch.inference_mode()
     def step(self, seq: SequenceState, token_ids: list[int], start_pos: int, policy: ExitPolicy,
              sampler: Sampler) -> EdgeStep:
@@ -110,24 +119,24 @@ class EdgePartition:
         x = torch.tensor(token_ids, dtype=torch.long)  # [T] token ids, then [T, D] hidden rows
         start, layer, last_exit = start_pos, 0, self.plan.exit_layers[-1]
         for boundary in self.plan.boundaries:
-            waiting = seq.take_pending(layer)
+            waiting = seq.pending.take(layer)
             if waiting is not None:  # never at layer 0: no boundary lies there
                 x, start = torch.cat([waiting.hidden, x]), waiting.start
-            h = runner.run(layer, boundary, x, start, seq)  # [T, D]
+            exit_layer = boundary if boundary in self.plan.exit_layers else None
+            segment = runner.run(layer, boundary, x, start, seq, exit_layer)
+            h = segment.hidden  # [T, D]
             out.rows_by_layer.update({i: h.shape[0] for i in range(layer, boundary)})
             x, layer = h, boundary
             if boundary == self.plan.split_layer:
                 out.split_rows = PendingRows(start, h)
-            if boundary not in self.plan.exit_layers:
+            if segment.exit is None:
                 continue
-            logits = runner.exit_logits(h[-1], boundary)  # [V]
             if boundary == last_exit:
-                out.last_exit_logits = logits
-            conf = float(confidence(logits)[0])
-            out.confidences.append((boundary, conf))
-            if policy.exits(conf, boundary == last_exit):
-                out.token_id, out.exit_layer = sampler.pick(logits), boundary
+                out.last_exit_logits = segment.exit.logits
+            out.confidences.append((boundary, segment.exit.confidence))
+            if policy.exits(segment.exit.confidence, boundary == last_exit):
+                out.token_id, out.exit_layer = sampler.pick(segment.exit.logits), boundary
                 if boundary != self.plan.split_layer:  # rows at the split belong to the cloud
-                    seq.add_pending(boundary, start, h)
+                    seq.pending.add(boundary, start, h)
                 return out
         return out
