@@ -43,6 +43,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="stream the tritonserver log to stderr")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="give up if the models are not all ready after S seconds (default: %(default)s)")
+    p.add_argument("--no-heal", action="store_true",
+                   help="do not reload a python model whose backend stub died (by default the server runs in "
+                        "model-control mode explicit and a dead stub's model is unloaded and loaded again)")
     p.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
                    help="extra tritonserver flag, repeatable; write it as --triton-arg=--log-verbose=1")
 
@@ -75,6 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_file=args.log_file,
             extra_args=args.triton_arg,
             echo=sys.stderr if args.verbose else None,
+            heal_stubs=not args.no_heal,
         )
         print(f"ce-collm serve: starting tritonserver on {args.model_repository}", file=sys.stderr, flush=True)
         server.start(timeout_s=args.timeout)

@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import IO, Iterable, Sequence
 
 from plugin.paths import REPO_ROOT
+from plugin.serving.healer import STUB_NAME, StubHealer
 
 INSTALL_HINT = (
     "install the Python wheel that ships it (pip install nvidia-pytriton==0.7.0, "
     "tritonserver 2.51.0 with the python backend) or run inside the NGC Triton container "
     "(nvcr.io/nvidia/tritonserver), where tritonserver is on PATH"
 )
-STUB_NAME = "triton_python_backend_stub"
 
 
 class TritonServerError(RuntimeError):
@@ -216,6 +216,14 @@ _LIVE_SERVERS: "set[TritonServer]" = set()
 
 
 @atexit.register
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel SIGKILLs tritonserver when the thread that started it dies,
+    so a launcher killed without warning (SIGKILL) leaves no orphan holding the ports."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _stop_live_servers() -> None:
     """Do not leave servers behind when the interpreter exits without stopping them."""
     for server in list(_LIVE_SERVERS):
@@ -246,7 +254,10 @@ class TritonServer:
         install: TritonInstall | None = None,
         echo: IO[str] | None = None,
         tail_lines: int = 400,
+        heal_stubs: bool = False,
     ) -> None:
+        """heal_stubs: reload a python model whose backend stub died (plugin/serving/healer.py); this runs
+        the server in model-control mode explicit with every model loaded at start unless told otherwise."""
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository {self.model_repository} is not a directory")
@@ -258,14 +269,16 @@ class TritonServer:
         self.grpc_port, self.http_port, self.metrics_port = (p or next(picked) for p in wanted)
         self.log_file = Path(log_file) if log_file is not None else None
         self.extra_args = list(extra_args)
-        self.model_control_mode = model_control_mode
-        self.load_models = list(load_models)
+        self.heal_stubs = heal_stubs
+        self.model_control_mode = "explicit" if heal_stubs else model_control_mode
+        self.load_models = list(load_models) or (["*"] if heal_stubs else [])
         self.echo = echo
         self._shm_prefix = f"ce_collm_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._errors: collections.deque[str] = collections.deque(maxlen=40)
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
+        self.healer: StubHealer | None = None
 
     # -- endpoints ---------------------------------------------------------------------------
     @property
@@ -333,6 +346,7 @@ class TritonServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
+            preexec_fn=_die_with_parent,
         )
         _LIVE_SERVERS.add(self)
         self._reader = threading.Thread(target=self._read_output, args=(self._proc,), daemon=True,
@@ -343,6 +357,8 @@ class TritonServer:
         except BaseException:
             self.stop(timeout_s=15)
             raise
+        if self.heal_stubs:
+            self.healer = StubHealer(self._proc.pid, self.http_url, log=self._note).start()
         return self
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -350,6 +366,7 @@ class TritonServer:
         proc = self._proc
         if proc is None:
             return None
+        self._stop_healer()  # stubs exit on shutdown: that is no reason to reload their models
         if proc.poll() is None:
             try:
                 proc.send_signal(signal.SIGTERM)
@@ -367,6 +384,7 @@ class TritonServer:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
+        self._stop_healer()
         proc.kill()
         proc.wait(timeout=30)
         self._finish(proc)
@@ -393,6 +411,22 @@ class TritonServer:
         self.stop()
 
     # -- internals ---------------------------------------------------------------------------
+    def _stop_healer(self) -> None:
+        if self.healer is not None:
+            self.healer.stop()
+            self.healer = None
+
+    def _note(self, message: str) -> None:
+        """A line of our own in the server's log tail (and on `echo`): what the healer did."""
+        line = f"ce-collm: {message}\n"
+        self._tail.append(line)
+        if self.log_file is not None:
+            with open(self.log_file, "a", encoding="utf-8") as log:
+                log.write(line)
+        if self.echo is not None:
+            self.echo.write(line)
+            self.echo.flush()
+
     def _read_output(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         log = open(self.log_file, "a", encoding="utf-8") if self.log_file is not None else None
@@ -456,7 +490,7 @@ class TritonServer:
         return meta
 
     def _models_to_wait_for(self, index: list[dict[str, str]]) -> set[str]:
-        if self.model_control_mode == "explicit":
+        if self.model_control_mode == "explicit" and "*" not in self.load_models:
             return set(self.load_models)
         return {m["name"] for m in index}
 
