@@ -351,14 +351,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="FILE", help="write here (default: standard output)")
 
 
+def config_from_args(args: argparse.Namespace) -> FrontConfig:
+    return FrontConfig(tuple(args.replica), args.state_dir, listen=args.listen, access_log=args.access_log,
+                       error_log=args.error_log, tls_cert=args.tls_cert, tls_key=args.tls_key, client_ca=args.client_ca,
+                       max_body_bytes=args.max_body_bytes, rate_per_client=args.rate_per_client,
+                       burst_per_client=args.burst_per_client, workers=args.workers, resolver=args.resolver)
+
+
 def run(args: argparse.Namespace) -> int:
     """Write the front's nginx.conf, or a ConfigMap holding it."""
     try:
-        cfg = FrontConfig(tuple(args.replica), args.state_dir, listen=args.listen, access_log=args.access_log,
-                          error_log=args.error_log, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                          client_ca=args.client_ca, max_body_bytes=args.max_body_bytes,
-                          rate_per_client=args.rate_per_client, burst_per_client=args.burst_per_client,
-                          workers=args.workers, resolver=args.resolver)
+        cfg = config_from_args(args)
     except ValueError as e:
         print(f"ce-collm front-config: {e}", file=sys.stderr)
         return 2
