@@ -27,6 +27,7 @@ class Fleet:
         if replicas < 1:
             raise ValueError(f"a fleet needs at least one replica, got {replicas}")
         self.state_dir = Path(state_dir) if state_dir is not None else Path(tempfile.mkdtemp(prefix="ce-collm-fleet-"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         self.replicas = [TritonServer(model_repository, log_file=self.state_dir / f"replica-{i}.log", **server_options)
                          for i in range(replicas)]
         port = grpc_port or free_ports(1, host="127.0.0.1" if host in ("", "0.0.0.0") else host)[0]  # picked once
