@@ -104,13 +104,21 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def markdown(rows: list[dict], cmp: list[dict]) -> str:
-    out = ["| clients | replicas | tokens/s | p50 ms | p99 ms | requests per replica (last round) |",
-           "| ---: | ---: | ---: | ---: | ---: | --- |"]
-    for r in rows:
-        out.append(f"| {r['clients']} | {r['replicas']} | {r['throughput_tok_s']:.0f} | {r['p50_ms']:.1f} | "
-                   f"{r['p99_ms']:.1f} | {' / '.join(map(str, r['rounds'][-1]['requests_per_replica']))} |")
-    out += ["", "| clients | tokens/s, 2 vs 1 replica | p99, 2 vs 1 replica |", "| ---: | ---: | ---: |"]
-    out += [f"| {c['clients']} | {c['throughput_ratio']:.2f}x | {c['p99_ratio']:.2f}x |" for c in cmp]
+    """One line per client count: medians over rounds (min-max in brackets), 2 replicas against 1."""
+    by = {(r["replicas"], r["clients"]): r for r in rows}
+
+    def cell(row: dict, key: str) -> str:
+        values = [run[key] for run in row["rounds"]]
+        return f"{row[key]:.0f} ({min(values):.0f}-{max(values):.0f})"
+
+    out = ["| clients | tokens/s, 1 replica | tokens/s, 2 replicas | ratio | p99 ms, 1 replica | p99 ms, 2 replicas "
+           "| ratio | requests per replica, 2 replicas (last round) |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for c in cmp:
+        one, two = by[(1, c["clients"])], by[(2, c["clients"])]
+        out.append(f"| {c['clients']} | {cell(one, 'throughput_tok_s')} | {cell(two, 'throughput_tok_s')} | "
+                   f"{c['throughput_ratio']:.2f}x | {cell(one, 'p99_ms')} | {cell(two, 'p99_ms')} | {c['p99_ratio']:.2f}x | "
+                   f"{' / '.join(map(str, two['rounds'][-1]['requests_per_replica']))} |")
     return "\n".join(out)
 
 
@@ -151,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = measure({1: single, 2: fleet.front}, fleet, traces, clients, args.rounds,
                                args.sessions_per_client, link, new_id)
     cmp = ratios(rows)
-    result = {"command": "python -m bench.replicas " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": " ".join(["python -m bench.replicas", *(sys.argv[1:] if argv is None else argv)]),
               "plan": str(args.plan), "link": link.name, "tokens_per_session": args.tokens,
               "sessions_per_client": args.sessions_per_client, "cores": os.cpu_count(), "rows": rows,
               "ratios": cmp, "wall_s": time.perf_counter() - t0,

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -39,6 +38,7 @@ NGINX_HINT = ("install Debian's nginx (apt-get install nginx; `make sysdeps` doe
 # logging) stays behind it. ServerLive/ServerReady serve load-balancer health checks.
 EDGE_METHODS = ("ModelInfer", "ModelReady", "ServerLive", "ServerReady")
 UPSTREAM = "triton"
+FAIL_TIMEOUT_S = 10  # a replica that failed a connection is skipped this long, then tried again
 HEADER_VARIABLE = "$http_" + SESSION_HEADER.replace("-", "_")  # how nginx names the header
 
 
@@ -58,13 +58,11 @@ class FrontConfig:
     tls_cert: Path | None = None  # with tls_key: terminate TLS at the front
     tls_key: Path | None = None
     client_ca: Path | None = None  # clients must present a certificate signed by this CA (needs TLS)
-    max_body_bytes: int = 16 << 20  # gRPC request size cap, enforced before any replica sees the request
+    max_body_bytes: int = 16 << 20  # gRPC request size cap: a longer request is cut off there (413)
     rate_per_client: int = 500  # requests per second per client (address, or certificate subject with client_ca)
     burst_per_client: int = 1000  # requests above the rate accepted at once before 429 (gRPC UNAVAILABLE)
     workers: str = "1"  # worker processes: "auto" on a dedicated machine
     resolver: str = ""  # DNS server: re-resolve replica names every 5 s (Kubernetes; needs nginx >= 1.27.3)
-    fail_timeout_s: int = 10  # a replica that failed a connection is skipped this long, then tried again
-    methods: tuple[str, ...] = field(default=EDGE_METHODS)  # gRPC methods passed on; others get 403
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "replicas", tuple(self.replicas))
@@ -73,20 +71,20 @@ class FrontConfig:
             raise ValueError("a front needs at least one replica")
         for address in (*self.replicas, self.listen):
             split_address(address)
+        for value in (self.state_dir, self.access_log, self.error_log, self.tls_cert, self.tls_key, self.client_ca,
+                      self.resolver):
+            _plain(str(value or ""))
         if len(set(self.replicas)) != len(self.replicas):
             raise ValueError(f"replicas listed twice: {sorted({r for r in self.replicas if self.replicas.count(r) > 1})}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key")
         if self.client_ca is not None and self.tls_cert is None:
             raise ValueError("client_ca (client certificates) needs TLS: give tls_cert and tls_key")
-        for name in ("max_body_bytes", "rate_per_client", "burst_per_client", "fail_timeout_s"):
+        for name in ("max_body_bytes", "rate_per_client", "burst_per_client"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not (self.workers == "auto" or self.workers.isdigit() and int(self.workers) > 0):
             raise ValueError(f"workers must be a positive number or 'auto', got {self.workers!r}")
-        unknown = [m for m in self.methods if not re.fullmatch(r"[A-Za-z]+", m)]
-        if not self.methods or unknown:
-            raise ValueError(f"methods must be gRPC method names of inference.GRPCInferenceService, got {self.methods}")
 
     @property
     def access_log_path(self) -> str:
@@ -97,11 +95,17 @@ class FrontConfig:
         return self.error_log or str(self.state_dir / "error.log")
 
 
+def _plain(value: str) -> str:
+    """A value written into nginx.conf as it is: nothing that would end or quote a directive."""
+    if any(c.isspace() or c in ";{}#'\"$\\" for c in value):
+        raise ValueError(f"{value!r}: spaces, quotes and ; {{ }} # $ \\ cannot go into nginx.conf")
+    return value
+
+
 def split_address(address: str) -> tuple[str, int]:
     """'host:port' (or '[v6]:port') -> (host, port); a clear error for anything else."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() or c in ";{}#'\""
-                                                                                      for c in address):
+    host, sep, port = _plain(address).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected host:port, got {address!r}")
     return host, int(port)
 
@@ -112,7 +116,7 @@ def render(cfg: FrontConfig) -> str:
     tls = cfg.tls_cert is not None
     client_key = "$ssl_client_s_dn" if cfg.client_ca is not None else "$binary_remote_addr"
     resolve = " resolve" if cfg.resolver else ""
-    servers = "\n".join(f"        server {r} max_fails=1 fail_timeout={cfg.fail_timeout_s}s{resolve};"
+    servers = "\n".join(f"        server {r} max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s{resolve};"
                         for r in cfg.replicas)
     lines = [
         f"# Written by `ce-collm front-config`: a gRPC front for {len(cfg.replicas)} tritonserver replica(s),",
@@ -150,7 +154,7 @@ def render(cfg: FrontConfig) -> str:
         f"        limit_req zone=per_client burst={cfg.burst_per_client} nodelay;",
         "        grpc_connect_timeout 2s;",
         "        grpc_next_upstream error timeout;  # not yet sent: try the next replica on the ring",
-        f"        location ~ ^/inference\\.GRPCInferenceService/({'|'.join(cfg.methods)})$ {{",
+        f"        location ~ ^/inference\\.GRPCInferenceService/({'|'.join(EDGE_METHODS)})$ {{",
         f"            grpc_pass grpc://{UPSTREAM};",
         "        }",
         "        location / { return 403; }  # gRPC PERMISSION_DENIED",
