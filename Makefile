@@ -19,15 +19,22 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
-# perf_analyzer (inside tritonclient[all]) links against Debian's libb64.
-sysdeps:
-	@if ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d'; then \
+# Debian packages the project uses, installed when missing and running as root (CI); otherwise a note.
+# $(call apt_install,PACKAGE,CHECK,WHO NEEDS IT): CHECK is a shell test that succeeds when PACKAGE is there.
+define apt_install
+	@if ! $(2); then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing libb64-0d for perf_analyzer"; \
-	    (apt-get install -y -q libb64-0d >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q libb64-0d >/dev/null)) \
-	      || echo "warning: could not install libb64-0d; perf_analyzer will not run"; \
-	  else echo "note: libb64-0d missing and not root; perf_analyzer will not run (apt-get install libb64-0d)"; fi; \
+	    echo "installing $(1) for $(3)"; \
+	    (apt-get install -y -q $(1) >/dev/null 2>&1 || (apt-get update -q >/dev/null && apt-get install -y -q $(1) >/dev/null)) \
+	      || echo "warning: could not install $(1); $(3) will not run"; \
+	  else echo "note: $(1) missing and not root; $(3) will not run (apt-get install $(1))"; fi; \
 	fi
+endef
+
+# perf_analyzer (inside tritonclient[all]) links against libb64; the replicas' gRPC front is nginx.
+sysdeps:
+	$(call apt_install,libb64-0d,/sbin/ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d',perf_analyzer)
+	$(call apt_install,nginx,PATH="$$PATH:/usr/sbin" command -v nginx >/dev/null,the replica front (tests/test_replicas.py and ce-collm serve --replicas))
 
 test: venv sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)

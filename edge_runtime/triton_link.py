@@ -8,7 +8,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from edge_runtime.link import CloudUnreachable
 from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest
-from plugin.protocol.tensors import OUTPUTS
+from plugin.protocol.tensors import OUTPUTS, SESSION_HEADER
 from plugin.protocol.wire import reply_from_outputs, request_inputs
 
 # Triton's own words when the sequence slot is gone (server restart, idle timeout), and ours.
@@ -22,7 +22,8 @@ class TritonLink:
                  ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
                  certificate_chain: str | None = None, headers: dict[str, str] | None = None):
         """ssl/root_certificates/private_key/certificate_chain: TLS (and mutual TLS) to a server started
-        with --grpc-use-ssl; headers: sent with every request (e.g. a token for an authenticating proxy)."""
+        with --grpc-use-ssl; headers: sent with every request (e.g. a token for an authenticating proxy).
+        Every infer call also carries its sequence id in SESSION_HEADER: a front routes sessions on it."""
         self.url, self.model, self.timeout_s, self.headers = url, model, timeout_s, headers
         # gRPC's default reconnect backoff grows to minutes while the server is down; an edge
         # wants to notice within a second that the cloud is back.
@@ -43,7 +44,8 @@ class TritonLink:
         try:
             result = self.client.infer(self.model, inputs, outputs=self._outputs, sequence_id=req.sequence_id,
                                        sequence_start=req.start, sequence_end=req.end,
-                                       client_timeout=self.timeout_s, headers=self.headers)
+                                       client_timeout=self.timeout_s,
+                                       headers={**(self.headers or {}), SESSION_HEADER: str(req.sequence_id)})
         except InferenceServerException as e:
             raise _translate(e) from None
         return reply_from_outputs({name: result.as_numpy(name) for name in OUTPUTS})

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
+from plugin.serving import front
 
 
 
@@ -48,6 +49,10 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                         "model-control mode explicit and a dead stub's model is unloaded and loaded again)")
     p.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
                    help="extra tritonserver flag, repeatable; write it as --triton-arg=--log-verbose=1")
+    p.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="start N tritonservers on free 127.0.0.1 ports behind an nginx gRPC front on --host:--grpc-port, "
+                        "each session sticky to one replica (docs/scaling.md); their http and metrics ports are "
+                        "printed (default: one server, no front)")
 
 
 class _Stop(Exception):
@@ -60,6 +65,8 @@ def _raise_stop(signum: int, frame: object) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     """Run tritonserver on the model repository until Ctrl-C or SIGTERM."""
+    from plugin.serving.fleet import Fleet
+    from plugin.serving.front import FrontError
     from plugin.serving.server import TritonServer, TritonServerError
 
     on_main_thread = threading.current_thread() is threading.main_thread()
@@ -69,7 +76,10 @@ def _serve(args: argparse.Namespace) -> int:
             previous[sig] = signal.signal(sig, _raise_stop)
     server = None
     try:
-        server = TritonServer(
+        if args.replicas and (args.http_port, args.metrics_port) != (8000, 8002):
+            raise TritonServerError("with --replicas every replica takes free ports: drop --http-port/--metrics-port")
+        server = Fleet(args.model_repository, args.replicas, host=args.host, grpc_port=args.grpc_port,
+                       extra_args=args.triton_arg, echo=sys.stderr if args.verbose else None) if args.replicas else TritonServer(
             args.model_repository,
             host=args.host,
             grpc_port=args.grpc_port,
@@ -82,17 +92,20 @@ def _serve(args: argparse.Namespace) -> int:
         )
         print(f"ce-collm serve: starting tritonserver on {args.model_repository}", file=sys.stderr, flush=True)
         server.start(timeout_s=args.timeout)
-        version = server.metadata().get("version", "?")
-        models = ", ".join(f"{m['name']}:{m.get('version', '?')}" for m in server.repository_index()) or "(none)"
-        print(
-            f"ce-collm serve: ready (tritonserver {version}, pid {server.pid})\n"
-            f"  grpc     {server.grpc_url}\n"
-            f"  http     http://{server.http_url}\n"
-            f"  metrics  {server.metrics_url}\n"
-            f"  models   {models}\n"
-            "Press Ctrl-C to stop.",
-            flush=True,
-        )
+        if args.replicas:
+            print(f"ce-collm serve: ready, {args.replicas} replicas\n{server.describe()}\nPress Ctrl-C to stop.", flush=True)
+        else:
+            version = server.metadata().get("version", "?")
+            models = ", ".join(f"{m['name']}:{m.get('version', '?')}" for m in server.repository_index()) or "(none)"
+            print(
+                f"ce-collm serve: ready (tritonserver {version}, pid {server.pid})\n"
+                f"  grpc     {server.grpc_url}\n"
+                f"  http     http://{server.http_url}\n"
+                f"  metrics  {server.metrics_url}\n"
+                f"  models   {models}\n"
+                "Press Ctrl-C to stop.",
+                flush=True,
+            )
         while server.is_running():
             time.sleep(0.5)
         print(f"ce-collm serve: tritonserver exited on its own with code {server.returncode}\n"
@@ -101,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     except _Stop as stop:
         print(f"ce-collm serve: {stop}, stopping tritonserver", file=sys.stderr, flush=True)
         return 0
-    except TritonServerError as err:
+    except (TritonServerError, FrontError) as err:
         print(f"ce-collm serve: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
@@ -230,6 +243,17 @@ COMMANDS: dict[str, Command] = {
             "repository, and cloud_partition as platform tensorrt_plan (the engine of build/build_engines.py "
             "--target cloud) with its KV cache as sequence_batching implicit state. Every config is parsed "
             "into Triton's ModelConfig and checked against the exported cloud ONNX graph."
+        ),
+    ),
+    "front-config": Command(
+        summary="write the nginx gRPC front of several tritonserver replicas (sticky sessions), or its ConfigMap",
+        add_arguments=front.add_arguments,
+        run=front.run,
+        description=(
+            "Write nginx.conf for a gRPC front over the replicas given with --replica: a consistent hash on "
+            "the session header edges send (every request of a session reaches one replica; a dead replica's "
+            "sessions move to the next and re-sync), optional TLS and client certificates, a request size cap "
+            "and a per-client request rate. --configmap wraps it in a Kubernetes ConfigMap (deploy/k8s/)."
         ),
     ),
     "serve": Command(

@@ -15,3 +15,7 @@ PENDING_HIDDEN = "PENDING_HIDDEN"
 PENDING_START = "PENDING_START"
 PENDING_SPLIT = "PENDING_SPLIT"
 PENDING_WANT = "PENDING_WANT"
+
+# gRPC metadata key in which the edge sends its sequence id on every request: a front that routes
+# sessions to replicas hashes on it (plugin/serving/front.py, docs/scaling.md).
+SESSION_HEADER = "ce-collm-session"

@@ -1,0 +1,336 @@
+"""Past one server: 2 tritonserver replicas behind the nginx front, sessions sticky by header.
+
+One Fleet per module (plugin/serving/fleet.py: 2 replicas on free 127.0.0.1 ports, only ce_collm
+and its two models loaded, nginx in front). Every edge request carries its sequence id in the
+ce-collm-session header and nginx hashes it onto the replicas. nginx's access log (one JSON line per
+request: session, upstream, status) shows which replica served each request, the replicas' metrics
+show the work each did, and every session's tokens are compared with the same sessions run against
+one server. The sessions of each test are drawn so that 4 land on each replica (routing probed
+through the front before they start). Run with -s to see the figures each test prints.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import secrets
+import signal
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from edge_runtime.decoding import Generator
+from edge_runtime.link import CloudUnreachable
+from edge_runtime.reconnect import ReconnectingLink
+from edge_runtime.runners import TorchRunner
+from edge_runtime.triton_link import TritonLink
+from plugin.cli import main as cli_main
+from plugin.model.checkpoint import load_model
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import ProtocolError
+from plugin.protocol.messages import CloudRequest
+from plugin.protocol.tensors import SESSION_HEADER
+from plugin.serving.fleet import Fleet
+from plugin.serving.front import FrontConfig, FrontError, NginxFront, find_nginx
+from plugin.serving.repository import ServeOptions, write_repository
+from plugin.serving.server import free_ports
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits
+from plugin.split.plan import PartitionPlan
+from tests.soak import descendant_pids, metric, prompts
+from tests.test_tls import certs  # noqa: F401 (fixture: a CA, a server and a client certificate)
+from tests.tiny_models import VOCAB, save_tiny
+
+pytestmark = pytest.mark.server
+SPLIT, EXITS = 4, (1, 3, 4)
+MIXED = 0.08  # edge exit threshold at which some tokens exit on the edge (their rows upload in the background)
+TOKENS = 40  # per session
+PAUSE_AT = 8  # tokens each session has at least before the fault (a kill, a reload) comes
+PER_REPLICA = 4  # sessions per replica in each test: 8 concurrent sessions
+UNLIMITED = dict(rate_per_client=100_000, burst_per_client=100_000)  # every test client is 127.0.0.1
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory, triton_backend_dir):
+    try:
+        find_nginx()
+    except FrontError as e:  # `make test` installs it (sysdeps): missing means a broken install, not a skip
+        pytest.fail(str(e))
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_tiny("llama", ckpt)
+    plan = PartitionPlan(ckpt, SPLIT, EXITS, threshold=1.0, codec="fp16")
+    repo = tmp_path_factory.mktemp("repo")
+    write_repository(plan, repo, ServeOptions(limits=Limits(max_sessions=64, max_context=256, max_block_rows=256)))
+    fleet = Fleet(repo, 2, state_dir=tmp_path_factory.mktemp("fleet"), front_options=UNLIMITED,
+                  backend_dir=triton_backend_dir, model_control_mode="explicit", load_models=("ce_collm",),
+                  extra_args=["--exit-timeout-secs=3"])
+    fleet.start(timeout_s=240)
+    fleet.edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
+    yield fleet
+    fleet.stop()
+
+
+@pytest.fixture(scope="module")
+def session_prompts():
+    return prompts(2 * PER_REPLICA, VOCAB, seed=7)
+
+
+@pytest.fixture(scope="module")
+def one_server_tokens(fleet, session_prompts):
+    """The same sessions, concurrently, straight to one replica: what every routed run must produce."""
+    ids = [secrets.randbits(63) | 1 for _ in session_prompts]
+    runs = run_sessions(fleet.edge, fleet.replicas[0].grpc_url, ids, session_prompts)
+    assert all(r.resyncs == 0 for r in runs)
+    return [r.tokens for r in runs]
+
+
+# -- sessions -------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    sequence_id: int
+    tokens: list[int] = field(default_factory=list)
+    arrived: list[float] = field(default_factory=list)  # time.monotonic() of each token
+    resyncs: int = 0
+    unreachable: int = 0  # attempts that found the cloud unreachable (retried by ReconnectingLink)
+    cloud_requests: int = 0
+
+
+def run_sessions(edge, url, ids, session_prompts, pause: threading.Barrier | None = None) -> list[Run]:
+    """One edge per id (own gRPC channel, background uploads, ReconnectingLink), all at once. With
+    `pause`, each waits there at its first cloud token from the PAUSE_AT-th on, so that a fault comes
+    while every session is open and its replica holds its context."""
+    def one(sid: int, prompt: list[int]) -> Run:
+        run, gate = Run(sid), pause
+        link = ReconnectingLink(TritonLink(url, timeout_s=30), patience_s=30, retry_every_s=0.1)
+        try:
+            gen = Generator(edge, link, "collaborative", threshold=MIXED, sequence_id=sid, async_uploads=True)
+            for record in gen.stream(prompt, TOKENS):
+                run.tokens.append(record.token_id)
+                run.arrived.append(time.monotonic())
+                if gate is not None and len(run.tokens) >= PAUSE_AT and record.exit == "cloud":
+                    gate.wait(timeout=120)  # its replica holds its context now
+                    gate = None
+            if gate is not None:  # no cloud token late enough: the fault comes after this session ends
+                gate.wait(timeout=120)
+        except BaseException:
+            if pause is not None:
+                pause.abort()  # the test fails on this session's error, not on a timeout
+            raise
+        finally:
+            link.close()
+        run.resyncs, run.unreachable, run.cloud_requests = gen.stats.resyncs, link.unreachable, gen.stats.cloud_requests
+        return run
+
+    with cf.ThreadPoolExecutor(len(ids)) as pool:
+        futures = [pool.submit(one, sid, p) for sid, p in zip(ids, session_prompts)]
+        return [f.result(timeout=300) for f in futures]
+
+
+def pick_ids(fleet: Fleet) -> tuple[list[int], dict[int, str]]:
+    """Random ids until PER_REPLICA of them route to each replica, as nginx routes them (a probe
+    request through the front carrying the header); returns them interleaved and where each goes."""
+    client = grpcclient.InferenceServerClient(fleet.grpc_url)
+    wanted = {r.grpc_url: [] for r in fleet.replicas}
+    for _ in range(200):
+        sid = secrets.randbits(63) | 1
+        assert client.is_server_ready(headers={SESSION_HEADER: str(sid)})
+        upstream = requests_of(fleet, [sid])[sid][-1]["upstream"]
+        if len(wanted[upstream]) < PER_REPLICA:
+            wanted[upstream].append(sid)
+        if all(len(ids) == PER_REPLICA for ids in wanted.values()):
+            client.close()
+            ids = [sid for pair in zip(*wanted.values()) for sid in pair]
+            return ids, {sid: url for url, sids in wanted.items() for sid in sids}
+    raise AssertionError(f"200 random ids did not give {PER_REPLICA} per replica: {wanted}")
+
+
+def settled_log(front: NginxFront) -> list[dict[str, str]]:
+    """The access log once it has not grown for 0.3 s: nginx writes a line just after the reply has left."""
+    log, size = Path(front.config.access_log_path), -1
+    while log.stat().st_size != size:
+        size = log.stat().st_size
+        time.sleep(0.3)
+    return front.access_log()
+
+
+def requests_of(fleet: Fleet, ids) -> dict[int, list[dict[str, str]]]:
+    """nginx's access log, per session id, in order."""
+    by_id = defaultdict(list)
+    wanted = {str(sid) for sid in ids}
+    for record in settled_log(fleet.front):
+        if record["session"] in wanted:
+            by_id[int(record["session"])].append(record)
+    return by_id
+
+
+def replica_counters(fleet: Fleet) -> list[dict[str, float]]:
+    return [{"tokens": metric(r.metrics_url, "ce_collm_tokens_served_total", "cloud_partition") or 0.0,
+             "rows": metric(r.metrics_url, "ce_collm_rows_uploaded_total", "context_manager") or 0.0}
+            for r in fleet.replicas]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a tritonserver and its Python-backend stubs at once, as a lost node would go."""
+    for p in descendant_pids(pid):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_sessions_stick_to_one_replica_and_spread_over_both(fleet, session_prompts, one_server_tokens):
+    ids, home = pick_ids(fleet)
+    before = replica_counters(fleet)
+    t0 = time.perf_counter()
+    runs = run_sessions(fleet.edge, fleet.grpc_url, ids, session_prompts)
+    wall = time.perf_counter() - t0
+    after = replica_counters(fleet)
+    served = requests_of(fleet, ids)
+    assert [r.tokens for r in runs] == one_server_tokens
+    assert all(r.resyncs == 0 and r.unreachable == 0 for r in runs)
+    for run in runs:  # every request of a session reached the replica its id hashes to, and succeeded
+        records = served[run.sequence_id]
+        assert {rec["upstream"] for rec in records} == {home[run.sequence_id]}
+        assert {(rec["status"], rec["grpc_status"]) for rec in records} == {("200", "0")}
+    for i, replica in enumerate(fleet.replicas):  # the replicas' own counters: each computed its sessions' tokens
+        mine = [r for r in runs if home[r.sequence_id] == replica.grpc_url]
+        assert after[i]["tokens"] - before[i]["tokens"] == sum(r.cloud_requests for r in mine) > 0
+        assert after[i]["rows"] > before[i]["rows"]
+    print(f"\nsticky: {len(runs)} sessions x {TOKENS} tokens through nginx in {wall:.1f} s, "
+          f"{sum(len(v) for v in served.values())} requests; per replica "
+          + ", ".join(f"{r.grpc_url}: {after[i]['tokens'] - before[i]['tokens']:.0f} cloud tokens, "
+                      f"{after[i]['rows'] - before[i]['rows']:.0f} rows uploaded" for i, r in enumerate(fleet.replicas))
+          + "; 0 re-syncs, tokens equal to one server's")
+
+
+def test_reload_with_a_replica_removed_moves_only_its_sessions(fleet, session_prompts, one_server_tokens):
+    ids, home = pick_ids(fleet)
+    kept, removed = (r.grpc_url for r in fleet.replicas)
+    pause = threading.Barrier(len(ids) + 1)
+    with cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run_sessions, fleet.edge, fleet.grpc_url, ids, session_prompts, pause)
+        pause.wait(timeout=120)  # every session holds a context on its replica and goes on now
+        t0 = time.perf_counter()
+        fleet.front.reload([kept])
+        reload_s = time.perf_counter() - t0
+        runs = running.result(timeout=300)
+    served = requests_of(fleet, ids)
+    fleet.front.reload([kept, removed])  # back to both for the next test
+    assert [r.tokens for r in runs] == one_server_tokens
+    moved = []
+    for run in runs:
+        upstreams = [rec["upstream"] for rec in served[run.sequence_id]]
+        refused = [i for i, rec in enumerate(served[run.sequence_id]) if rec["grpc_status"] != "0"]
+        if home[run.sequence_id] == kept:  # untouched: never re-synced, never left its replica, never refused
+            assert run.resyncs == 0 and set(upstreams) == {kept} and refused == []
+        else:  # its replica left the list: first there, then on the other for good, after one re-sync
+            assert run.resyncs == 1 and run.unreachable == 0
+            switch = upstreams.index(kept)
+            assert set(upstreams[:switch]) == {removed} and set(upstreams[switch:]) == {kept} and switch >= 1
+            assert refused == [switch]  # the first request there was answered "needs START"; the re-sync followed
+            moved.append(switch)
+    assert len(moved) == PER_REPLICA
+    print(f"\nreload: old nginx workers drained {reload_s * 1000:.0f} ms after the new list came; {PER_REPLICA} sessions of the kept "
+          f"replica: 0 re-syncs; {PER_REPLICA} of the removed one moved after {moved} requests there, 1 re-sync each; "
+          f"all {len(runs)} x {TOKENS} tokens equal to one server's")
+
+
+def test_replica_killed_mid_generation_its_sessions_resync_on_the_survivor(fleet, session_prompts,
+                                                                             one_server_tokens):
+    ids, home = pick_ids(fleet)
+    survivor, victim = fleet.replicas
+    pause = threading.Barrier(len(ids) + 1)
+    with cf.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run_sessions, fleet.edge, fleet.grpc_url, ids, session_prompts, pause)
+        pause.wait(timeout=120)
+        time.sleep(0.02)  # requests are in flight
+        killed_at = time.monotonic()
+        kill_tree(victim.pid)
+        runs = running.result(timeout=300)
+    served = requests_of(fleet, ids)
+    assert [r.tokens for r in runs] == one_server_tokens  # 0 tokens lost, none changed
+    gaps = defaultdict(list)
+    for run in runs:
+        records = served[run.sequence_id]
+        if home[run.sequence_id] == survivor.grpc_url:  # never noticed: no retry, no re-sync, no other replica
+            assert run.resyncs == 0 and run.unreachable == 0
+            assert {(rec["upstream"], rec["status"]) for rec in records} == {(survivor.grpc_url, "200")}
+        else:  # one re-sync on the survivor; what reached the dead replica failed as 502 (gRPC UNAVAILABLE)
+            assert run.resyncs == 1
+            after_kill = [rec for rec in records if rec["upstream"] != victim.grpc_url]
+            assert after_kill and all(rec["upstream"].endswith(survivor.grpc_url) for rec in after_kill)
+            assert {rec["status"] for rec in records if rec["status"] != "200"} <= {"502"}
+        gaps[home[run.sequence_id]].append(max(b - a for a, b in zip(run.arrived, run.arrived[1:])
+                                               if b > killed_at))
+    retried = sum(r.unreachable for r in runs)
+    failed = sum(rec["status"] == "502" for records in served.values() for rec in records)
+    print(f"\nfailover: replica {victim.grpc_url} killed after {PAUSE_AT} tokens; its {PER_REPLICA} sessions re-synced on "
+          f"{survivor.grpc_url} (1 re-sync each, {retried} retried requests, {failed} answered 502 by nginx), "
+          f"longest wait for a token after the kill {max(gaps[victim.grpc_url]) * 1000:.0f} ms; the survivor's "
+          f"{PER_REPLICA} sessions: 0 re-syncs, 0 retries, longest wait {max(gaps[survivor.grpc_url]) * 1000:.0f} ms; "
+          f"all {len(runs)} x {TOKENS} tokens equal to undisturbed runs, 0 lost")
+
+
+# -- the front's own limits -----------------------------------------------------------------------
+def _rows(n: int) -> CloudRequest:
+    return CloudRequest(secrets.randbits(63) | 1, 0, False, rows=encode(torch.zeros(n, 64), "fp16"),
+                        split_layer=SPLIT, start=True)
+
+
+def test_front_caps_request_size_and_passes_only_edge_methods(fleet, tmp_path):
+    replica = fleet.replicas[0]
+    rows = lambda: metric(replica.metrics_url, "ce_collm_rows_uploaded_total", "context_manager")  # noqa: E731
+    with NginxFront(FrontConfig((replica.grpc_url,), tmp_path, listen=f"127.0.0.1:{free_ports(1)[0]}",
+                                max_body_bytes=64 << 10, **UNLIMITED)) as front:
+        link = TritonLink(front.url)
+        before = rows()
+        assert link.send(_rows(64)).token_id == -1  # 8 KiB of rows: an upload goes through
+        with pytest.raises(ProtocolError, match="413"):
+            link.send(_rows(1024))  # 128 KiB: cut off by nginx at 64 KiB, the replica never gets the message
+        with pytest.raises(InferenceServerException, match="PERMISSION_DENIED"):
+            grpcclient.InferenceServerClient(front.url).get_model_repository_index()
+        statuses = [(rec["uri"].rsplit("/", 1)[1], rec["status"]) for rec in settled_log(front)]
+    assert rows() == before + 64
+    assert statuses == [("ModelInfer", "200"), ("ModelInfer", "413"), ("RepositoryIndex", "403")]
+
+
+def test_front_limits_requests_per_client_and_the_edge_retries(fleet, tmp_path):
+    replica = fleet.replicas[0].grpc_url
+    with NginxFront(FrontConfig((replica,), tmp_path, listen=f"127.0.0.1:{free_ports(1)[0]}", rate_per_client=5,
+                                burst_per_client=2)) as front:
+        link = TritonLink(front.url)
+        outcomes = []
+        for _ in range(8):  # at once: 1 + burst 2 pass, the rest are refused with 429 (gRPC UNAVAILABLE)
+            try:
+                outcomes.append(link.send(_rows(1)).token_id)
+            except CloudUnreachable as e:
+                outcomes.append("429" if "429" in str(e) else str(e))
+        assert outcomes.count(-1) == 3 and outcomes.count("429") == 5, outcomes
+        patient = ReconnectingLink(link, patience_s=10, retry_every_s=0.25)
+        assert patient.send(_rows(1)).token_id == -1 and patient.retries >= 1  # waits for the rate, gets through
+
+
+def test_front_terminates_tls_and_requires_client_certificates(fleet, tmp_path, certs):  # noqa: F811
+    replica = fleet.replicas[0].grpc_url
+    with NginxFront(FrontConfig((replica,), tmp_path, listen=f"127.0.0.1:{free_ports(1)[0]}", tls_cert=certs / "server.pem",
+                                tls_key=certs / "server.key", client_ca=certs / "ca.pem", **UNLIMITED)) as front:
+        tls = dict(ssl=True, root_certificates=str(certs / "ca.pem"))
+        edge = TritonLink(front.url, private_key=str(certs / "client.key"),
+                          certificate_chain=str(certs / "client.pem"), **tls)
+        assert edge.send(_rows(4)).token_id == -1
+        with pytest.raises(ProtocolError, match="400"):  # TLS without a client certificate: nginx says 400
+            TritonLink(front.url, **tls).send(_rows(4))
+        with pytest.raises(CloudUnreachable):  # plaintext does not get in
+            TritonLink(front.url, timeout_s=5).send(_rows(4))
+
+
+def test_serve_replicas_refuses_fixed_replica_ports(capsys):
+    assert cli_main(["serve", "--replicas", "2", "--metrics-port", "9102"]) == 1
+    assert "drop --http-port/--metrics-port" in capsys.readouterr().err
