@@ -32,19 +32,26 @@ class Heal:
 def stub_processes(server_pid: int) -> dict[int, str]:
     """Live Python-backend stubs of one tritonserver: pid -> the model they serve (zombies excluded)."""
     stubs = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in _children(server_pid):
         try:
-            stat = (proc / "stat").read_text()
-            args = (proc / "cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:  # it exited while we looked
             continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-        if int(ppid) != server_pid or state == "Z" or len(args) < 2 or not args[0].decode().endswith(STUB_NAME):
-            continue
-        stubs[int(proc.name)] = Path(args[1].decode()).parents[1].name  # <repository>/<model>/<version>/model.py
+        if state != "Z" and len(args) > 1 and args[0].decode().endswith(STUB_NAME):
+            stubs[pid] = Path(args[1].decode()).parents[1].name  # <repository>/<model>/<version>/model.py
     return stubs
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of `pid`, from the kernel's per-thread lists (no scan of every process)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:  # the thread ended while we looked
+            continue
+    return children
 
 
 class StubHealer:
@@ -63,6 +70,8 @@ class StubHealer:
         self._thread = threading.Thread(target=self._run, name=f"stub-healer-{server_pid}", daemon=True)
 
     def start(self) -> "StubHealer":
+        watched = ", ".join(f"{model} (pid {pid})" for pid, model in sorted(self._stubs.items(), key=lambda s: s[1]))
+        self.log(f"stub healer watching {watched or 'no python stubs'}")
         self._thread.start()
         return self
 

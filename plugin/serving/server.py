@@ -14,6 +14,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -25,9 +26,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterable, Sequence
+from typing import IO, Callable, Iterable, Sequence
 
 from plugin.paths import REPO_ROOT
 from plugin.serving.healer import STUB_NAME, StubHealer
@@ -215,15 +217,42 @@ def _is_error_line(line: str) -> bool:
 _LIVE_SERVERS: "set[TritonServer]" = set()
 
 
-@atexit.register
+class _Spawner:
+    """The kernel's parent-death signal follows the THREAD that forked the child, so every tritonserver
+    is forked by this one daemon thread: servers started from short-lived threads (a fleet starting its
+    replicas in parallel, a test's timer) live on, all of them die with the process, and a daemon thread
+    outlives the atexit handlers that stop servers gracefully."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
+        threading.Thread(target=self._run, name="tritonserver-spawner", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, future = self._jobs.get()
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # handed to the caller
+                future.set_exception(e)
+
+    def call(self, fn: Callable[[], object]) -> object:
+        future: Future = Future()
+        self._jobs.put((fn, future))
+        return future.result()
+
+
+_SPAWNER = _Spawner()
+
+
 def _die_with_parent() -> None:
-    """In the child before exec: the kernel SIGKILLs tritonserver when the thread that started it dies,
-    so a launcher killed without warning (SIGKILL) leaves no orphan holding the ports."""
+    """In the child before exec: the kernel SIGKILLs tritonserver when our process dies, so a launcher
+    killed without warning (SIGKILL) leaves no orphan holding the ports."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+@atexit.register
 def _stop_live_servers() -> None:
     """Do not leave servers behind when the interpreter exits without stopping them."""
     for server in list(_LIVE_SERVERS):
@@ -339,7 +368,7 @@ class TritonServer:
             raise TritonServerError(f"tritonserver already running (pid {self.pid})")
         self._tail.clear()
         self._errors.clear()
-        self._proc = subprocess.Popen(
+        self._proc = _SPAWNER.call(lambda: subprocess.Popen(
             self.command(),
             env=server_env(self.install),
             stdin=subprocess.DEVNULL,
@@ -347,7 +376,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
             preexec_fn=_die_with_parent,
-        )
+        ))
         _LIVE_SERVERS.add(self)
         self._reader = threading.Thread(target=self._read_output, args=(self._proc,), daemon=True,
                                         name=f"tritonserver-{self._proc.pid}-log")
