@@ -2,7 +2,8 @@
 
 Each subcommand is one entry of COMMANDS (or of an installed package's `ce_collm.commands` entry points):
 a one-line summary, a function that adds its arguments and a function that runs it and returns the exit
-code. Adding a subcommand is adding an entry.
+code. Adding a subcommand is adding an entry. Whatever a subcommand raises ends as one line on stderr
+and exit code 1; `ce-collm --debug COMMAND` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ from typing import Callable, NamedTuple, Sequence
 
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
 from plugin.split.limits import Limits
+
+
+class CommandError(Exception):
+    """A subcommand failed for a reason its message says in one line (main prints it, no traceback)."""
 
 
 class Command(NamedTuple):
@@ -93,15 +98,13 @@ def _serve(args: argparse.Namespace) -> int:
         )
         while server.is_running():
             time.sleep(0.5)
-        print(f"ce-collm serve: tritonserver exited on its own with code {server.returncode}\n"
-              f"{server.log_tail()}", file=sys.stderr, flush=True)
-        return 1
+        raise CommandError(f"tritonserver exited on its own with code {server.returncode} "
+                           "(--verbose or --log-file F keeps its log)")
     except _Stop as stop:
         print(f"ce-collm serve: {stop}, stopping tritonserver", file=sys.stderr, flush=True)
         return 0
-    except TritonServerError as err:
-        print(f"ce-collm serve: {err}", file=sys.stderr, flush=True)
-        return 1
+    except TritonServerError as err:  # its text quotes the server log: --debug shows it
+        raise CommandError(err.summary) from err
     finally:
         if server is not None:
             # a second Ctrl-C during shutdown must not leave the server running
@@ -198,12 +201,8 @@ def _trt_configs(args: argparse.Namespace) -> int:
         for path in write_trt_repository(plan, onnx_dir, args.out, opts, args.engine):
             print(f"wrote {path}")
     except ExportError as e:
-        print(f"ce-collm trt-configs: {e}\nexport the graphs first: .venv/bin/python build/export_onnx.py "
-              f"--plan {args.plan} --out {onnx_dir}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"ce-collm trt-configs: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"{e}; export the graphs first: .venv/bin/python build/export_onnx.py "
+                           f"--plan {args.plan} --out {onnx_dir}") from e
     print(f"validated: configs parse as Triton ModelConfig and match {onnx_dir}")
     return 0
 
@@ -256,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ce-collm",
         description="CE-CoLLM cloud side: serve and manage the Triton model repository.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback when a command fails (default: one line on stderr)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in {**COMMANDS, **_installed_commands()}.items():
         p = sub.add_parser(name, help=cmd.summary, description=cmd.description or cmd.summary)
@@ -265,8 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; any failure ends as one line on stderr and exit code 1 (--debug: the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as e:
+        if args.debug:
+            raise
+        reason = str(e) if isinstance(e, CommandError) else f"{type(e).__name__}: {e}"
+        print(f"ce-collm {args.command}: {' '.join(reason.split())}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":
