@@ -22,12 +22,12 @@ import torch
 from edge_runtime.decoding import Generation, TokenRecord
 from edge_runtime.link import CloudLink
 from plugin.model.checkpoint import load_model, read_config
-from plugin.protocol.codec import CodecError, decode, encode
-from plugin.protocol.errors import ProtocolError
+from plugin.protocol.codec import decode, encode
+from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudRequest, PendingBlock
 from plugin.protocol.wire import reply_outputs, request_from_inputs, Tensors
-from plugin.serving.repository import _block, _edge_inputs, _parameters, _TOKEN_OUTPUTS, ServeOptions, write_repository
-from plugin.serving.services import DTYPES, checkpoint_path, limits_from
+from plugin.serving.repository import block, edge_inputs, parameters, ServeOptions, token_outputs, write_repository
+from plugin.serving.services import checkpoint_path, DTYPES, limits_from, one_by_one, RequestData, Result
 from plugin.split.cloud import CloudPartition
 from plugin.split.edge import EdgePartition
 from plugin.split.plan import PartitionPlan
@@ -35,73 +35,68 @@ from plugin.split.plan import PartitionPlan
 MODEL_NAME = "naive_split"
 _SCRATCH_ID = 1  # every request is its own one-shot sequence in the partition
 
-MODEL_PY = '''"""naive_split (bench only): layers [k, N) recomputed from scratch for the whole context (bench/naive_split.py)."""
-import json
-from pathlib import Path
-
-import triton_python_backend_utils as pb_utils
-
+# served through the same adapter as the deployable models
+MODEL_PY = '''"""naive_split (bench only): layers [k, N) from scratch for the whole context (bench/naive_split.py)."""
 from bench.naive_split import NaiveSplitService
+from plugin.serving.triton_adapter import model_class
 
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        self.service = NaiveSplitService(params, Path(args["model_repository"]).resolve().parent)
-
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            try:
-                out = self.service.execute({t.name(): t.as_numpy() for t in request.inputs()})
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(k, v) for k, v in out.items()]))
-            except Exception as e:  # one bad request fails alone
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"naive_split: {e}")))
-        return responses
+TritonPythonModel = model_class(NaiveSplitService)
 '''
 
 
 class NaiveSplitService:
     """Tensors in, tensors out: the whole context's layer-k rows -> the next token (stateless)."""
 
-    def __init__(self, params: dict[str, str], repository_root: Path):
+    def __init__(self, params: dict[str, str], repository_root: Path, device: str = "cpu"):
         checkpoint = checkpoint_path(params, repository_root)
         cfg = read_config(checkpoint)
         self.split_layer = int(params["split_layer"])
-        model = load_model(checkpoint, range(self.split_layer, cfg.num_layers), DTYPES[params.get("dtype", "float32")])
-        self.partition = CloudPartition(model, limits_from(params))
+        model = load_model(checkpoint, range(self.split_layer, cfg.num_layers), DTYPES[params.get("dtype", "float32")],
+                           device)
+        self.limits = limits_from(params)
+        self.partition = CloudPartition(model, self.limits)
 
-    def execute(self, inputs: Tensors) -> Tensors:
+    def answer(self, inputs: Tensors) -> Tensors:
+        """One request: the next token after the whole context."""
         req = request_from_inputs(inputs, _SCRATCH_ID, start=True, end=True)
         if req.rows is None or req.start_pos != 0 or not req.want_token:
-            raise ProtocolError("naive_split wants the whole context's hidden rows from position 0 and WANT_TOKEN true")
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                "naive_split wants the whole context's hidden rows from position 0 and WANT_TOKEN true")
         if req.split_layer is not None and req.split_layer != self.split_layer:
-            raise ProtocolError(f"this naive_split model resumes at layer {self.split_layer}, not {req.split_layer}")
-        try:
-            hidden = decode(req.rows, self.partition.model.cfg.hidden_size, torch.float32, "cpu")  # [n, D]
-        except CodecError as e:
-            raise ProtocolError(str(e)) from None
+            raise ProtocolError(ErrorCode.SPLIT_LAYER,
+                                f"this naive_split model resumes at layer {self.split_layer}, not {req.split_layer}")
+        hidden = decode(req.rows, self.partition.model.cfg.hidden_size, torch.float32, "cpu")  # [n, D]
         if hidden.shape[0] == 0:
-            raise ProtocolError("no rows: the naive split needs the whole context")
+            raise ProtocolError(ErrorCode.MALFORMED, "no rows: the naive split needs the whole context")
         # start=True and end=True: a fresh KV store for this request alone, dropped after it
-        block = PendingBlock(_SCRATCH_ID, self.split_layer, 0, hidden, True, start=True, end=True)
-        reply = self.partition.step([block])[0]
-        if isinstance(reply, Exception):
+        pending = PendingBlock(_SCRATCH_ID, self.split_layer, 0, hidden, True, start=True, end=True)
+        reply = self.partition.step([pending])[0]
+        if isinstance(reply, ProtocolError):
             raise reply
         return reply_outputs(reply, self.partition.top_k)
+
+    def execute(self, batch: list[RequestData]) -> list[Result]:
+        """One request after the other: they would share the scratch sequence."""
+        return one_by_one(batch, lambda r: self.answer(r.inputs))
+
+    def sweep(self) -> list[int]:
+        return self.partition.expire()
+
+    def metrics(self) -> dict[str, float]:
+        return {"tokens_served_total": self.partition.tokens_served,
+                "layer_rows_computed_total": self.partition.rows_computed}
 
 
 def render_config(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions) -> str:
     cfg = read_config(plan.checkpoint)
     params = {"checkpoint": os.path.relpath(plan.checkpoint, repository_dir), "split_layer": str(plan.split_layer),
-              "dtype": opts.dtype, "max_context": str(opts.limits.max_context),
-              "max_block_rows": str(opts.limits.max_block_rows)}
+              "dtype": opts.dtype, **opts.limits.params()}
     return (
         f"# Generated by bench/naive_split.py (bench only): split layer {plan.split_layer}, hidden {cfg.hidden_size}.\n"
         f'name: "{MODEL_NAME}"\nbackend: "python"\nmax_batch_size: {opts.max_batch_size}\n'
         f"instance_group [ {{ count: {opts.instances} kind: {opts.instance_kind} }} ]\n"
-        + _block("input", _edge_inputs(cfg.hidden_size)) + _block("output", _TOKEN_OUTPUTS) + _parameters(params)
+        + block("input", edge_inputs(cfg.hidden_size)) + block("output", token_outputs(cfg.hidden_size))
+        + parameters(params)
     )
 
 

@@ -5,12 +5,12 @@
 
 While the cloud is unreachable, `send` retries the same request every `retry_every_s` until
 `patience_s` has passed, then raises CloudUnreachable (latency-aware mode answers locally then).
-Refusals that say "later" (the per-session rate limit, too many live sessions) changed nothing on
-the cloud, so they are retried the same way, and raised as they are once the patience is spent.
+Refusals whose code says RETRY (RATE_LIMITED, TOO_MANY_SESSIONS: plugin/protocol/errors.py) changed
+nothing on the cloud, so they are retried the same way, and raised as they are once the patience is spent.
 
 The one ambiguous case is a request that reached the server and was applied, but whose reply was
 lost with the link. Its retry then starts at a position the cloud has already stored, and the
-context manager refuses it ("position overlap"): nothing was lost, but the edge no longer knows
+context manager refuses it (POSITION_OVERLAP): nothing was lost, but the edge no longer knows
 what the cloud holds. After an unreachable attempt for a sequence, that refusal is turned into
 SequenceNeedsStart, so the Generator re-sends the whole context with START (a re-sync), exactly as
 after a server restart. Rows are never sent twice into one context and never skipped.
@@ -21,12 +21,8 @@ import time
 from typing import Callable
 
 from edge_runtime.link import CloudLink, CloudUnreachable
-from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import ErrorCode, ProtocolError, Recovery, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest
-
-
-_LANDED = "position overlap"  # the context manager's words when a block starts before its next position
-_LATER = ("rate limit:", "too many live sessions")  # refused, nothing changed: the same request may come again
 
 
 class ReconnectingLink:
@@ -57,11 +53,11 @@ class ReconnectingLink:
                 self._uncertain.discard(req.sequence_id)  # the caller re-syncs from position 0 anyway
                 raise
             except ProtocolError as e:
-                if any(words in str(e) for words in _LATER) and self.clock() + self.retry_every_s <= deadline:
+                if e.code.recovery is Recovery.RETRY and self.clock() + self.retry_every_s <= deadline:
                     self.retries += 1
                     self.sleep(self.retry_every_s)
                     continue
-                if req.sequence_id in self._uncertain and _LANDED in str(e):
+                if req.sequence_id in self._uncertain and e.code is ErrorCode.POSITION_OVERLAP:
                     self._uncertain.discard(req.sequence_id)
                     raise SequenceNeedsStart(f"an earlier request of sequence {req.sequence_id} reached the cloud "
                                              f"but its reply was lost: re-send its context with START ({e})") from None

@@ -6,13 +6,10 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from edge_runtime.link import CloudUnreachable
-from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import error_code, error_for, ErrorCode
 from plugin.protocol.messages import CloudReply, CloudRequest
 from plugin.protocol.tensors import OUTPUTS, SESSION_HEADER
 from plugin.protocol.wire import reply_from_outputs, request_inputs
-
-# Triton's own words when the sequence slot is gone (server restart, idle timeout), and ours.
-_NEEDS_START = ("must specify the START flag", "re-send its context with START")
 
 
 class TritonLink:
@@ -62,12 +59,10 @@ class TritonLink:
 
 
 def _translate(e: InferenceServerException) -> Exception:
-    message = e.message() or str(e)
-    if any(words in message for words in _NEEDS_START):
-        return SequenceNeedsStart(message)
-    if "This protocol is restricted" in message:  # Triton answers UNAVAILABLE, but retrying cannot help
-        return ProtocolError(message)
-    status = (e.status() or "").upper()
-    if "UNAVAILABLE" in status or "DEADLINE" in status or "Socket closed" in message:
+    """The error's code (plugin/protocol/errors.py) decides the exception: CloudUnreachable for a link that is
+    down, SequenceNeedsStart when a re-sync helps, else ProtocolError carrying the code."""
+    message, status = e.message() or str(e), e.status() or ""
+    code = error_code(message, status)
+    if code is ErrorCode.UNREACHABLE:
         return CloudUnreachable(f"{status}: {message}")
-    return ProtocolError(message)
+    return error_for(code, message)

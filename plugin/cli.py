@@ -1,7 +1,9 @@
 """`ce-collm`: the cloud side's command line.
 
-Each subcommand is one entry of COMMANDS (or of an installed package's `ce_collm.commands` entry points): a one-line summary, a function that adds its arguments
-and a function that runs it and returns the exit code. Adding a subcommand is adding an entry.
+Each subcommand is one entry of COMMANDS (or of an installed package's `ce_collm.commands` entry points):
+a one-line summary, a function that adds its arguments and a function that runs it and returns the exit
+code. Adding a subcommand is adding an entry. Whatever a subcommand raises ends as one line on stderr
+and exit code 1; `ce-collm --debug COMMAND` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import fields
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
 from plugin.serving import front
+from plugin.split.limits import Limits
 
+
+class CommandError(Exception):
+    """A subcommand failed for a reason its message says in one line (main prints it, no traceback)."""
 
 
 class Command(NamedTuple):
@@ -108,15 +115,15 @@ def _serve(args: argparse.Namespace) -> int:
             )
         while server.is_running():
             time.sleep(0.5)
-        print(f"ce-collm serve: tritonserver exited on its own with code {server.returncode}\n"
-              f"{server.log_tail()}", file=sys.stderr, flush=True)
-        return 1
+        raise CommandError(f"tritonserver exited on its own with code {server.returncode} "
+                           "(--verbose or --log-file F keeps its log)")
     except _Stop as stop:
         print(f"ce-collm serve: {stop}, stopping tritonserver", file=sys.stderr, flush=True)
         return 0
-    except (TritonServerError, FrontError) as err:
-        print(f"ce-collm serve: {err}", file=sys.stderr, flush=True)
-        return 1
+    except TritonServerError as err:  # its text quotes the server log: --debug shows it
+        raise CommandError(err.summary) from err
+    except FrontError as err:
+        raise CommandError(str(err)) from err
     finally:
         if server is not None:
             # a second Ctrl-C during shutdown must not leave the server running
@@ -128,6 +135,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 # -- configs -------------------------------------------------------------------------------------
+def _limits_arguments(p: argparse.ArgumentParser) -> None:
+    """One flag per Limits field, named, typed and explained by the field itself."""
+    for f in fields(Limits):
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, metavar=f.metadata["metavar"],
+                       help=f.metadata["help"] + " (default: %(default)s)")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
+
 
 
 def _configs_arguments(p: argparse.ArgumentParser) -> None:
@@ -138,15 +156,7 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", help="KIND_GPU instances and float16 cloud weights")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="(default: %(default)s)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: %(default)s)")
-    p.add_argument("--max-sessions", type=int, default=256, metavar="N", help="live sessions per model (default: %(default)s)")
-    p.add_argument("--max-context", type=int, default=4096, metavar="N", help="positions per session (default: %(default)s)")
-    p.add_argument("--max-block-rows", type=int, default=1024, metavar="N", help="rows per request (default: %(default)s)")
-    p.add_argument("--ttl", type=float, default=600.0, metavar="S",
-                   help="drop sessions idle this long; also the sequence batcher's idle timeout (default: %(default)s)")
-    p.add_argument("--max-request-bytes", type=int, default=64 << 20, metavar="N",
-                   help="payload bytes per request (default: %(default)s)")
-    p.add_argument("--max-requests-per-s", type=float, default=1000.0, metavar="R",
-                   help="requests per second per session, a token bucket (default: %(default)s)")
+    _limits_arguments(p)
     p.add_argument("--sequence-slots", type=int, default=0, metavar="N",
                    help="Triton sequence slots per model; 0: 4 x --max-sessions (default: %(default)s)")
     p.add_argument("--check", action="store_true",
@@ -155,7 +165,6 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
 
 def _configs(args: argparse.Namespace) -> int:
     """Generate the Triton configs from the partition plan, or check they are up to date."""
-    from plugin.split.limits import Limits
     from plugin.split.plan import PartitionPlan
     from plugin.serving.repository import ServeOptions, check_repository, write_repository
 
@@ -163,9 +172,7 @@ def _configs(args: argparse.Namespace) -> int:
     opts = ServeOptions(
         max_batch_size=args.max_batch_size, instances=args.instances,
         instance_kind="KIND_GPU" if args.gpu else "KIND_CPU", dtype="float16" if args.gpu else "float32",
-        limits=Limits(args.max_sessions, args.max_context, args.max_block_rows, args.ttl, args.max_request_bytes,
-                      args.max_requests_per_s),
-        sequence_slots=args.sequence_slots,
+        limits=_limits(args), sequence_slots=args.sequence_slots,
     )
     if args.check:
         stale = check_repository(plan, args.out, opts)
@@ -189,8 +196,7 @@ def _trt_configs_arguments(p: argparse.ArgumentParser) -> None:
                    help="the ONNX graph the cloud engine is built from; sets the KV state dtype (default: %(default)s)")
     p.add_argument("--engine", type=Path, metavar="PLAN", help="copy this engine to cloud_partition/1/model.plan")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="engine instances per GPU (default: %(default)s)")
-    p.add_argument("--max-sessions", type=int, default=256, metavar="N", help="sequence slots (default: %(default)s)")
-    p.add_argument("--ttl", type=float, default=600.0, metavar="S", help="sequence idle timeout (default: %(default)s)")
+    _limits_arguments(p)  # the engine's sequence slots are --max-sessions, its idle timeout --ttl
     p.add_argument("--check", action="store_true",
                    help="write nothing; validate the repository at --out against the ONNX graph (exit 1 on problems)")
 
@@ -199,6 +205,7 @@ def _trt_configs(args: argparse.Namespace) -> int:
     """Generate (or --check) the tensorrt_plan variant; both parse every config and match the graph."""
     from plugin.export.manifest import ExportError, default_onnx_dir
     from plugin.split.plan import PartitionPlan
+    from plugin.serving.repository import ServeOptions
     from plugin.serving.trt_repository import TrtServeOptions, validate_trt_repository, write_trt_repository
 
     plan = PartitionPlan.load(args.plan)
@@ -208,16 +215,13 @@ def _trt_configs(args: argparse.Namespace) -> int:
             problems = validate_trt_repository(args.out, onnx_dir, args.precision)
             print("\n".join(problems) if problems else f"{args.out}: valid (configs parse, names and shapes match the graph)")
             return 1 if problems else 0
-        opts = TrtServeOptions(args.instances, args.max_sessions, args.ttl, args.precision)
+        python = ServeOptions(instance_kind="KIND_GPU", dtype="float16", limits=_limits(args))
+        opts = TrtServeOptions(args.instances, args.precision, python)
         for path in write_trt_repository(plan, onnx_dir, args.out, opts, args.engine):
             print(f"wrote {path}")
     except ExportError as e:
-        print(f"ce-collm trt-configs: {e}\nexport the graphs first: .venv/bin/python build/export_onnx.py "
-              f"--plan {args.plan} --out {onnx_dir}", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"ce-collm trt-configs: {e}", file=sys.stderr)
-        return 1
+        raise CommandError(f"{e}; export the graphs first: .venv/bin/python build/export_onnx.py "
+                           f"--plan {args.plan} --out {onnx_dir}") from e
     print(f"validated: configs parse as Triton ModelConfig and match {onnx_dir}")
     return 0
 
@@ -281,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ce-collm",
         description="CE-CoLLM cloud side: serve and manage the Triton model repository.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback when a command fails (default: one line on stderr)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in {**COMMANDS, **_installed_commands()}.items():
         p = sub.add_parser(name, help=cmd.summary, description=cmd.description or cmd.summary)
@@ -290,8 +296,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; any failure ends as one line on stderr and exit code 1 (--debug: the traceback)."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as e:
+        if args.debug:
+            raise
+        reason = str(e) if isinstance(e, CommandError) else f"{type(e).__name__}: {e}"
+        print(f"ce-collm {args.command}: {' '.join(reason.split())}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

@@ -51,12 +51,12 @@ def test_naive_split_service_recomputes_the_whole_context(tmp_path):
     save_tiny("llama", tmp_path / "ckpt")
     service = NaiveSplitService({"checkpoint": "ckpt", "split_layer": str(SPLIT)}, tmp_path)
     rows = encode(torch.randn(7, 64), "fp16")
-    out = service.execute(request_inputs(CloudRequest(0, 0, True, rows=rows, split_layer=SPLIT)))
+    out = service.answer(request_inputs(CloudRequest(0, 0, True, rows=rows, split_layer=SPLIT)))
     assert out["CATCHUP_ROWS"][0, 0] == 7 and out["TOKEN_ID"][0, 0] >= 0
-    again = service.execute(request_inputs(CloudRequest(0, 0, True, rows=rows, split_layer=SPLIT)))
+    again = service.answer(request_inputs(CloudRequest(0, 0, True, rows=rows, split_layer=SPLIT)))
     assert again["TOKEN_ID"][0, 0] == out["TOKEN_ID"][0, 0]  # stateless: same context, same token
     with pytest.raises(ValueError, match="position 0"):
-        service.execute(request_inputs(CloudRequest(0, 3, True, rows=rows, split_layer=SPLIT)))
+        service.answer(request_inputs(CloudRequest(0, 3, True, rows=rows, split_layer=SPLIT)))
 
 
 def test_perf_inputs_streams_line_up(tmp_path):

@@ -26,7 +26,7 @@ from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode
-from plugin.protocol.errors import ProtocolError
+from plugin.protocol.errors import error_code, ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudRequest
 from plugin.protocol.tensors import OUTPUTS
 from plugin.serving.repository import ServeOptions, write_repository
@@ -195,6 +195,7 @@ def test_fuzzed_requests_get_errors_and_change_nothing(fz):
             _infer(client, inputs, sid, start, end)
         except InferenceServerException as e:
             assert e.message() and "internal error" not in e.message(), e.message()  # a clear refusal, not a bug
+            assert error_code(e.message(), e.status()) is not ErrorCode.INTERNAL, e.message()
             TRIED["aimed at a live session" if victim else "random sequence id"] += 1
             TRIED.update(mutations)
             return
@@ -231,25 +232,31 @@ def test_limits_reach_the_client_with_clear_errors(fz):
     for sid in live:
         link.send(CloudRequest(sid, 0, False, rows=rows(1), split_layer=SPLIT, start=True))
     checks = [
-        (CloudRequest(0x11_FFFF, 0, False, rows=rows(1), split_layer=SPLIT, start=True), r"too many live sessions \(8\)"),
-        (CloudRequest(live[0], 1, False, rows=rows(17)), r"block of 17 rows exceeds the limit of 16 rows per request"),
-        (CloudRequest(live[0], 1, False, rows=rows(12, "fp32")), r"payload of 3081 bytes exceeds the limit of 3072 bytes"),
+        (CloudRequest(0x11_FFFF, 0, False, rows=rows(1), split_layer=SPLIT, start=True), r"too many live sessions \(8\)",
+         ErrorCode.TOO_MANY_SESSIONS),
+        (CloudRequest(live[0], 1, False, rows=rows(17)), r"block of 17 rows exceeds the limit of 16 rows per request",
+         ErrorCode.LIMIT_EXCEEDED),
+        (CloudRequest(live[0], 1, False, rows=rows(12, "fp32")), r"payload of 3081 bytes exceeds the limit of 3072 bytes",
+         ErrorCode.LIMIT_EXCEEDED),
     ]
-    for req, message in checks:
-        with pytest.raises(ProtocolError, match=message):
+    for req, message, code in checks:
+        with pytest.raises(ProtocolError, match=message) as err:
             link.send(req)
+        assert err.value.code is code
     pos = 1
     while pos + 16 <= LIMITS.max_context:
         link.send(CloudRequest(live[1], pos, False, rows=rows(16)))
         pos += 16
-    with pytest.raises(ProtocolError, match=r"context of 65 positions exceeds the limit of 64"):
+    with pytest.raises(ProtocolError, match=r"context of 65 positions exceeds the limit of 64") as err:
         link.send(CloudRequest(live[1], pos, False, rows=rows(16)))
+    assert err.value.code is ErrorCode.LIMIT_EXCEEDED
     # requests per second: empty uploads as fast as one client can send them, until the bucket runs dry
     sent, t0 = 0, time.monotonic()
-    with pytest.raises(ProtocolError, match=r"rate limit: 40 requests/s per session"):
+    with pytest.raises(ProtocolError, match=r"rate limit: 40 requests/s per session") as err:
         while sent < 2000 and time.monotonic() - t0 < 30:
             link.send(CloudRequest(live[2], 1, False, rows=rows(0)))
             sent += 1
+    assert err.value.code is ErrorCode.RATE_LIMITED
     assert sent <= LIMITS.max_requests_per_s * (1 + time.monotonic() - t0) + 1
     time.sleep(0.2)
     link.send(CloudRequest(live[2], 1, True, rows=rows(1)))  # the limited session still works, context intact

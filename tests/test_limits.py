@@ -17,7 +17,7 @@ from edge_runtime.reconnect import ReconnectingLink
 from edge_runtime.runners import TorchRunner
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode
-from plugin.protocol.errors import ProtocolError
+from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudRequest, PendingBlock
 from plugin.serving.repository import render_configs
 from plugin.serving.services import limits_from
@@ -139,8 +139,32 @@ def test_cloud_partition_refuses_non_finite_results_per_session(tiny):
     replies = part.step([good, bad])  # one batch: the bad rows spoil only their own reply
     assert replies[0].token_id >= 0
     assert isinstance(replies[1], ProtocolError) and "not finite" in str(replies[1])
+    assert replies[1].code is ErrorCode.NOT_FINITE
     clock.now = 3
     assert sorted(part.expire()) == [1, 2] and part.kv_bytes == 0
+
+
+def test_one_admission_rule_for_the_context_manager_and_the_cloud_partition(tiny):
+    """The context manager refuses, storing nothing, every START the cloud partition would refuse."""
+    cloud = LocalCloud(load_model(tiny, range(4, LAYERS)), Limits(max_sessions=1))
+    assert cloud.context.admission == cloud.partition.admission
+    rows = encode(torch.randn(2, cloud.partition.model.cfg.hidden_size), "fp16")
+    for split in (None, 0, 3, LAYERS):  # missing, below the layers the partition holds, past the model
+        with pytest.raises(ProtocolError) as err:
+            cloud.send(CloudRequest(1, 0, True, rows=rows, split_layer=split, start=True))
+        assert err.value.code is ErrorCode.SPLIT_LAYER
+        assert not cloud.context.sessions and not cloud.partition.sequences
+    cloud.send(CloudRequest(1, 0, True, rows=rows, split_layer=5, start=True))  # deeper than the partition's first
+    with pytest.raises(ProtocolError) as err:
+        cloud.send(CloudRequest(2, 0, True, rows=rows, split_layer=4, start=True))
+    assert err.value.code is ErrorCode.TOO_MANY_SESSIONS
+    assert list(cloud.context.sessions) == list(cloud.partition.sequences) == [1]
+
+
+def test_limits_are_config_parameters_and_back():
+    limits = Limits(max_sessions=3, ttl_s=0.1, max_requests_per_s=1e-7, max_request_bytes=2**40)
+    assert Limits.from_params(limits.params()) == limits
+    assert Limits().params()["ttl_s"] == "600" and Limits.from_params({}) == Limits()
 
 
 def test_cloud_only_token_blocks_have_limits_too():
@@ -169,7 +193,7 @@ class FlakyLink:
         if fault == "before":
             raise CloudUnreachable("link cut before the request left")
         if fault == "busy":
-            raise ProtocolError("rate limit: 5 requests/s per session (sequence 2); slow down and retry")
+            raise ProtocolError(ErrorCode.RATE_LIMITED, "rate limit: 5 requests/s per session (sequence 2); slow down and retry")
         reply = self.inner.send(req)
         if fault == "after":
             raise CloudUnreachable("link cut before the reply came back")

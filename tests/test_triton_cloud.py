@@ -7,24 +7,28 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import re
+import time
 import urllib.request
 
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from edge_runtime.decoding import Generator
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode, EncodedRows
-from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import error_code, ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest
 from plugin.serving.repository import ServeOptions, write_repository
 from plugin.split.edge import EdgePartition
 from plugin.split.limits import Limits
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
+from tests.broken_service import add_broken_model, BUG
 from tests.tiny_models import LAYERS, save_tiny
 
 pytestmark = pytest.mark.server
@@ -40,6 +44,7 @@ def setup(tmp_path_factory, start_server):
     plan = PartitionPlan(ckpt, SPLIT, EXITS, threshold=0.1, codec="fp16")
     repo = tmp_path_factory.mktemp("repo")
     write_repository(plan, repo, ServeOptions(limits=LIMITS))
+    add_broken_model(repo)  # a service with a bug, behind the same adapter
     server = start_server(repo)
     edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
     reference = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)), LIMITS)
@@ -153,3 +158,64 @@ def test_end_frees_sessions_and_metrics_show_it(setup):
         assert _metric(server, "ce_collm_sessions_live", model) == live
     assert _metric(server, "ce_collm_tokens_served_total", "cloud_partition") > 0
     assert _metric(server, "ce_collm_rows_uploaded_total", "context_manager") > 0
+
+
+def test_every_error_kind_reaches_the_edge_by_its_code(setup):
+    """Each refusal the cloud side answers comes back through the ensemble as its code's exception."""
+    plan, edge, reference, server, _ = setup
+    link = TritonLink(server.grpc_url)
+    hidden = edge.runner.model.cfg.hidden_size
+    rows = lambda n, codec="fp16": encode(torch.randn(n, hidden), codec)  # noqa: E731
+    sid = 1100
+    _raw(link, sid, 0, rows(3), start=True, split=SPLIT)
+    cases = [
+        (dict(sid=1101, pos=0, rows=rows(1), want=True), ErrorCode.NEEDS_START),  # Triton's own words
+        (dict(sid=sid, pos=5, rows=rows(1)), ErrorCode.POSITION_GAP),
+        (dict(sid=sid, pos=1, rows=rows(1)), ErrorCode.POSITION_OVERLAP),
+        (dict(sid=sid, pos=3, rows=rows(1), split=SPLIT + 1), ErrorCode.SPLIT_LAYER),
+        (dict(sid=1102, pos=0, rows=rows(1), start=True, split=LAYERS), ErrorCode.SPLIT_LAYER),
+        (dict(sid=1103, pos=0, rows=rows(1), start=True, split=SPLIT - 1), ErrorCode.SPLIT_LAYER),  # below the cloud's
+        (dict(sid=sid, pos=3, rows=rows(65)), ErrorCode.LIMIT_EXCEEDED),
+        (dict(sid=sid, pos=3, rows=EncodedRows("fp32", np.full((1, hidden), np.inf, np.float32))), ErrorCode.MALFORMED),
+        (dict(sid=sid, pos=3, rows=EncodedRows("fp16", np.zeros((1, hidden + 2), np.float16))), ErrorCode.SERVER),
+    ]
+    for kwargs, code in cases:
+        with pytest.raises(ProtocolError) as err:
+            _raw(link, **kwargs)
+        assert err.value.code is code, (kwargs, str(err.value))
+        assert isinstance(err.value, SequenceNeedsStart) == (code is ErrorCode.NEEDS_START)
+    assert _raw(link, sid, 3, rows(1), want=True, end=True).catchup_rows == 4  # the refusals changed nothing
+
+
+def test_a_bug_is_logged_with_its_traceback_and_answered_internal(setup):
+    plan, edge, reference, server, _ = setup
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    x = grpcclient.InferInput("IN", [3], "FP32")
+    x.set_data_from_numpy(np.ones(3, np.float32))
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("broken", [x], client_timeout=30)
+    assert error_code(err.value.message(), err.value.status()) is ErrorCode.INTERNAL
+    assert BUG in err.value.message()
+    deadline = time.monotonic() + 30  # the stub's log messages reach the server log a moment after the reply
+    while f"RuntimeError: {BUG}" not in server.log_tail(400) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    logged = [line for line in server.log_tail(400).splitlines() if f"RuntimeError: {BUG}" in line]
+    assert len(logged) == 1 and "Traceback (most recent call last)" in logged[0]  # one record, the whole traceback
+
+
+def test_a_refused_start_holds_no_session_in_either_model(setup):
+    """One admission rule: the context manager refuses what the cloud partition would refuse (a split layer
+    below the layers it holds, here), before it stores anything."""
+    plan, edge, reference, server, _ = setup
+    link = TritonLink(server.grpc_url)
+    live = {m: _metric(server, "ce_collm_sessions_live", m) or 0 for m in ("cloud_partition", "context_manager")}
+    rows = encode(torch.randn(2, edge.runner.model.cfg.hidden_size), "fp16")
+    for want in (False, True):
+        with pytest.raises(ProtocolError, match="SPLIT_LAYER") as err:
+            _raw(link, 1200 + want, 0, rows, want=want, start=True, split=SPLIT - 1)
+        assert err.value.code is ErrorCode.SPLIT_LAYER
+    assert {m: _metric(server, "ce_collm_sessions_live", m) or 0 for m in live} == live
+    _raw(link, 1200, 0, rows, start=True, split=SPLIT)  # the id is free; a split the cloud holds is admitted
+    assert _metric(server, "ce_collm_sessions_live", "context_manager") == live["context_manager"] + 1
+    _raw(link, 1200, 2, rows, want=True, end=True)
+    assert {m: _metric(server, "ce_collm_sessions_live", m) or 0 for m in live} == live

@@ -6,11 +6,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from plugin.protocol.errors import ErrorCode, ProtocolError
+
 CODEC_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 
 
-class CodecError(ValueError):
-    """Rows that cannot be decoded: wrong dtype or shape, missing scale, NaN/Inf."""
+class CodecError(ProtocolError):
+    """Rows that cannot be decoded: wrong dtype or shape, missing scale, NaN/Inf (a MALFORMED request)."""
+
+    def __init__(self, message: str):
+        super().__init__(ErrorCode.MALFORMED, message)
 
 
 @dataclass

@@ -1,23 +1,9 @@
-"""The wire protocol between the edge and the `ce_collm` ensemble, defined once for both sides.
+"""The messages of the wire protocol between the edge and the `ce_collm` ensemble, for both sides.
 
 Every request carries the session's sequence id with START on the first request and END on the
 last (Triton's sequence batcher turns them into the CORRID/START/END control inputs of both
-stateful models). Tensors (batch dimension first, one row of the batch per request):
-
-  inputs                            dtype   shape          notes
-  HIDDEN_FP32 | HIDDEN_FP16         fp32/16 [1, n, D]      layer-k hidden states of n rows
-  HIDDEN_INT8 + HIDDEN_SCALE        int8    [1, n, D]      with fp32 per-row scale [1, n, 1]
-  START_POS                         int64   [1, 1]         position of the first row
-  WANT_TOKEN                        bool    [1, 1]         false: upload only, the cloud computes nothing
-  SPLIT_LAYER                       int32   [1, 1]         required with START: the edge's split layer k
-
-  outputs
-  TOKEN_ID                          int64   [1, 1]         -1 for upload-only requests
-  CONFIDENCE                        fp32    [1, 1]         max softmax probability of the token
-  TOPK_IDS / TOPK_LOGPROBS          int64/fp32 [1, K]      the cloud's K best tokens
-  CATCHUP_ROWS                      int32   [1, 1]         rows the cloud computed for this request
-
-The cloud-only baseline model takes TOKEN_IDS int64 [1, n] instead of hidden states.
+stateful models). The tensors that carry these messages are the table in tensors.py; wire.py
+converts between the two.
 """
 from __future__ import annotations
 

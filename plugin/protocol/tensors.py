@@ -1,20 +1,115 @@
-"""Tensor names of the wire protocol (the table is in messages.py and docs/protocol.md)."""
+"""The tensor table of the wire protocol: every tensor's name, dtype, dims and the models that carry it.
+
+Everything else derives from TENSORS: the config.pbtxt inputs, outputs and ensemble maps
+(plugin/serving/repository.py, trt_repository.py), the dtype and shape checks of wire.py, and the
+tables of docs/protocol.md (plugin/protocol/docs.py writes them; tests/test_protocol.py compares).
+
+Dims leave out the batch dimension (every request is a batch of one row): ROWS is the number of
+rows of a block (ragged: it differs between the requests of a batch; -1 in config.pbtxt), HIDDEN the
+model's hidden size, TOP_K_DIM the width of the top-k outputs.
+"""
 from __future__ import annotations
-HIDDEN_INPUTS = {"fp32": "HIDDEN_FP32", "fp16": "HIDDEN_FP16", "int8": "HIDDEN_INT8"}
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from plugin.protocol.codec import CODEC_DTYPES
+
+TOP_K = 8
+ROWS, HIDDEN, TOP_K_DIM = "n", "D", "K"
+
+# the models of the repository that carry protocol tensors
+ENSEMBLE, CONTEXT_MANAGER, CLOUD_PARTITION, CLOUD_ONLY = "ce_collm", "context_manager", "cloud_partition", "cloud_only"
+_EDGE_FACING = (ENSEMBLE, CONTEXT_MANAGER)  # what edges send, and the step that receives it
+_TOKEN_MODELS = (ENSEMBLE, CLOUD_PARTITION, CLOUD_ONLY)
+_TRITON_TYPES = {"float32": "FP32", "float16": "FP16", "int8": "INT8", "int64": "INT64", "int32": "INT32",
+                 "bool": "BOOL"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple[int | str, ...]  # without the batch dimension; ROWS, HIDDEN, TOP_K_DIM or a number
+    inputs_of: tuple[str, ...] = ()  # models that take it
+    outputs_of: tuple[str, ...] = ()  # models that return it
+    optional: bool = False  # an input a request may leave out
+    ragged: bool = False  # an input whose ROWS differ between the requests of one batch (allow_ragged_batch)
+    meaning: str = ""
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def triton_dtype(self) -> str:
+        """The dtype as tritonclient spells it (InferInput); config.pbtxt writes TYPE_ in front."""
+        return _TRITON_TYPES[self.dtype]
+
+    def config_dims(self, hidden_size: int) -> list[int]:
+        """Dims for config.pbtxt."""
+        sizes = {ROWS: -1, HIDDEN: hidden_size, TOP_K_DIM: TOP_K}
+        return [sizes.get(d, d) for d in self.dims]
+
+
+def _hidden(codec: str) -> TensorSpec:
+    meaning = ("layer-k hidden states of positions [START_POS, START_POS + n); send exactly one HIDDEN_* input"
+               if codec != "int8" else "the same rows as int8, with HIDDEN_SCALE (per-row absmax)")
+    return TensorSpec(f"HIDDEN_{codec.upper()}", np.dtype(CODEC_DTYPES[codec]).name, (ROWS, HIDDEN), _EDGE_FACING,
+                      optional=True, ragged=True, meaning=meaning)
+
+
+TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
+    *(_hidden(codec) for codec in CODEC_DTYPES),
+    TensorSpec("HIDDEN_SCALE", "float32", (ROWS, 1), _EDGE_FACING, optional=True, ragged=True,
+               meaning="float32 scale of each HIDDEN_INT8 row"),
+    TensorSpec("TOKEN_IDS", "int64", (ROWS,), (CLOUD_ONLY,), ragged=True,
+               meaning="token ids of positions [START_POS, START_POS + n), for the cloud-only baseline"),
+    TensorSpec("START_POS", "int64", (1,), (*_EDGE_FACING, CLOUD_ONLY),
+               meaning="position of the first row; must equal the number of positions the cloud holds"),
+    TensorSpec("WANT_TOKEN", "bool", (1,), (*_EDGE_FACING, CLOUD_ONLY),
+               meaning="false: upload only, the cloud stores the rows and computes nothing"),
+    TensorSpec("SPLIT_LAYER", "int32", (1,), _EDGE_FACING, optional=True,
+               meaning="required with START: the edge's split layer k (edges may differ)"),
+    # between the ensemble's two steps (context_manager -> cloud_partition); edges never see them
+    TensorSpec("PENDING_HIDDEN", "float32", (ROWS, HIDDEN), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
+               meaning="the session's pending rows (every row not computed yet); 0 rows for an upload"),
+    TensorSpec("PENDING_START", "int64", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
+               meaning="position of the first pending row"),
+    TensorSpec("PENDING_SPLIT", "int32", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
+               meaning="the session's split layer"),
+    TensorSpec("PENDING_WANT", "bool", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
+               meaning="WANT_TOKEN of the request"),
+    TensorSpec("TOKEN_ID", "int64", (1,), outputs_of=_TOKEN_MODELS,
+               meaning="the full model's greedy token, or -1 for an upload-only request"),
+    TensorSpec("CONFIDENCE", "float32", (1,), outputs_of=_TOKEN_MODELS, meaning="its softmax probability"),
+    TensorSpec("TOPK_IDS", "int64", (TOP_K_DIM,), outputs_of=_TOKEN_MODELS,
+               meaning="the cloud's K best tokens, padded with -1; edges that sample choose among them"),
+    TensorSpec("TOPK_LOGPROBS", "float32", (TOP_K_DIM,), outputs_of=_TOKEN_MODELS,
+               meaning="their log-probabilities, padded with -inf"),
+    TensorSpec("CATCHUP_ROWS", "int32", (1,), outputs_of=_TOKEN_MODELS,
+               meaning="rows the cloud computed for this request (the pending block, catch-up included)"),
+]}
+
+
+def inputs_of(model: str) -> list[TensorSpec]:
+    return [t for t in TENSORS.values() if model in t.inputs_of]
+
+
+def outputs_of(model: str) -> list[TensorSpec]:
+    return [t for t in TENSORS.values() if model in t.outputs_of]
+
+
+HIDDEN_INPUTS = {codec: _hidden(codec).name for codec in CODEC_DTYPES}
 HIDDEN_SCALE = "HIDDEN_SCALE"
 TOKEN_IDS = "TOKEN_IDS"
 START_POS = "START_POS"
 WANT_TOKEN = "WANT_TOKEN"
 SPLIT_LAYER = "SPLIT_LAYER"
-OUTPUTS = ("TOKEN_ID", "CONFIDENCE", "TOPK_IDS", "TOPK_LOGPROBS", "CATCHUP_ROWS")
-TOP_K = 8
-
-
-# Tensors between the ensemble's two steps (context_manager -> cloud_partition).
-PENDING_HIDDEN = "PENDING_HIDDEN"
-PENDING_START = "PENDING_START"
-PENDING_SPLIT = "PENDING_SPLIT"
-PENDING_WANT = "PENDING_WANT"
+PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = (t.name for t in outputs_of(CONTEXT_MANAGER))
+OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE))  # what an edge asks for
+TOKEN_ID, CONFIDENCE, TOPK_IDS, TOPK_LOGPROBS, CATCHUP_ROWS = OUTPUTS
 
 # gRPC metadata key in which the edge sends its sequence id on every request: a front that routes
 # sessions to replicas hashes on it (plugin/serving/front.py, docs/scaling.md).

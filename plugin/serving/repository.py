@@ -16,13 +16,11 @@ from pathlib import Path
 from plugin.model.checkpoint import read_config
 from plugin.paths import MODEL_REPOSITORY
 from plugin.protocol.tensors import (
-    HIDDEN_INPUTS, HIDDEN_SCALE, OUTPUTS, PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT, SPLIT_LAYER,
-    START_POS, TOKEN_IDS, TOP_K, WANT_TOKEN)
+    CLOUD_ONLY, CLOUD_PARTITION, CONTEXT_MANAGER, ENSEMBLE, inputs_of, outputs_of, TensorSpec)
 from plugin.split.limits import Limits
 from plugin.split.plan import PartitionPlan
 
-MODEL_DIRS = ("context_manager", "cloud_partition", "cloud_only")  # python models with a model.py
-_TRITON_TYPES = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "int8": "TYPE_INT8"}
+MODEL_DIRS = (CONTEXT_MANAGER, CLOUD_PARTITION, CLOUD_ONLY)  # python models with a model.py
 
 
 @dataclass(frozen=True)
@@ -42,47 +40,43 @@ class ServeOptions:
         return self.sequence_slots or 4 * self.limits.max_sessions
 
 
-def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False, ragged: bool = False) -> str:
+def config_tensor(name: str, dtype: str, dims: list[int], optional: bool = False, ragged: bool = False) -> str:
     extra = (" optional: true" if optional else "") + (" allow_ragged_batch: true" if ragged else "")
     return f'  {{ name: "{name}" data_type: {dtype} dims: {dims}{extra} }}'
 
 
-def _edge_inputs(hidden: int) -> list[str]:
-    rows = [_tensor(name, _TRITON_TYPES[codec], [-1, hidden], optional=True, ragged=True)
-            for codec, name in HIDDEN_INPUTS.items()]
-    return rows + [
-        _tensor(HIDDEN_SCALE, "TYPE_FP32", [-1, 1], optional=True, ragged=True),
-        _tensor(START_POS, "TYPE_INT64", [1]),
-        _tensor(WANT_TOKEN, "TYPE_BOOL", [1]),
-        _tensor(SPLIT_LAYER, "TYPE_INT32", [1], optional=True),
-    ]
+def tensor_rows(specs: list[TensorSpec], hidden_size: int, as_input: bool) -> list[str]:
+    """config.pbtxt entries of protocol tensors (optional and ragged apply to inputs only)."""
+    return [config_tensor(t.name, f"TYPE_{t.triton_dtype}", t.config_dims(hidden_size), t.optional and as_input,
+                          t.ragged and as_input) for t in specs]
 
 
-_TOKEN_OUTPUTS = [
-    _tensor("TOKEN_ID", "TYPE_INT64", [1]),
-    _tensor("CONFIDENCE", "TYPE_FP32", [1]),
-    _tensor("TOPK_IDS", "TYPE_INT64", [TOP_K]),
-    _tensor("TOPK_LOGPROBS", "TYPE_FP32", [TOP_K]),
-    _tensor("CATCHUP_ROWS", "TYPE_INT32", [1]),
-]
+def edge_inputs(hidden_size: int) -> list[str]:
+    """What an edge sends: the ensemble's inputs."""
+    return tensor_rows(inputs_of(ENSEMBLE), hidden_size, as_input=True)
 
 
-def _maps(kind: str, names: list[str], internal: bool = False) -> str:
+def token_outputs(hidden_size: int) -> list[str]:
+    """What an edge gets back: the ensemble's outputs."""
+    return tensor_rows(outputs_of(ENSEMBLE), hidden_size, as_input=False)
+
+
+def maps(kind: str, names: list[str], internal: bool = False) -> str:
     """Ensemble step maps; tensors passed between steps get lower-case internal names."""
     return "\n".join(f'      {kind} {{ key: "{n}" value: "{n.lower() if internal else n}" }}' for n in names)
 
 
-def _block(title: str, rows: list[str]) -> str:
+def block(title: str, rows: list[str]) -> str:
     return f"{title} [\n" + ",\n".join(rows) + "\n]\n"
 
 
-def _parameters(params: dict[str, str]) -> str:
+def parameters(params: dict[str, str]) -> str:
     rows = [f'  {{ key: "{k}" value: {{ string_value: "{v}" }} }}' for k, v in params.items()]
-    return _block("parameters", rows)
+    return block("parameters", rows)
 
 
-def _stateful(name: str, opts: ServeOptions) -> str:
-    """Header, instances and the sequence batcher shared by the three python models."""
+def _stateful(name: str, opts: ServeOptions, hidden_size: int) -> str:
+    """Header, instances, the sequence batcher and the protocol tensors of one of the three python models."""
     ttl_us = int(opts.limits.ttl_s * 1_000_000)
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {opts.max_batch_size}\n'
@@ -95,6 +89,21 @@ def _stateful(name: str, opts: ServeOptions) -> str:
         '    { name: "END" control [ { kind: CONTROL_SEQUENCE_END bool_false_true: [ false, true ] } ] },\n'
         '    { name: "CORRID" control [ { kind: CONTROL_SEQUENCE_CORRID data_type: TYPE_UINT64 } ] }\n'
         "  ]\n}\n"
+        + block("input", tensor_rows(inputs_of(name), hidden_size, as_input=True))
+        + block("output", tensor_rows(outputs_of(name), hidden_size, as_input=False))
+    )
+
+
+def ensemble_step(model: str, input_map: str, output_map: str) -> str:
+    return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{input_map}\n{output_map}\n    }}'
+
+
+def render_ensemble(hidden_size: int, max_batch_size: int, steps: list[str]) -> str:
+    """ce_collm: the edge-facing inputs and outputs, and its steps."""
+    return (
+        f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
+        + block("input", edge_inputs(hidden_size)) + block("output", token_outputs(hidden_size))
+        + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )
 
 
@@ -102,48 +111,24 @@ def render_configs(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions
     """config.pbtxt text per model; the checkpoint path is written relative to repository_dir."""
     cfg = read_config(plan.checkpoint)
     plan.check_depth(cfg.num_layers)
-    limits = opts.limits
-    params = {
-        "checkpoint": os.path.relpath(plan.checkpoint, repository_dir),
-        "max_sessions": str(limits.max_sessions), "max_context": str(limits.max_context),
-        "max_block_rows": str(limits.max_block_rows), "ttl_s": f"{limits.ttl_s:g}",
-        "max_request_bytes": str(limits.max_request_bytes), "max_requests_per_s": f"{limits.max_requests_per_s:g}",
-    }
-    cloud_params = dict(params, dtype=opts.dtype, min_split_layer=str(plan.split_layer))
-    def pending(as_input: bool) -> list[str]:
-        return [
-            _tensor(PENDING_HIDDEN, "TYPE_FP32", [-1, cfg.hidden_size], ragged=as_input),
-            _tensor(PENDING_START, "TYPE_INT64", [1]),
-            _tensor(PENDING_SPLIT, "TYPE_INT32", [1]),
-            _tensor(PENDING_WANT, "TYPE_BOOL", [1]),
-        ]
-
-    edge_inputs = _edge_inputs(cfg.hidden_size)
-    pending_names = [PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT]
-    in_map = _maps("input_map", [*HIDDEN_INPUTS.values(), HIDDEN_SCALE, START_POS, WANT_TOKEN, SPLIT_LAYER])
-    pend_map = _maps("output_map", pending_names, internal=True)
-    pend_in = _maps("input_map", pending_names, internal=True)
-    out_map = _maps("output_map", list(OUTPUTS))
-    ensemble = (
-        f'name: "ce_collm"\nplatform: "ensemble"\nmax_batch_size: {opts.max_batch_size}\n'
-        + _block("input", edge_inputs) + _block("output", _TOKEN_OUTPUTS)
-        + "ensemble_scheduling {\n  step [\n"
-        + f'    {{\n      model_name: "context_manager"\n      model_version: -1\n{in_map}\n{pend_map}\n    }},\n'
-        + f'    {{\n      model_name: "cloud_partition"\n      model_version: -1\n{pend_in}\n{out_map}\n    }}\n'
-        + "  ]\n}\n"
-    )
+    params = {"checkpoint": os.path.relpath(plan.checkpoint, repository_dir), **opts.limits.params()}
+    # both steps of the ensemble admit a session by one rule, which needs the first layer the cloud holds
+    min_split = {"min_split_layer": str(plan.split_layer)}
+    pending = [t.name for t in outputs_of(CONTEXT_MANAGER)]
+    ensemble = render_ensemble(cfg.hidden_size, opts.max_batch_size, [
+        ensemble_step(CONTEXT_MANAGER, maps("input_map", [t.name for t in inputs_of(CONTEXT_MANAGER)]),
+                      maps("output_map", pending, internal=True)),
+        ensemble_step(CLOUD_PARTITION, maps("input_map", pending, internal=True),
+                      maps("output_map", [t.name for t in outputs_of(CLOUD_PARTITION)])),
+    ])
     header = f"# Generated by `ce-collm configs` from the partition plan: split layer {plan.split_layer}, " \
              f"hidden {cfg.hidden_size}, {cfg.num_layers} layers. Do not edit by hand.\n"
+    stateful = {name: header + _stateful(name, opts, cfg.hidden_size) for name in MODEL_DIRS}
     return {
-        "ce_collm": header + ensemble,
-        "context_manager": header + _stateful("context_manager", opts) + _block("input", edge_inputs)
-        + _block("output", pending(as_input=False)) + _parameters(params),
-        "cloud_partition": header + _stateful("cloud_partition", opts) + _block("input", pending(as_input=True))
-        + _block("output", _TOKEN_OUTPUTS) + _parameters(cloud_params),
-        "cloud_only": header + _stateful("cloud_only", opts) + _block("input", [
-            _tensor(TOKEN_IDS, "TYPE_INT64", [-1], ragged=True), _tensor(START_POS, "TYPE_INT64", [1]),
-            _tensor(WANT_TOKEN, "TYPE_BOOL", [1])]) + _block("output", _TOKEN_OUTPUTS)
-        + _parameters(dict(params, dtype=opts.dtype)),
+        ENSEMBLE: header + ensemble,
+        CONTEXT_MANAGER: stateful[CONTEXT_MANAGER] + parameters({**params, **min_split}),
+        CLOUD_PARTITION: stateful[CLOUD_PARTITION] + parameters({**params, "dtype": opts.dtype, **min_split}),
+        CLOUD_ONLY: stateful[CLOUD_ONLY] + parameters({**params, "dtype": opts.dtype}),
     }
 
 

@@ -44,6 +44,10 @@ INSTALL_HINT = (
 class TritonServerError(RuntimeError):
     """tritonserver is missing, died, or did not get every model ready in time."""
 
+    def __init__(self, message: str, summary: str = ""):
+        super().__init__(message)
+        self.summary = summary or message  # one line for a command line; the message may quote the log
+
 
 @dataclass(frozen=True)
 class TritonInstall:
@@ -486,10 +490,13 @@ class TritonServer:
 
     def _failure(self, what: str) -> TritonServerError:
         errors = "".join(self._errors)
+        # the first error line without Triton's E<date> prefix, quotes and the stub's escaped traceback
+        first = self._errors[0].split("] ", 1)[-1].strip().strip('"').split("\\n")[0] if self._errors else ""
         return TritonServerError(
             f"{what}\ncommand: {' '.join(self.command())}\n"
             + (f"--- error lines in the server log ---\n{errors}" if errors else "")
-            + f"--- last lines of the server log ---\n{self.log_tail()}"
+            + f"--- last lines of the server log ---\n{self.log_tail()}",
+            summary=f"{what}: {first}" if first else what,
         )
 
     def _get_json(self, path: str, method: str = "GET") -> object:

@@ -1,16 +1,19 @@
 """What each Triton python model does, as plain classes: tensors in, tensors (or an error) out.
 
-`triton_adapter.py` wraps these for the python backend; tests drive them directly.
+`triton_adapter.py` wraps these for the python backend (each model.py names its service class);
+tests drive them directly.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
 from plugin.model.checkpoint import load_model, read_config
 from plugin.protocol.errors import ProtocolError
+from plugin.protocol.messages import PendingBlock
 from plugin.protocol.wire import block_from_inputs, block_outputs, reply_outputs, request_from_inputs, Tensors
 from plugin.split.cloud import CloudPartition, token_block
 from plugin.split.context import ContextManager
@@ -27,19 +30,43 @@ class RequestData:
     end: bool
 
 
-Result = Tensors | Exception
+Result = Tensors | ProtocolError
+
+
+class Service(Protocol):
+    """What the adapter needs of a model's service, built as `cls(params, repository_root, device)` from
+    the config.pbtxt parameters, the model repository's parent folder and "cpu" or "cuda:N"."""
+
+    limits: Limits  # its TTL sets how often the adapter sweeps
+
+    def execute(self, batch: list[RequestData]) -> list[Result]:
+        """One result per request, in order: output tensors, or the ProtocolError refusing that request."""
+
+    def sweep(self) -> list[int]:
+        """Expire idle sessions now; the adapter calls it periodically, between requests."""
+
+    def metrics(self) -> dict[str, float]:
+        """Counters (names ending in _total) and gauges, reported after every execute()."""
+
+
+def one_by_one(batch: list[RequestData], answer: Callable[[RequestData], Tensors]) -> list[Result]:
+    """Each request answered on its own; a refused one fails alone."""
+    results: list[Result] = []
+    for r in batch:
+        try:
+            results.append(answer(r))
+        except ProtocolError as e:
+            results.append(e)
+    return results
 
 
 def limits_from(params: dict[str, str]) -> Limits:
-    base = Limits()
-    return Limits(
-        max_sessions=int(params.get("max_sessions", base.max_sessions)),
-        max_context=int(params.get("max_context", base.max_context)),
-        max_block_rows=int(params.get("max_block_rows", base.max_block_rows)),
-        ttl_s=float(params.get("ttl_s", base.ttl_s)),
-        max_request_bytes=int(params.get("max_request_bytes", base.max_request_bytes)),
-        max_requests_per_s=float(params.get("max_requests_per_s", base.max_requests_per_s)),
-    )
+    return Limits.from_params(params)
+
+
+def min_split_layer(params: dict[str, str]) -> int:
+    """The first layer the cloud partition holds (written for context_manager and cloud_partition alike)."""
+    return int(params.get("min_split_layer", 1))
 
 
 def checkpoint_path(params: dict[str, str], repository_root: Path) -> Path:
@@ -50,23 +77,19 @@ def checkpoint_path(params: dict[str, str], repository_root: Path) -> Path:
 
 
 class ContextManagerService:
-    def __init__(self, params: dict[str, str], repository_root: Path):
+    def __init__(self, params: dict[str, str], repository_root: Path, device: str = "cpu"):
         cfg = read_config(checkpoint_path(params, repository_root))
         self.limits = limits_from(params)
-        self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits)
+        self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits,
+                                      min_split_layer=min_split_layer(params))
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
-        results: list[Result] = []
-        for r in batch:
-            try:
-                req = request_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
-                results.append(block_outputs(self.manager.handle(req)))
-            except ProtocolError as e:
-                results.append(e)
-        return results
+        return one_by_one(batch, self._answer)
+
+    def _answer(self, r: RequestData) -> Tensors:
+        return block_outputs(self.manager.handle(request_from_inputs(r.inputs, r.sequence_id, r.start, r.end)))
 
     def sweep(self) -> list[int]:
-        """Expire idle sessions now; the adapter calls it periodically, between requests."""
         return self.manager.expire()
 
     def metrics(self) -> dict[str, float]:
@@ -74,27 +97,25 @@ class ContextManagerService:
                 "pending_bytes": self.manager.pending_bytes}
 
 
-class CloudService:
-    """The cloud partition (blocks from the context manager) or, with `token_input`, the cloud-only
-    baseline (token ids straight from the client, full model)."""
+class CloudPartitionService:
+    """The cloud partition: layers [min_split_layer, N) over the blocks the context manager hands it."""
 
-    def __init__(self, params: dict[str, str], repository_root: Path, device: str, token_input: bool):
+    def __init__(self, params: dict[str, str], repository_root: Path, device: str = "cpu"):
         checkpoint = checkpoint_path(params, repository_root)
         num_layers = read_config(checkpoint).num_layers
-        first = 0 if token_input else int(params.get("min_split_layer", 1))
-        model = load_model(checkpoint, range(first, num_layers), DTYPES[params.get("dtype", "float32")], device)
+        layers = range(self._first_layer(params), num_layers)
+        model = load_model(checkpoint, layers, DTYPES[params.get("dtype", "float32")], device)
         self.limits = limits_from(params)
         self.partition = CloudPartition(model, self.limits)
-        self.token_input = token_input
 
-    def _block(self, r: RequestData):
-        if self.token_input:
-            req = request_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
-            return token_block(req, self.partition.model.cfg.vocab_size, self.partition.limits)
+    def _first_layer(self, params: dict[str, str]) -> int:
+        return min_split_layer(params)
+
+    def _block(self, r: RequestData) -> PendingBlock:
         return block_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
-        results: list[Result] = [ProtocolError("not computed")] * len(batch)
+        results: list[Result | None] = [None] * len(batch)  # every entry is filled below
         blocks, where = [], []
         for i, r in enumerate(batch):
             try:
@@ -103,7 +124,7 @@ class CloudService:
             except ProtocolError as e:
                 results[i] = e
         for i, reply in zip(where, self.partition.step(blocks)):
-            results[i] = reply if isinstance(reply, Exception) else reply_outputs(reply, self.partition.top_k)
+            results[i] = reply if isinstance(reply, ProtocolError) else reply_outputs(reply, self.partition.top_k)
         return results
 
     def sweep(self) -> list[int]:
@@ -114,3 +135,13 @@ class CloudService:
         return {"sessions_live": len(p.sequences), "tokens_served_total": p.tokens_served,
                 "layer_rows_computed_total": p.rows_computed, "kv_bytes": p.kv_bytes}
 
+
+class CloudOnlyService(CloudPartitionService):
+    """The cloud-only baseline: token ids straight from the client into the whole model (no context manager)."""
+
+    def _first_layer(self, params: dict[str, str]) -> int:
+        return 0
+
+    def _block(self, r: RequestData) -> PendingBlock:
+        req = request_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
+        return token_block(req, self.partition.model.cfg.vocab_size, self.partition.limits)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import threading
+import traceback
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from plugin.serving.services import CloudService, ContextManagerService, RequestData
+from plugin.protocol.errors import ErrorCode, ProtocolError, tagged
+from plugin.serving.services import RequestData, Service
 
 CONTROLS = ("START", "END", "CORRID")
 METRIC_HELP = {
@@ -42,26 +44,29 @@ def _request_data(request) -> RequestData:
     return RequestData({k: np.array(v, copy=True) for k, v in tensors.items()}, sequence_id, start, end)
 
 
-class Adapter:
-    """TritonPythonModel for one of the services; errors become per-request TritonError responses."""
+def _error_response(result: ProtocolError):
+    """A refusal answers with its code token in front of its sentence (plugin/protocol/errors.py)."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(tagged(result.code, str(result))))
 
-    kind = ""
+
+class Adapter:
+    """TritonPythonModel for one service class; errors become per-request TritonError responses."""
+
+    service_class: type[Service]
 
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         root = Path(args["model_repository"]).resolve().parent
-        if self.kind == "context_manager":
-            self.service = ContextManagerService(params, root)
-        else:
-            device = "cpu"
-            if args.get("model_instance_kind") == "GPU":
-                device = f"cuda:{args['model_instance_device_id']}"
-            self.service = CloudService(params, root, device, token_input=self.kind == "cloud_only")
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        self.service = self.service_class(params, root, device)
         self.name = args["model_name"]
         self._metrics, self._families = {}, []  # a Metric must not outlive its MetricFamily
         self._reported: dict[str, float] = {}
-        for key, help_text in METRIC_HELP.items():
+        for key in self.service.metrics():
+            help_text = METRIC_HELP[key]
             kind = pb_utils.MetricFamily.COUNTER if key.endswith("_total") else pb_utils.MetricFamily.GAUGE
             family = pb_utils.MetricFamily(name=f"ce_collm_{key}", description=help_text, kind=kind)
             self._families.append(family)
@@ -80,8 +85,8 @@ class Adapter:
                 with self._lock:
                     if self.service.sweep():
                         self._report()
-            except Exception as e:  # never let the sweeper die silently
-                pb_utils.Logger.log_error(f"{self.name}: TTL sweep failed: {type(e).__name__}: {e}")
+            except Exception:  # never let the sweeper die silently
+                pb_utils.Logger.log_error(f"{self.name}: TTL sweep failed:\n{traceback.format_exc()}")
 
     def finalize(self) -> None:
         self._stop.set()
@@ -95,11 +100,14 @@ class Adapter:
         try:
             results = self.service.execute([_request_data(r) for r in requests])
         except Exception as e:  # a bug must fail these requests, not the model instance
-            results = [RuntimeError(f"{self.name}: internal error: {type(e).__name__}: {e}")] * len(requests)
+            pb_utils.Logger.log_error(f"{self.name}: internal error, {len(requests)} request(s) failed:\n"
+                                      + traceback.format_exc())
+            bug = ProtocolError(ErrorCode.INTERNAL, f"{self.name}: internal error: {type(e).__name__}: {e}")
+            results = [bug] * len(requests)
         responses = []
         for result in results:
-            if isinstance(result, Exception):
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result))))
+            if isinstance(result, ProtocolError):
+                responses.append(_error_response(result))
             else:
                 tensors = [pb_utils.Tensor(name, value) for name, value in result.items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
@@ -108,9 +116,7 @@ class Adapter:
 
     def _report(self) -> None:
         for key, value in self.service.metrics().items():
-            metric = self._metrics.get(key)
-            if metric is None:
-                continue
+            metric = self._metrics[key]
             if key.endswith("_total"):
                 metric.increment(value - self._reported.get(key, 0))
             else:
@@ -118,6 +124,6 @@ class Adapter:
             self._reported[key] = value
 
 
-def model_class(kind: str) -> type:
-    """A TritonPythonModel class for `context_manager`, `cloud_partition` or `cloud_only`."""
-    return type("TritonPythonModel", (Adapter,), {"kind": kind})
+def model_class(service_class: type[Service]) -> type:
+    """The TritonPythonModel class of a model.py that serves `service_class`."""
+    return type("TritonPythonModel", (Adapter,), {"service_class": service_class})

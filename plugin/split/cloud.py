@@ -10,10 +10,10 @@ import torch
 
 from plugin.model.decoder import DecoderModel
 from plugin.model.kv import PositionError, SequenceKV
-from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
 from plugin.protocol.tensors import TOP_K
-from plugin.split.limits import Limits
+from plugin.split.limits import Admission, Limits
 
 
 @dataclass
@@ -33,16 +33,18 @@ class CloudPartition:
     def __init__(self, model: DecoderModel, limits: Limits | None = None, top_k: int = TOP_K,
                  clock: Callable[[], float] = time.monotonic):
         self.model, self.limits, self.top_k, self.clock = model, limits or Limits(), top_k, clock
+        # the context manager in front admits sessions by the same rule, with this partition's first layer
+        self.admission = Admission(self.limits, model.cfg.num_layers, model.layer_range.start)
         self.sequences: dict[int, _Sequence] = {}
         self.rows_computed = 0
         self.tokens_served = 0
 
     @torch.inference_mode()
-    def step(self, blocks: list[PendingBlock]) -> list[CloudReply | Exception]:
+    def step(self, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
         """One reply (or the error for that request alone) per block, in order."""
         now = self.clock()
         self.expire(now)
-        replies: list[CloudReply | Exception] = [CloudReply() for _ in blocks]
+        replies: list[CloudReply | ProtocolError] = [CloudReply() for _ in blocks]
         ready: dict[int, list[int]] = {}  # split layer -> indices of blocks to compute
         for i, block in enumerate(blocks):
             try:
@@ -62,13 +64,7 @@ class CloudPartition:
 
     def _sequence_for(self, block: PendingBlock, now: float) -> _Sequence:
         if block.start:
-            if block.sequence_id not in self.sequences and len(self.sequences) >= self.limits.max_sessions:
-                raise ProtocolError(f"too many live sessions ({self.limits.max_sessions}); retry later")
-            if not 0 <= block.split_layer < self.model.cfg.num_layers:
-                raise ProtocolError(f"split layer {block.split_layer} outside [0, {self.model.cfg.num_layers})")
-            if block.split_layer < self.model.layer_range.start:
-                raise ProtocolError(f"this cloud partition holds layers from {self.model.layer_range.start}, "
-                                    f"not from split layer {block.split_layer}")
+            self.admission.check_start(block.sequence_id, block.split_layer, self.sequences)
             kv = self.model.new_sequence(block.split_layer, self.model.cfg.num_layers)
             self.sequences[block.sequence_id] = _Sequence(block.split_layer, kv, now)
         seq = self.sequences.get(block.sequence_id)
@@ -76,13 +72,16 @@ class CloudPartition:
             raise SequenceNeedsStart(f"sequence {block.sequence_id} has no cloud state: re-send its context with START")
         held = seq.kv.length(seq.split_layer)
         if block.want_token and block.start_pos != held:
-            raise ProtocolError(f"sequence {block.sequence_id}: block starts at {block.start_pos}, cloud state holds {held} positions; re-send with START")
+            raise ProtocolError(ErrorCode.STATE_MISMATCH, f"sequence {block.sequence_id}: block starts at "
+                                                          f"{block.start_pos}, cloud state holds {held} positions; "
+                                                          "re-send with START")
         if block.want_token and held + block.num_rows > self.limits.max_context:
-            raise ProtocolError(f"context of {held + block.num_rows} positions exceeds the limit of {self.limits.max_context}")
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {held + block.num_rows} positions exceeds "
+                                                          f"the limit of {self.limits.max_context}")
         seq.last_seen = now
         return seq
 
-    def _run(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | Exception]:
+    def _run(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
         model = self.model
         lengths = [b.num_rows for b in blocks]
         width = max(lengths)
@@ -105,7 +104,7 @@ class CloudPartition:
         try:
             h = model.run_layers(h, positions, split, model.cfg.num_layers, kvs, lengths)
         except PositionError as e:  # cannot happen after the checks above; reported, never half-applied silently
-            return [ProtocolError(str(e)) for _ in blocks]
+            return [ProtocolError(ErrorCode.STATE_MISMATCH, str(e)) for _ in blocks]
         last = h[torch.arange(len(blocks)), torch.tensor(lengths) - 1]  # [B, D]
         logprobs = torch.log_softmax(model.exit_logits(last, model.cfg.num_layers).float(), dim=-1)
         finite = torch.isfinite(logprobs).all(dim=-1)  # [B]; rows are per sequence, so one bad block spoils no other
@@ -117,7 +116,7 @@ class CloudPartition:
                 token_id=int(top.indices[b, 0]), confidence=float(top.values[b, 0].exp()),
                 topk_ids=top.indices[b].tolist(), topk_logprobs=top.values[b].tolist(), catchup_rows=lengths[b],
             ) if finite[b] else ProtocolError(
-                f"sequence {blocks[b].sequence_id}: the cloud's logits are not finite; its hidden rows are out of range"
+                ErrorCode.NOT_FINITE, f"sequence {blocks[b].sequence_id}: the cloud's logits are not finite; its hidden rows are out of range"
             )
             for b in range(len(blocks))
         ]
@@ -140,15 +139,17 @@ def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None
     limits = limits or Limits()
     ids = req.token_ids
     if ids is None or ids.ndim != 1 or ids.dtype != np.int64:
-        raise ProtocolError("TOKEN_IDS must be int64 of shape [1, n]")
+        raise ProtocolError(ErrorCode.MALFORMED, "TOKEN_IDS must be int64 of shape [1, n]")
     if req.nbytes > limits.max_request_bytes:
-        raise ProtocolError(f"request payload of {req.nbytes} bytes exceeds the limit of {limits.max_request_bytes} bytes per request")
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"request payload of {req.nbytes} bytes exceeds the limit of "
+                                                      f"{limits.max_request_bytes} bytes per request")
     if ids.size > limits.max_block_rows:
-        raise ProtocolError(f"block of {ids.size} rows exceeds the limit of {limits.max_block_rows} rows per request")
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                            f"block of {ids.size} rows exceeds the limit of {limits.max_block_rows} rows per request")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ProtocolError(f"token ids must lie in [0, {vocab_size})")
+        raise ProtocolError(ErrorCode.MALFORMED, f"token ids must lie in [0, {vocab_size})")
     if ids.size and not req.want_token:  # no context manager in front of cloud_only: nothing would keep them
-        raise ProtocolError("cloud_only keeps no pending tokens: send TOKEN_IDS with WANT_TOKEN true")
+        raise ProtocolError(ErrorCode.MALFORMED, "cloud_only keeps no pending tokens: send TOKEN_IDS with WANT_TOKEN true")
     return PendingBlock(req.sequence_id, 0, req.start_pos, torch.empty(0, 0), req.want_token, req.start, req.end,
                         token_ids=torch.from_numpy(ids.copy()))
 

@@ -7,10 +7,10 @@ from typing import Callable
 
 import torch
 
-from plugin.protocol.codec import CodecError, decode
-from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.codec import decode
+from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest, PendingBlock
-from plugin.split.limits import Limits, RateLimiter
+from plugin.split.limits import Admission, Limits, RateLimiter
 
 
 @dataclass
@@ -31,9 +31,14 @@ class ContextManager:
     """Validates every upload before it touches stored state, so a bad request loses nothing."""
 
     def __init__(self, hidden_size: int, num_layers: int, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, min_split_layer: int = 1):
+        """min_split_layer: the first layer the cloud partition behind this manager holds."""
+        if min_split_layer < 1:  # the rows are layer-k hidden states; split 0 (token ids) is cloud_only's
+            raise ValueError(f"the context manager keeps hidden rows: min_split_layer must be >= 1, "
+                             f"got {min_split_layer}")
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.limits = limits or Limits()
+        self.admission = Admission(self.limits, num_layers, min_split_layer)
         self.clock = clock
         self.sessions: dict[int, _Session] = {}
         self.rows_uploaded = 0
@@ -43,30 +48,33 @@ class ContextManager:
         self.expire(now)
         session = self._session_for(req, now)
         if not session.requests.allow(now):  # every request counts, the ones refused below too
-            raise ProtocolError(f"rate limit: {self.limits.max_requests_per_s:g} requests/s per session "
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"rate limit: {self.limits.max_requests_per_s:g} requests/s per session "
                                 f"(sequence {req.sequence_id}); slow down and retry")
         if req.rows is None:
-            raise ProtocolError("request carries no hidden rows (HIDDEN_FP32, HIDDEN_FP16 or HIDDEN_INT8)")
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                "request carries no hidden rows (HIDDEN_FP32, HIDDEN_FP16 or HIDDEN_INT8)")
         if req.nbytes > self.limits.max_request_bytes:
-            raise ProtocolError(f"request payload of {req.nbytes} bytes exceeds the limit of "
-                                f"{self.limits.max_request_bytes} bytes per request")
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"request payload of {req.nbytes} bytes exceeds the limit "
+                                                          f"of {self.limits.max_request_bytes} bytes per request")
         n = req.rows.data.shape[0] if req.rows.data.ndim == 2 else -1
         if n > self.limits.max_block_rows:
-            raise ProtocolError(f"block of {n} rows exceeds the limit of {self.limits.max_block_rows} rows per request")
-        try:
-            rows = decode(req.rows, self.hidden_size, torch.float32, "cpu")
-        except CodecError as e:
-            raise ProtocolError(str(e)) from None
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                                f"block of {n} rows exceeds the limit of {self.limits.max_block_rows} rows per request")
+        rows = decode(req.rows, self.hidden_size, torch.float32, "cpu")  # [n, D]; CodecError is MALFORMED
         if req.start_pos != session.next_position:
-            kind = "gap" if req.start_pos > session.next_position else "overlap"
+            gap = req.start_pos > session.next_position
             raise ProtocolError(
-                f"position {kind}: sequence {req.sequence_id} expects its next row at position "
+                ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
+                f"position {'gap' if gap else 'overlap'}: sequence {req.sequence_id} expects its next row at position "
                 f"{session.next_position}, the request starts at {req.start_pos}"
             )
         if session.next_position + n > self.limits.max_context:
-            raise ProtocolError(f"context of {session.next_position + n} positions exceeds the limit of {self.limits.max_context}")
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {session.next_position + n} positions exceeds "
+                                                          f"the limit of {self.limits.max_context}")
         if req.want_token and session.pending_rows + n == 0:
-            raise ProtocolError("token request with no rows: the cloud has nothing to compute a token from")
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                "token request with no rows: the cloud has nothing to compute a token from")
         # Every check passed: only now does stored state change.
         if req.start:
             self.sessions[req.sequence_id] = session
@@ -86,22 +94,18 @@ class ContextManager:
 
     def _session_for(self, req: CloudRequest, now: float) -> _Session:
         if req.start:
-            if req.split_layer is None or not 1 <= req.split_layer < self.num_layers:
-                raise ProtocolError(
-                    f"START needs SPLIT_LAYER in [1, {self.num_layers - 1}] for this {self.num_layers}-layer model, "
-                    f"got {req.split_layer}"
-                )
+            self.admission.check_start(req.sequence_id, req.split_layer, self.sessions)
             live = self.sessions.get(req.sequence_id)
-            if live is None and len(self.sessions) >= self.limits.max_sessions:
-                raise ProtocolError(f"too many live sessions ({self.limits.max_sessions}); retry later")
             # a re-START (re-sync) replaces the context once every check passes, not the rate budget
             requests = live.requests if live is not None else RateLimiter(self.limits.max_requests_per_s, now)
             return _Session(req.split_layer, requests)
         session = self.sessions.get(req.sequence_id)
         if session is None:
-            raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): re-send its context with START")
+            raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): "
+                                     "re-send its context with START")
         if req.split_layer is not None and req.split_layer != session.split_layer:
-            raise ProtocolError(f"sequence {req.sequence_id} started with split layer {session.split_layer}, not {req.split_layer}")
+            raise ProtocolError(ErrorCode.SPLIT_LAYER, f"sequence {req.sequence_id} started with split layer "
+                                                       f"{session.split_layer}, not {req.split_layer}")
         return session
 
     def expire(self, now: float | None = None) -> list[int]:

@@ -1,17 +1,67 @@
-"""What one session, and one request, may hold or ask of the cloud."""
+"""What one session, and one request, may hold or ask of the cloud; and who may START a session."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Mapping
+
+from plugin.protocol.errors import ErrorCode, ProtocolError
+
+
+def _limit(default: float, metavar: str, help_text: str, flag: str = "") -> object:
+    """A Limits field: its default, and how `ce-collm configs` offers it (flag: --name-with-dashes unless given)."""
+    return field(default=default, metadata={"metavar": metavar, "help": help_text, "flag": flag})
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_sessions: int = 256
-    max_context: int = 4096  # positions per session
-    max_block_rows: int = 1024  # rows in one request
-    ttl_s: float = 600.0  # idle sessions are dropped: Triton frees idle slots without telling us
-    max_request_bytes: int = 64 << 20  # tensor payload of one request (1024 fp32 rows of hidden 8192 = 32 MiB)
-    max_requests_per_s: float = 1000.0  # per session, token bucket one second deep; 0 turns it off
+    """Every field is also a config.pbtxt parameter of the python models (same name, see params) and a
+    `ce-collm configs` flag (its metadata): adding a field here adds both."""
+
+    max_sessions: int = _limit(256, "N", "live sessions per model")
+    max_context: int = _limit(4096, "N", "positions per session")
+    max_block_rows: int = _limit(1024, "N", "rows in one request")
+    # idle sessions are dropped: Triton frees idle slots without telling the models
+    ttl_s: float = _limit(600.0, "S", "drop sessions idle this long; also the sequence batcher's idle timeout",
+                          flag="--ttl")
+    # tensor payload of one request (1024 fp32 rows of hidden 8192 = 32 MiB)
+    max_request_bytes: int = _limit(64 << 20, "N", "tensor payload bytes per request")
+    max_requests_per_s: float = _limit(1000.0, "R", "requests per second per session, a token bucket one second "
+                                                    "deep; 0 turns it off")
+
+    def params(self) -> dict[str, str]:
+        """The fields as config.pbtxt parameters (strings that read back to the same values)."""
+        return {f.name: _text(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, str]) -> Limits:
+        """The fields found in config.pbtxt parameters; defaults for those left out."""
+        return cls(**{f.name: type(f.default)(params[f.name]) for f in fields(cls) if f.name in params})
+
+
+def _text(value: float) -> str:
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Who may START a session: one rule for the context manager and the cloud partition, checked before
+    either stores anything, so that neither keeps a session the other refused."""
+
+    limits: Limits
+    num_layers: int
+    min_split_layer: int  # the first layer the cloud partition holds: edges must run every layer before it
+
+    def check_start(self, sequence_id: int, split_layer: int | None, live: Mapping[int, object]) -> None:
+        """Raise unless a START of `sequence_id` at `split_layer` may begin (or restart) with `live` sessions held."""
+        if split_layer is None or not self.min_split_layer <= split_layer < self.num_layers:
+            raise ProtocolError(ErrorCode.SPLIT_LAYER,
+                                f"START needs SPLIT_LAYER in [{self.min_split_layer}, {self.num_layers - 1}] "
+                                f"(this cloud serves layers {self.min_split_layer} to {self.num_layers - 1} of "
+                                f"{self.num_layers}), got {split_layer}")
+        if sequence_id not in live and len(live) >= self.limits.max_sessions:
+            raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
+                                f"too many live sessions ({self.limits.max_sessions}); retry later")
 
 
 class RateLimiter:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from plugin.model.decoder import DecoderModel
+from plugin.protocol.errors import ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest
 from plugin.split.cloud import CloudPartition, token_block
 from plugin.split.context import ContextManager
@@ -13,8 +14,10 @@ class LocalCloud:
     process: the in-process reference the Triton path must match token for token."""
 
     def __init__(self, model: DecoderModel, limits: Limits | None = None):
-        self.context = ContextManager(model.cfg.hidden_size, model.cfg.num_layers, limits)
         self.partition = CloudPartition(model, limits)
+        # hidden rows start at layer 1 at the earliest (a model with every layer also serves cloud-only)
+        self.context = ContextManager(model.cfg.hidden_size, model.cfg.num_layers, limits,
+                                      min_split_layer=max(1, model.layer_range.start))
 
     def send(self, req: CloudRequest) -> CloudReply:
         if req.token_ids is not None:
@@ -22,6 +25,6 @@ class LocalCloud:
         else:
             block = self.context.handle(req)
         reply = self.partition.step([block])[0]
-        if isinstance(reply, Exception):
+        if isinstance(reply, ProtocolError):
             raise reply
         return reply

@@ -1,4 +1,5 @@
-"""cloud_partition: resumes each session at its split layer with its own KV (plugin/cloud.py)."""
+"""cloud_partition: resumes each session at its split layer with its own KV (plugin/split/cloud.py)."""
+from plugin.serving.services import CloudPartitionService
 from plugin.serving.triton_adapter import model_class
 
-TritonPythonModel = model_class("cloud_partition")
+TritonPythonModel = model_class(CloudPartitionService)
