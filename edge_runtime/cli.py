@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from edge_runtime.decoding import MODES, LatencyPolicy
+from edge_runtime.policy import LatencyPolicy, MODES
 from edge_runtime.link import CloudUnreachable
 from edge_runtime.runners import RUNNERS
 from plugin.paths import DEMO_PLAN
@@ -97,9 +97,9 @@ def _generate(args: argparse.Namespace) -> int:
                           headers=dict(h.split("=", 1) for h in args.header) or None)
         link = ReconnectingLink(link, patience_s=0.0 if args.mode == "latency-aware" else args.patience)
     sampler = Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed)
-    gen = app.generator(args.mode, link, threshold=args.threshold, codec=args.codec, sampler=sampler,
-                        sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
-                        latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000), speculate=not args.no_speculate)
+    gen = app.session(args.mode, link, threshold=args.threshold, codec=args.codec, sampler=sampler,
+                      sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
+                      latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000), speculate=not args.no_speculate)
     printer = TokenPrinter(app.tokenizer, app.plan.exit_layers, colour=False if args.no_color else None)
     records, error = [], None
     if not args.json:
@@ -122,7 +122,8 @@ def _generate(args: argparse.Namespace) -> int:
         "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "edge_s": round(s.edge_s, 4),
         "cloud_wait_s": round(s.cloud_wait_s, 4), "speculated": s.speculated, "speculation_hits": s.speculation_hits,
         "speculation_s": round(s.speculation_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,
-        "threshold": gen.threshold, "codec": gen.codec, "sequence_id": gen.sequence_id,
+        "threshold": None if args.mode == "cloud-only" else gen.threshold,
+        "codec": None if args.mode == "cloud-only" else gen.codec, "sequence_id": gen.sequence_id,
     }
     if error:
         result["error"] = error

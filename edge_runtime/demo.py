@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.app import EdgeApp, ModelMissing
-from edge_runtime.decoding import Generation
+from edge_runtime.generation import Generation
 from edge_runtime.display import summary_table, TokenPrinter
 from edge_runtime.triton_link import TritonLink
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             if i == 1 and printer.legend():
                 print(printer.legend() + "\n")
             print(f"--- prompt {i}, collaborative (threshold {app.plan.threshold}) ---\n{prompt}", end="")
-            gen = app.generator("collaborative", edge_link)
+            session = app.session("collaborative", edge_link)
             records = []
-            for record in gen.stream(ids, args.max_new_tokens):
+            for record in session.stream(ids, args.max_new_tokens):
                 printer.add(record)
                 records.append(record)
-            runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, gen.stats))
-            runs["standalone"].append(app.generator("standalone").generate(ids, args.max_new_tokens))
-            runs["cloud-only"].append(app.generator("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
+            runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, session.stats))
+            runs["standalone"].append(app.session("standalone").generate(ids, args.max_new_tokens))
+            runs["cloud-only"].append(app.session("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
             for mode in ("standalone", "cloud-only"):
                 text = app.tokenizer.decode(runs[mode][-1].token_ids, skip_special_tokens=True)
                 print(f"\n--- {mode} ---\n{prompt}{text}")

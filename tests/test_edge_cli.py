@@ -45,8 +45,8 @@ def test_exact_collaborative_equals_cloud_only_and_in_process(app, server):
     collab = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
                   "--codec", "fp32")
     cloud_only = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--mode", "cloud-only")
-    reference = app.generator("collaborative", LocalCloud(load_model(app.plan.checkpoint)), threshold=1.0,
-                              codec="fp32").generate(app.encode(PROMPT), int(n))
+    reference = app.session("collaborative", LocalCloud(load_model(app.plan.checkpoint)), threshold=1.0,
+                            codec="fp32").generate(app.encode(PROMPT), int(n))
     plain = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
                  "--codec", "fp32", "--no-speculate")
     assert collab["token_ids"] == cloud_only["token_ids"] == reference.token_ids == plain["token_ids"]
@@ -83,8 +83,8 @@ def test_int8_agrees_with_fp16_on_the_demo_prompts(app, server):
     same = total = 0
     for prompt in prompts:
         ids = app.encode(prompt)
-        fp16 = app.generator("collaborative", link, codec="fp16").generate(ids, 32).token_ids
-        int8 = app.generator("collaborative", link, codec="int8").generate(ids, 32).token_ids
+        fp16 = app.session("collaborative", link, codec="fp16").generate(ids, 32).token_ids
+        int8 = app.session("collaborative", link, codec="int8").generate(ids, 32).token_ids
         same += sum(a == b for a, b in zip(fp16, int8))
         total += max(len(fp16), len(int8))
     assert same / total >= 0.99, f"int8 agrees with fp16 on {same}/{total} tokens"
