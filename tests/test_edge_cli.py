@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 
 from edge_runtime.app import EdgeApp
+from edge_runtime.demo import repository_for
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
@@ -153,3 +154,14 @@ def test_a_server_refusal_is_one_line_and_debug_adds_the_traceback(app, server, 
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ProtocolError" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith("error: after 0 tokens, the server refused a request")
 
+
+def test_demo_serves_a_stale_plan_from_a_temporary_repository(app, tmp_path):
+    """`make demo` never writes into the source tree: configs that do not match the plan are
+    generated elsewhere, with the thin model.py files beside them."""
+    committed = {p: p.read_bytes() for p in MODEL_REPOSITORY.rglob("*") if p.is_file()}
+    assert repository_for(app.plan, DEMO_PLAN, tmp_path) == MODEL_REPOSITORY
+    stale = replace(app.plan, split_layer=4, exit_layers=(2, 4))
+    repo = repository_for(stale, tmp_path / "plan.json", tmp_path)
+    assert repo == tmp_path / "model_repository"
+    assert check_repository(stale, repo) == [] and (repo / "cloud_partition" / "1" / "model.py").is_file()
+    assert {p: p.read_bytes() for p in MODEL_REPOSITORY.rglob("*") if p.is_file()} == committed
