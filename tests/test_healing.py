@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.decoding import Generator
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
@@ -45,15 +46,16 @@ def healing(tmp_path_factory, start_server):
     write_repository(plan, repo)
     server = start_server(repo, heal_stubs=True)
     edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
-    reference = Generator(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative",
+    reference = DecodingSession(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative",
                           sequence_id=1).generate(PROMPT, 12).token_ids
     return server, edge, reference
 
 
 def _tokens(server, edge, mode: str, sequence_id: int) -> list[int]:
-    model = "cloud_only" if mode == "cloud-only" else "ce_collm"
-    gen = Generator(None if mode == "cloud-only" else edge, TritonLink(server.grpc_url, model), mode,
-                    sequence_id=sequence_id)
+    if mode == "cloud-only":
+        gen = CloudOnlySession(TritonLink(server.grpc_url, "cloud_only"), sequence_id=sequence_id)
+    else:
+        gen = DecodingSession(edge, TritonLink(server.grpc_url), mode, sequence_id=sequence_id)
     return gen.generate(PROMPT, 12).token_ids
 
 
