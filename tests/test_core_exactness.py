@@ -67,19 +67,19 @@ def _decode_then_flush(edge, cloud, threshold, prompt, n_new):
     return gen, tokens[:pos], exits
 
 
-def _assert_kv_matches_full_model(hf, edge_seq: SequenceKV, cloud_seq: SequenceKV, tokens, split):
+def _assert_kv_matches_full_model(hf, edge_seq: SequenceKV, cloud_seq: SequenceKV, tokens, split, tol=1e-5):
     """Every position each layer holds equals the full model's K/V; local layers hold at least their window."""
     with torch.no_grad():  # a cache without the config keeps every position of every layer
         past = hf(torch.tensor([tokens]), past_key_values=DynamicCache(), use_cache=True).past_key_values
-    layers = [(edge_seq if layer < split else cloud_seq).layers[layer] for layer in range(LAYERS)]
+    layers = [(edge_seq if layer < split else cloud_seq).layers[layer] for layer in range(hf.config.num_hidden_layers)]
     if any(ours.window is not None for ours in layers):
         assert any(ours.start > 0 for ours in layers), "no sliding-window layer forgot anything"
     for layer, ours in enumerate(layers):
         assert ours.length == len(tokens), f"layer {layer} holds {ours.length} of {len(tokens)} positions"
         if ours.window is not None:  # kept every key the next position's query sees
             assert ours.start <= len(tokens) - ours.window + 1, f"layer {layer} forgot {ours.start} positions"
-        torch.testing.assert_close(ours.keys, past.layers[layer].keys[0, :, ours.start:], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.values, past.layers[layer].values[0, :, ours.start:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.keys, past.layers[layer].keys[0, :, ours.start:], rtol=tol, atol=tol)
+        torch.testing.assert_close(ours.values, past.layers[layer].values[0, :, ours.start:], rtol=tol, atol=tol)
 
 
 def _first_exit_confidences(edge, cloud, prompt, n):
