@@ -98,9 +98,9 @@ def test_threshold_one_through_triton_and_cloud_only_equal_hf_greedy(gemma, edge
 def test_kv_after_catch_up_with_forced_exits_equals_full_model(gemma, edge_runner):
     """Every token exits at layer 6; a last token carries all of them through layers 6-18 in one block.
 
-    fp32 tolerance 1e-4: the residual stream reaches 1e5 here, and a block of 17 rows rounds differently
-    from Hugging Face's one pass over all positions (seen: 1.5e-5); a lost catch-up row is off by O(1).
-    """
+    fp32, rtol = atol = 1e-4: the residual stream reaches 1e5 here, and blocks of 1 and 17 rows round
+    differently from Hugging Face's one pass over all positions (seen: max |diff| 1.3e-4 where the
+    values reach 92). test_core_exactness.py's mutation test shows that dropped catch-up rows fail the check."""
     plan, prompts, hf, _ = gemma
     edge = EdgePartition(edge_runner, PartitionPlan(plan.checkpoint, SPLIT, (6, SPLIT), threshold=0.0, codec="fp32"))
     cloud = LocalCloud(load_model(plan.checkpoint, range(SPLIT, hf.config.num_hidden_layers)))

@@ -83,13 +83,18 @@ def _rope(f: ConfigFields, params: dict, where: str, max_positions: int) -> Rope
     if partial != 1.0:
         raise CheckpointError(f"config.json: {where}.partial_rotary_factor = {partial!r} is not implemented "
                               f"for {f.model_type} (implemented: 1.0)")
+
+    def need(key: str) -> float:
+        if key not in params:
+            raise CheckpointError(f"config.json: {where} of rope_type {kind!r} lacks {key!r}")
+        return float(params.pop(key))
+
     if kind == "default":
         rope = Rope(theta)
     elif kind == "linear":
-        rope = Rope(theta, "linear", float(params.pop("factor")))
+        rope = Rope(theta, "linear", need("factor"))
     elif kind == "llama3":
-        rope = Rope(theta, "llama3", float(params.pop("factor")), float(params.pop("low_freq_factor")),
-                    float(params.pop("high_freq_factor")),
+        rope = Rope(theta, "llama3", need("factor"), need("low_freq_factor"), need("high_freq_factor"),
                     int(params.pop("original_max_position_embeddings", max_positions)))
     else:
         raise CheckpointError(f"config.json: {where}.rope_type = {kind!r} is not implemented for {f.model_type} "
