@@ -223,6 +223,7 @@ def _import_gguf(args: argparse.Namespace) -> int:
     """Dequantize a GGUF into a Hugging Face checkpoint folder; print the licence notice and what to run next."""
     from tqdm import tqdm
 
+    from plugin.model.checkpoint import CheckpointError
     from plugin.model.gguf_import import GGUFImportError, import_gguf, PLAN, STEPS
 
     with tqdm(total=len(STEPS), desc="import-gguf", unit="step", dynamic_ncols=True) as bar:
@@ -232,7 +233,7 @@ def _import_gguf(args: argparse.Namespace) -> int:
 
         try:
             result = import_gguf(args.out, args.gguf, args.dtype, args.force, progress)
-        except GGUFImportError as e:
+        except (GGUFImportError, CheckpointError) as e:  # CheckpointError: the layer loop cannot run the result
             print(f"ce-collm import-gguf: {e}", file=sys.stderr)
             return 1
         bar.update(len(STEPS) - bar.n)

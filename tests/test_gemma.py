@@ -21,7 +21,7 @@ from edge_runtime.decoding import Generator
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
-from plugin.model.gguf_import import default_out_dir, import_gguf
+from plugin.model.gguf_import import default_out_dir, GEMMA_NOTICE, GGUFImportError, import_gguf, PLAN
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
@@ -121,3 +121,20 @@ def test_edge_cli_generates_on_gemma(gemma, server):
         assert done.returncode == 0, done.stderr[-2000:]
         out = json.loads(done.stdout)
         assert len(out["token_ids"]) == 12 and out["text"] and check(out), out
+
+
+def test_import_is_idempotent_and_carries_the_notice(gemma):
+    again = import_gguf(default_out_dir())  # the fixture imported it (or found it imported)
+    assert again.skipped and again.seconds < 10 and again.notice == GEMMA_NOTICE
+    out = again.out_dir
+    assert {"GEMMA_TERMS.html", "NOTICE.md", "README.md", "tokenizer.json", "model.safetensors"} <= {
+        p.name for p in out.iterdir()}
+    assert json.loads((out / "import.json").read_text())["complete"]
+    plan = PartitionPlan.load(out / PLAN)
+    assert (plan.split_layer, plan.exit_layers, plan.codec) == (12, (6, 9, 12), "fp32")
+
+
+def test_import_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(GGUFImportError, match="did not write"):
+        import_gguf(tmp_path)
