@@ -12,8 +12,8 @@ from plugin.protocol.codec import EncodedRows
 from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
 from plugin.protocol.tensors import (
-    CATCHUP_ROWS, CONFIDENCE, HIDDEN_INPUTS, HIDDEN_SCALE, PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT,
-    SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
+    CATCHUP_ROWS, CONFIDENCE, HIDDEN_INPUTS, PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT,
+    SCALE_INPUTS, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
 
 
 Tensors = dict[str, np.ndarray]
@@ -30,7 +30,7 @@ def request_inputs(req: CloudRequest) -> Tensors:
     if req.rows is not None:
         out[HIDDEN_INPUTS[req.rows.codec]] = req.rows.data[None]
         if req.rows.scale is not None:
-            out[HIDDEN_SCALE] = req.rows.scale[None]
+            out[SCALE_INPUTS[req.rows.codec]] = req.rows.scale[None]
     if req.token_ids is not None:
         out[TOKEN_IDS] = req.token_ids[None]
     if req.split_layer is not None:
@@ -76,9 +76,10 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
                        split_layer=_scalar(inputs, SPLIT_LAYER), start=start, end=end)
     if hidden:
         codec, name = hidden[0]
-        scale = inputs.get(HIDDEN_SCALE)
+        scale_name = SCALE_INPUTS.get(codec)
+        scale = inputs.get(scale_name) if scale_name else None
         req.rows = EncodedRows(codec, _unbatched(inputs[name], name),
-                               _unbatched(scale, HIDDEN_SCALE) if scale is not None else None)
+                               _unbatched(scale, scale_name) if scale is not None else None)
     else:
         req.token_ids = _unbatched(inputs[TOKEN_IDS], TOKEN_IDS)
     return req
