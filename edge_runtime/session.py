@@ -78,7 +78,7 @@ class DecodingSession(TokenLoop):
             if not self.mode.falls_back:
                 raise
             self.decider.cloud_unreachable()
-            record.token_id = self.sampler.pick(step.last_exit_logits)
+            record.token_id = step.last_exit.pick(self.sampler)
             record.exit, record.fallback = f"edge:{self.edge.plan.exit_layers[-1]}", True
             self.stats.fallbacks += 1
             return record
