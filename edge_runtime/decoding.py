@@ -27,7 +27,7 @@ from plugin.model.kv import KVMark
 from plugin.model.sampling import Greedy, Sampler
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import SequenceNeedsStart
-from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.protocol.messages import CloudReply, CloudRequest, new_session_key
 from plugin.split.edge import EdgePartition, EdgeStep, ExitPolicy
 
 
@@ -111,6 +111,7 @@ class Generator:
         self.sampler = sampler or Greedy()
         self.eos = set(eos_token_ids)
         self.sequence_id = sequence_id
+        self.session_key = new_session_key()  # binds the cloud's session to this generator
         self.latency = latency or LatencyPolicy()
         self.max_block_rows = max_block_rows  # the cloud's rows-per-request limit (Limits.max_block_rows)
         self.seq = edge.new_sequence() if edge else None
@@ -158,7 +159,7 @@ class Generator:
         """Decode one token: `block` holds the tokens at positions [pos, pos + len(block))."""
         if self.mode == "cloud-only":
             req = CloudRequest(self.sequence_id, pos, True, token_ids=np.asarray(block, dtype=np.int64),
-                               start=not self._started)
+                               start=not self._started, session_key=self.session_key)
             with self._lock:
                 reply = self._send(req)
             return TokenRecord(self.sampler.pick_from(reply.topk_ids, reply.topk_logprobs), "cloud", [], {},
@@ -286,7 +287,8 @@ class Generator:
 
     def _rows_request(self, want_token: bool, first: int, stop: int, end: bool = False) -> CloudRequest:
         return CloudRequest(self.sequence_id, first, want_token, rows=encode(self.split_log.rows(first, stop), self.codec),
-                            split_layer=self.edge.plan.split_layer, start=first == 0 and not self._started, end=end)
+                            split_layer=self.edge.plan.split_layer, start=first == 0 and not self._started, end=end,
+                            session_key=self.session_key)
 
     def _send(self, req: CloudRequest) -> CloudReply:
         """Caller holds the lock. When the cloud lost the sequence (restart, TTL), re-send the whole
@@ -319,7 +321,8 @@ class Generator:
                 return
             try:
                 if self.mode == "cloud-only":  # END rides on an empty block of token ids
-                    self._send(CloudRequest(self.sequence_id, self._sent, False, token_ids=np.zeros(0, np.int64), end=True))
+                    self._send(CloudRequest(self.sequence_id, self._sent, False, token_ids=np.zeros(0, np.int64), end=True,
+                                            session_key=self.session_key))
                 else:
                     self._send_rows(want_token=False, end=True)
             except CloudUnreachable:
