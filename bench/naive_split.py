@@ -19,7 +19,7 @@ from typing import Iterator
 
 import torch
 
-from edge_runtime.decoding import Generation, TokenRecord
+from edge_runtime.generation import Generation, TokenRecord
 from edge_runtime.link import CloudLink
 from plugin.model.checkpoint import load_model, read_config
 from plugin.protocol.codec import decode, encode
@@ -110,10 +110,10 @@ def write_bench_repository(plan: PartitionPlan, out_dir: Path, opts: ServeOption
     return written + [out_dir / MODEL_NAME / "config.pbtxt"]
 
 
-class NaiveSplitGenerator:
+class NaiveSplitSession:
     """The edge side of the naive split: layers [0, k) for every token, then the whole context up.
 
-    Streams TokenRecords like `edge_runtime.decoding.Generator`, with the same SessionStats.
+    Streams TokenRecords like `edge_runtime.session.DecodingSession`, with the same SessionStats.
     """
 
     def __init__(self, edge: EdgePartition, link: CloudLink, codec: str = "fp16"):

@@ -37,9 +37,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from bench.link_emulator import LinkEmulator
-from bench.naive_split import MODEL_NAME as NAIVE_MODEL, NaiveSplitGenerator, write_bench_repository
-from edge_runtime.decoding import Generator, SessionStats, TokenRecord
+from bench.naive_split import MODEL_NAME as NAIVE_MODEL, NaiveSplitSession, write_bench_repository
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.generation import SessionStats, TokenRecord
 from edge_runtime.runners import load_runner
+from edge_runtime.session import DecodingSession
 from edge_runtime.triton_link import TritonLink
 from plugin.export.manifest import ExportError
 from plugin.export.onnx import export_plan
@@ -198,16 +200,16 @@ def open_links(url: str) -> dict[str, TritonLink]:
 def _stream(system: System, edge: EdgePartition, links: dict[str, TritonLink], prompt: list[int], n: int,
             sequence_id: int) -> tuple[Iterator[TokenRecord], Callable[[], SessionStats]]:
     if system.kind == "naive-split":
-        gen = NaiveSplitGenerator(edge, links[NAIVE_MODEL], system.codec or "fp16")
+        gen = NaiveSplitSession(edge, links[NAIVE_MODEL], system.codec or "fp16")
         stream = gen.stream(prompt, n)
         return stream, lambda: gen.generation.stats
     if system.kind == "cloud-only":
-        g = Generator(None, links["cloud_only"], "cloud-only", sequence_id=sequence_id)
+        g = CloudOnlySession(links["cloud_only"], sequence_id=sequence_id)
     elif system.kind == "standalone":
-        g = Generator(edge, None, "standalone", threshold=system.threshold)
+        g = DecodingSession(edge, None, "standalone", threshold=system.threshold)
     else:
-        g = Generator(edge, links["ce_collm"], "collaborative", threshold=system.threshold, codec=system.codec,
-                      sequence_id=sequence_id, async_uploads=True)
+        g = DecodingSession(edge, links["ce_collm"], "collaborative", threshold=system.threshold, codec=system.codec,
+                            sequence_id=sequence_id, async_uploads=True)
     return g.stream(prompt, n), lambda: g.stats
 
 
@@ -377,10 +379,10 @@ def record_trace(system: System, edge: EdgePartition | None, link, prompt: list[
     """
     rec = RecordingLink(link)
     if system.kind == "cloud-only":
-        g = Generator(None, rec, "cloud-only", sequence_id=sequence_id)
+        g = CloudOnlySession(rec, sequence_id=sequence_id)
     else:
-        g = Generator(edge, rec, "collaborative", threshold=system.threshold, codec=system.codec,
-                      sequence_id=sequence_id, async_uploads=False)
+        g = DecodingSession(edge, rec, "collaborative", threshold=system.threshold, codec=system.codec,
+                            sequence_id=sequence_id, async_uploads=False)
     steps, seen, edge_before = [], 0, 0.0
     for _ in g.stream(prompt, n):
         steps.append(TraceStep(g.stats.edge_s - edge_before, rec.sent[seen:]))

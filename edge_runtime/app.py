@@ -1,4 +1,4 @@
-"""An edge application's pieces, loaded once from a partition plan: runner, tokenizer, generators."""
+"""An edge application's pieces, loaded once from a partition plan: runner, tokenizer, sessions."""
 from __future__ import annotations
 
 import secrets
@@ -7,7 +7,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edge_runtime.decoding import Generator, LatencyPolicy
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.policy import LatencyPolicy, Mode
+from edge_runtime.session import DecodingSession
 from plugin.model.checkpoint import read_config
 from plugin.model.sampling import Greedy, Sampler
 from plugin.paths import DEMO_PLAN
@@ -44,11 +46,13 @@ class EdgeApp:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def generator(self, mode: str, link=None, threshold: float | None = None, codec: str | None = None,
-                  sampler: Sampler | None = None, sequence_id: int | None = None, async_uploads: bool = True,
-                  latency: LatencyPolicy | None = None, speculate: bool = True) -> Generator:
+    def session(self, mode: Mode | str, link=None, threshold: float | None = None, codec: str | None = None,
+                sampler: Sampler | None = None, sequence_id: int | None = None, async_uploads: bool = True,
+                latency: LatencyPolicy | None = None, speculate: bool = True) -> DecodingSession | CloudOnlySession:
         """A fresh session; sequence ids are random 63-bit numbers unless given (0 is reserved by Triton)."""
-        return Generator(self.edge, link, mode, threshold=threshold, codec=codec, sampler=sampler or Greedy(),
-                         eos_token_ids=self.eos_token_ids,
-                         sequence_id=sequence_id or secrets.randbits(63) | 1, async_uploads=async_uploads,
-                         latency=latency, speculate=speculate)
+        sequence_id = sequence_id or secrets.randbits(63) | 1
+        if Mode.parse(mode) is Mode.CLOUD_ONLY:
+            return CloudOnlySession(link, sampler, self.eos_token_ids, sequence_id)
+        return DecodingSession(self.edge, link, mode, threshold=threshold, codec=codec, sampler=sampler or Greedy(),
+                               eos_token_ids=self.eos_token_ids, sequence_id=sequence_id,
+                               async_uploads=async_uploads, latency=latency, speculate=speculate)

@@ -4,14 +4,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-from edge_runtime.decoding import MODES, LatencyPolicy
+from edge_runtime.app import EdgeApp, ModelMissing
 from edge_runtime.link import CloudUnreachable
+from edge_runtime.policy import LatencyPolicy, MODES
 from edge_runtime.runners import RUNNERS
+from plugin.export.engines import TensorRTUnavailable
+from plugin.export.manifest import ExportError
 from plugin.paths import DEMO_PLAN
+from plugin.protocol.errors import ProtocolError
+from plugin.split.plan import PlanError
 
 DESCRIPTION = """\
 Generate text on the edge with early exits, asking a CE-CoLLM Triton server only when no edge exit
@@ -21,7 +27,8 @@ is confident. Modes:
   latency-aware  collaborative, but answer on the edge while the measured cloud round trip breaks
                  --latency-budget-ms or the cloud is unreachable; re-sync when it returns
   cloud-only     the baseline: token ids to the whole model on the server
-Tokens are coloured by where they came from on a terminal (legend on stderr).
+Tokens are coloured by where they came from on a terminal (legend on stderr). Every error ends as
+one line on stderr saying what happened and what to do (--debug adds the traceback).
 """
 
 
@@ -62,44 +69,27 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="gRPC header sent with every request (e.g. an authenticating proxy's token); repeatable")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--no-color", action="store_true", help="no colours even on a terminal")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error before its one-line summary")
 
 
 def _generate(args: argparse.Namespace) -> int:
     from plugin.model.sampling import Greedy, TopP
 
-    from plugin.export.engines import TensorRTUnavailable
-    from plugin.export.manifest import ExportError
-
-    from edge_runtime.app import EdgeApp, ModelMissing
     from edge_runtime.display import TokenPrinter
 
     if args.mode != "standalone" and not args.url:
         print(f"error: --url HOST:PORT is needed in {args.mode} mode (start a server with `ce-collm serve`)",
               file=sys.stderr)
         return 2
-    options = {"onnx_dir": args.onnx_dir} if args.runner == "onnx" else {}
-    if args.runner == "tensorrt":
-        options = {"engine_dir": args.engine_dir}
-    try:
-        app = EdgeApp.load(args.plan, args.runner, **options)
-    except (ModelMissing, ExportError, TensorRTUnavailable) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    link = None
-    if args.mode != "standalone":
-        from edge_runtime.reconnect import ReconnectingLink
-        from edge_runtime.triton_link import TritonLink
-
-        read = lambda path: path.read_text() if path else None  # noqa: E731
-        link = TritonLink(args.url, "cloud_only" if args.mode == "cloud-only" else "ce_collm", ssl=args.ssl,
-                          root_certificates=read(args.root_cert), private_key=read(args.client_key),
-                          certificate_chain=read(args.client_cert),
-                          headers=dict(h.split("=", 1) for h in args.header) or None)
-        link = ReconnectingLink(link, patience_s=0.0 if args.mode == "latency-aware" else args.patience)
-    sampler = Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed)
-    gen = app.generator(args.mode, link, threshold=args.threshold, codec=args.codec, sampler=sampler,
-                        sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
-                        latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000), speculate=not args.no_speculate)
+    try:  # a missing or bad plan, checkpoint, export, TensorRT or certificate: nothing generated yet
+        app = EdgeApp.load(args.plan, args.runner, **_runner_options(args))
+        session = app.session(args.mode, _link(args), threshold=args.threshold, codec=args.codec,
+                              sampler=Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed),
+                              sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
+                              latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000),
+                              speculate=not args.no_speculate)
+    except Exception as e:
+        return _fail(e, args, 2)
     printer = TokenPrinter(app.tokenizer, app.plan.exit_layers, colour=False if args.no_color else None)
     records, error = [], None
     if not args.json:
@@ -107,14 +97,14 @@ def _generate(args: argparse.Namespace) -> int:
             print(printer.legend(), file=sys.stderr)
         sys.stdout.write(args.prompt)
     try:
-        for record in gen.stream(app.encode(args.prompt), args.max_new_tokens):
+        for record in session.stream(app.encode(args.prompt), args.max_new_tokens):
             records.append(record)
             if not args.json:
                 printer.add(record)
-    except (CloudUnreachable, ConnectionError, ValueError) as e:
-        error = f"{type(e).__name__}: {e}"
+    except Exception as e:  # the tokens so far and the statistics are still printed
+        error = e
     ids = [r.token_id for r in records]
-    s = gen.stats
+    s = session.stats
     result = {
         "text": app.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
         "exits": [r.exit for r in records], "tokens_per_exit": dict(Counter(r.exit for r in records)),
@@ -122,10 +112,11 @@ def _generate(args: argparse.Namespace) -> int:
         "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "edge_s": round(s.edge_s, 4),
         "cloud_wait_s": round(s.cloud_wait_s, 4), "speculated": s.speculated, "speculation_hits": s.speculation_hits,
         "speculation_s": round(s.speculation_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,
-        "threshold": gen.threshold, "codec": gen.codec, "sequence_id": gen.sequence_id,
+        "threshold": None if args.mode == "cloud-only" else session.threshold,
+        "codec": None if args.mode == "cloud-only" else session.codec, "sequence_id": session.sequence_id,
     }
     if error:
-        result["error"] = error
+        result["error"] = f"{type(error).__name__}: {error}"
     if args.json:
         print(json.dumps(result))
     else:
@@ -135,9 +126,66 @@ def _generate(args: argparse.Namespace) -> int:
               f"uploads {s.uploads} | up {s.bytes_up:,} B, down {s.bytes_down:,} B | edge {s.edge_s:.2f} s, "
               f"waiting on cloud {s.cloud_wait_s:.2f} s | guesses kept {s.speculation_hits}/{s.speculated}]",
               file=sys.stderr)
-        if error:
-            print(f"error: {error} (the {len(ids)} tokens above were generated before it)", file=sys.stderr)
-    return 1 if error else 0
+    if error:
+        return _fail(error, args, 1, f"after {len(ids)} tokens, ")
+    return 0
+
+
+def _runner_options(args: argparse.Namespace) -> dict:
+    if args.runner == "onnx":
+        return {"onnx_dir": args.onnx_dir}
+    if args.runner == "tensorrt":
+        return {"engine_dir": args.engine_dir}
+    return {}
+
+
+def _link(args: argparse.Namespace):
+    """The cloud link of the mode (None in standalone): gRPC to the server, retried within --patience."""
+    if args.mode == "standalone":
+        return None
+    from edge_runtime.reconnect import ReconnectingLink
+    from edge_runtime.triton_link import TritonLink
+
+    read = lambda path: path.read_text() if path else None  # noqa: E731
+    link = TritonLink(args.url, "cloud_only" if args.mode == "cloud-only" else "ce_collm", ssl=args.ssl,
+                      root_certificates=read(args.root_cert), private_key=read(args.client_key),
+                      certificate_chain=read(args.client_cert),
+                      headers=dict(h.split("=", 1) for h in args.header) or None)
+    return ReconnectingLink(link, patience_s=0.0 if args.mode == "latency-aware" else args.patience)
+
+
+def _fail(error: Exception, args: argparse.Namespace, code: int, when: str = "") -> int:
+    """Print `error` as one line (what happened, what to do) on stderr, its traceback first with --debug."""
+    if args.debug:
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {when}{_explain(error, args)}", file=sys.stderr)
+    return code
+
+
+def _explain(e: Exception, args: argparse.Namespace) -> str:
+    """One line for the errors a user meets, each with what to do about it."""
+    if isinstance(e, CloudUnreachable):
+        return (f"the server at {args.url} did not answer ({_one_line(e)}); start it with `ce-collm serve`, "
+                "check --url, or run --mode standalone (no server) or latency-aware (answers on the edge meanwhile)")
+    if isinstance(e, ProtocolError):
+        return (f"the server refused a request: {_one_line(e)}; check that it serves configs made from this plan "
+                f"(`ce-collm configs --check --plan {args.plan}`)")
+    if isinstance(e, TensorRTUnavailable):
+        return ("TensorRT is not installed here (`import tensorrt` failed); use --runner onnx or --runner torch, "
+                "or run on a device with TensorRT (--debug shows where to get it)")
+    if isinstance(e, (ModelMissing, ExportError)):
+        return _one_line(e)
+    if isinstance(e, FileNotFoundError) and Path(e.filename or "") == args.plan:
+        return f"no partition plan at {args.plan}; give --plan FILE (default: the demo model's)"
+    if isinstance(e, (PlanError, json.JSONDecodeError)) or type(e).__module__.startswith("yaml"):
+        return f"bad partition plan {args.plan}: {_one_line(e)}; fix it (README, \"The partition plan\")"
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror}: {e.filename}; check the path"
+    return f"{type(e).__name__}: {_one_line(e)} (--debug shows the traceback)"
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,7 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as e:  # whatever the commands did not foresee still ends as one line
+        return _fail(e, args, 1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 """`make demo`: a real tritonserver, the edge runtime on a few held-out prompts, text and statistics.
 
-Starts tritonserver on free 127.0.0.1 ports with model_repository/ (regenerating its configs if
-they drifted from the demo plan), runs each prompt in collaborative, standalone and cloud-only
-mode, prints the texts and a summary table, and stops the server.
+Starts tritonserver on free 127.0.0.1 ports with model_repository/ (or, when its committed configs
+drifted from the plan, with a repository generated from the plan in a temporary directory: the
+source tree is never written), runs each prompt in collaborative, standalone and cloud-only mode,
+prints the texts and a summary table, and stops the server.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from edge_runtime.app import EdgeApp, ModelMissing
-from edge_runtime.decoding import Generation
+from edge_runtime.generation import Generation
 from edge_runtime.display import summary_table, TokenPrinter
 from edge_runtime.triton_link import TritonLink
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
@@ -37,6 +39,18 @@ def _merge(gens: list[Generation]) -> Generation:
     return total
 
 
+def repository_for(plan: PartitionPlan, plan_path: Path, scratch_dir: Path) -> Path:
+    """model_repository/ when its committed configs match the plan; else the plan's repository generated
+    into scratch_dir (the source tree is never written)."""
+    stale = check_repository(plan, MODEL_REPOSITORY)
+    if not stale:
+        return MODEL_REPOSITORY
+    repo = scratch_dir / "model_repository"
+    write_repository(plan, repo)
+    print(f"the committed {', '.join(stale)} configs differ from {plan_path}: serving configs generated into {repo}")
+    return repo
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edge_runtime.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,14 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     except ModelMissing as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stale = check_repository(app.plan, MODEL_REPOSITORY)
-    if stale:
-        print(f"regenerating {', '.join(stale)} configs from {args.plan}")
-        write_repository(app.plan, MODEL_REPOSITORY)
-    print(f"starting tritonserver on {MODEL_REPOSITORY} ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="ce-collm-demo-") as scratch:
+        return _run(app, repository_for(app.plan, args.plan, Path(scratch)), args)
+
+
+def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
+    print(f"starting tritonserver on {repository} ...", flush=True)
     t0 = time.perf_counter()
     runs: dict[str, list[Generation]] = {"collaborative": [], "standalone": [], "cloud-only": []}
-    with TritonServer(MODEL_REPOSITORY) as server:
+    with TritonServer(repository) as server:
         print(f"server ready in {time.perf_counter() - t0:.1f} s at grpc {server.grpc_url}\n")
         edge_link, cloud_link = TritonLink(server.grpc_url), TritonLink(server.grpc_url, "cloud_only")
         for i, prompt in enumerate(_prompts(app.plan, args.prompts), start=1):
@@ -65,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
             if i == 1 and printer.legend():
                 print(printer.legend() + "\n")
             print(f"--- prompt {i}, collaborative (threshold {app.plan.threshold}) ---\n{prompt}", end="")
-            gen = app.generator("collaborative", edge_link)
+            session = app.session("collaborative", edge_link)
             records = []
-            for record in gen.stream(ids, args.max_new_tokens):
+            for record in session.stream(ids, args.max_new_tokens):
                 printer.add(record)
                 records.append(record)
-            runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, gen.stats))
-            runs["standalone"].append(app.generator("standalone").generate(ids, args.max_new_tokens))
-            runs["cloud-only"].append(app.generator("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
+            runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, session.stats))
+            runs["standalone"].append(app.session("standalone").generate(ids, args.max_new_tokens))
+            runs["cloud-only"].append(app.session("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
             for mode in ("standalone", "cloud-only"):
                 text = app.tokenizer.decode(runs[mode][-1].token_ids, skip_special_tokens=True)
                 print(f"\n--- {mode} ---\n{prompt}{text}")

@@ -5,7 +5,7 @@ import sys
 from collections import Counter
 from typing import TextIO
 
-from edge_runtime.decoding import Generation, TokenRecord
+from edge_runtime.generation import Generation, TokenRecord
 
 _COLOURS = ["\033[32m", "\033[36m", "\033[34m", "\033[35m"]  # edge exits, shallow to deep
 _CLOUD, _FALLBACK, _RESET = "\033[33m", "\033[31m", "\033[0m"

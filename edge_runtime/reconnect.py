@@ -12,7 +12,7 @@ The one ambiguous case is a request that reached the server and was applied, but
 lost with the link. Its retry then starts at a position the cloud has already stored, and the
 context manager refuses it (POSITION_OVERLAP): nothing was lost, but the edge no longer knows
 what the cloud holds. After an unreachable attempt for a sequence, that refusal is turned into
-SequenceNeedsStart, so the Generator re-sends the whole context with START (a re-sync), exactly as
+SequenceNeedsStart, so the DecodingSession re-sends the whole context with START (a re-sync), exactly as
 after a server restart. Rows are never sent twice into one context and never skipped.
 """
 from __future__ import annotations

@@ -31,7 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from edge_runtime.decoding import Generation, Generator  # noqa: E402
+from edge_runtime.generation import Generation  # noqa: E402
+from edge_runtime.session import DecodingSession  # noqa: E402
 from edge_runtime.triton_link import TritonLink  # noqa: E402
 from plugin.split.edge import EdgePartition  # noqa: E402
 from edge_runtime.runners import TorchRunner
@@ -115,8 +116,8 @@ def run_sessions(edge: EdgePartition, url: str, session_prompts: list[list[int]]
     def one(prompt: list[int]) -> Generation:
         link = TritonLink(url, timeout_s=60)
         try:
-            gen = Generator(edge, link, "collaborative", threshold=threshold, codec=codec,
-                            sequence_id=secrets.randbits(63) | 1, async_uploads=True)
+            gen = DecodingSession(edge, link, "collaborative", threshold=threshold, codec=codec,
+                                  sequence_id=secrets.randbits(63) | 1, async_uploads=True)
             return gen.generate(prompt, tokens)
         finally:
             link.close()

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_runtime.decoding import Generator
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from plugin.model.checkpoint import load_model
 from plugin.model.kv import BoundaryRows, PositionError, SequenceKV
@@ -42,7 +43,7 @@ def test_threshold_one_equals_hf_greedy(tiny):
     for sid, prompt in enumerate(PROMPTS, start=1):
         expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=64, min_new_tokens=64)
         expected = expected[0, len(prompt):].tolist()
-        gen = Generator(edge, cloud, "collaborative", threshold=1.0, sequence_id=sid).generate(prompt, 64)
+        gen = DecodingSession(edge, cloud, "collaborative", threshold=1.0, sequence_id=sid).generate(prompt, 64)
         assert gen.token_ids == expected
         assert set(gen.exits()) == {"cloud"}
     assert not cloud.context.sessions and not cloud.partition.sequences  # END freed both
@@ -50,17 +51,17 @@ def test_threshold_one_equals_hf_greedy(tiny):
 
 def _decode_then_flush(edge, cloud, threshold, prompt, n_new):
     """Decode n_new tokens at `threshold`, then one token at 1.0 that carries every pending row."""
-    gen = Generator(edge, cloud, "collaborative", threshold=threshold, sequence_id=7)
+    gen = DecodingSession(edge, cloud, "collaborative", threshold=threshold, sequence_id=7)
     tokens, block, pos, exits = list(prompt), list(prompt), 0, []
     for i in range(n_new + 1):
-        if i == n_new:
-            gen.threshold = 1.0
+        if i == n_new:  # a step computed ahead under the old threshold is not reused: this token goes to the cloud
+            gen.decider.threshold = 1.0
         record = gen.step(block, pos)
         exits.append(record.exit)
         pos += len(block)
         block = [record.token_id]
         tokens.append(record.token_id)
-    gen.drop_speculation()  # the step computed ahead on a guess is not part of the decoded positions
+    gen.drop_lookahead()  # the step computed ahead on a guess is not part of the decoded positions
     return gen, tokens[:pos], exits
 
 
@@ -75,7 +76,7 @@ def _assert_kv_matches_full_model(hf, edge_seq: SequenceKV, cloud_seq: SequenceK
 
 
 def _first_exit_confidences(edge, cloud, prompt, n):
-    gen = Generator(edge, cloud, "collaborative", threshold=1.0, sequence_id=99).generate(prompt, n)
+    gen = DecodingSession(edge, cloud, "collaborative", threshold=1.0, sequence_id=99).generate(prompt, n)
     return sorted(r.confidences[0][1] for r in gen.records)
 
 
@@ -105,8 +106,8 @@ def test_speculation_never_changes_tokens(tiny):
     threshold = _first_exit_confidences(edge, cloud, PROMPTS[1], 40)[20]
     runs = {}
     for speculate in (False, True):
-        gen = Generator(edge, cloud, "collaborative", threshold=threshold, sequence_id=20 + speculate,
-                        speculate=speculate)
+        gen = DecodingSession(edge, cloud, "collaborative", threshold=threshold, sequence_id=20 + speculate,
+                              speculate=speculate)
         runs[speculate] = gen.generate(PROMPTS[1], 40)
     plain, ahead = runs[False], runs[True]
     assert ahead.token_ids == plain.token_ids and ahead.exits() == plain.exits()
@@ -144,10 +145,10 @@ def test_broken_catch_up_fails_the_kv_check(tiny, monkeypatch):
 def test_standalone_and_cloud_only_modes(tiny):
     path, hf = tiny
     edge, cloud = _pipeline(path, torch.float64, threshold=1.0)
-    standalone = Generator(edge, None, "standalone", threshold=1.0).generate(PROMPTS[0], 16)
+    standalone = DecodingSession(edge, None, "standalone", threshold=1.0).generate(PROMPTS[0], 16)
     assert set(standalone.exits()) == {"edge:4"} and standalone.stats.cloud_requests == 0
     full = load_model(path, dtype=torch.float64)
-    cloud_only = Generator(None, LocalCloud(full), "cloud-only", sequence_id=3).generate(PROMPTS[0], 16)
-    collab = Generator(edge, cloud, "collaborative", threshold=1.0, sequence_id=4).generate(PROMPTS[0], 16)
+    cloud_only = CloudOnlySession(LocalCloud(full), sequence_id=3).generate(PROMPTS[0], 16)
+    collab = DecodingSession(edge, cloud, "collaborative", threshold=1.0, sequence_id=4).generate(PROMPTS[0], 16)
     assert cloud_only.token_ids == collab.token_ids
     assert cloud_only.stats.cloud_requests == 16

@@ -2,13 +2,17 @@
 model_repository/ served by a real tritonserver, as a user runs them."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import socket
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
 from edge_runtime.app import EdgeApp
+from edge_runtime.demo import repository_for
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
@@ -45,8 +49,8 @@ def test_exact_collaborative_equals_cloud_only_and_in_process(app, server):
     collab = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
                   "--codec", "fp32")
     cloud_only = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--mode", "cloud-only")
-    reference = app.generator("collaborative", LocalCloud(load_model(app.plan.checkpoint)), threshold=1.0,
-                              codec="fp32").generate(app.encode(PROMPT), int(n))
+    reference = app.session("collaborative", LocalCloud(load_model(app.plan.checkpoint)), threshold=1.0,
+                            codec="fp32").generate(app.encode(PROMPT), int(n))
     plain = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
                  "--codec", "fp32", "--no-speculate")
     assert collab["token_ids"] == cloud_only["token_ids"] == reference.token_ids == plain["token_ids"]
@@ -83,8 +87,81 @@ def test_int8_agrees_with_fp16_on_the_demo_prompts(app, server):
     same = total = 0
     for prompt in prompts:
         ids = app.encode(prompt)
-        fp16 = app.generator("collaborative", link, codec="fp16").generate(ids, 32).token_ids
-        int8 = app.generator("collaborative", link, codec="int8").generate(ids, 32).token_ids
+        fp16 = app.session("collaborative", link, codec="fp16").generate(ids, 32).token_ids
+        int8 = app.session("collaborative", link, codec="int8").generate(ids, 32).token_ids
         same += sum(a == b for a, b in zip(fp16, int8))
         total += max(len(fp16), len(int8))
     assert same / total >= 0.99, f"int8 agrees with fp16 on {same}/{total} tokens"
+
+
+def _failing_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "edge_runtime.cli", "generate", "--prompt", "ROMEO:", "--max-new-tokens", "4", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def _assert_one_line_error(done: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    """No traceback; the error is the last line of stderr, the only one saying `error:`."""
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == code and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], done.stderr[-2000:]
+    assert all(w in lines[-1] for w in words), lines[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _plan_file(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing plan", "bad json", "bad plan", "missing checkpoint", "missing onnx export",
+                                  "missing tensorrt", "unreachable server"])
+def test_errors_end_as_one_line_without_a_traceback(case, tmp_path):
+    """Each error a user meets before or during a generation: one line saying what happened and what to do."""
+    if case == "missing tensorrt" and importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt imports here: the missing-TensorRT path cannot be shown")
+    standalone = ("--mode", "standalone")
+    args, code, words = {
+        "missing plan": ((*standalone, "--plan", str(tmp_path / "none.json")), 2, ["no partition plan at", "--plan"]),
+        "bad json": ((*standalone, "--plan", _plan_file(tmp_path / "bad.json", "{split")), 2,
+                     ["bad partition plan", "Expecting property name"]),
+        "bad plan": ((*standalone, "--plan", _plan_file(tmp_path / "unknown.json", '{"checkpoint": ".", "split": 2}')), 2,
+                     ["bad partition plan", "unknown keys"]),
+        "missing checkpoint": ((*standalone, "--plan", _plan_file(
+            tmp_path / "nowhere.json", '{"checkpoint": "nowhere", "split_layer": 2, "exit_layers": [1]}')), 2,
+            ["no checkpoint at", "train_demo_model.py"]),
+        "missing onnx export": ((*standalone, "--runner", "onnx", "--onnx-dir", str(tmp_path / "onnx")), 2,
+                                ["no exported ONNX graphs", "Export them first"]),
+        "missing tensorrt": ((*standalone, "--runner", "tensorrt"), 2, ["TensorRT is not installed", "--runner onnx"]),
+        "unreachable server": (("--url", f"127.0.0.1:{_free_port()}", "--patience", "0"), 1,
+                               ["after 0 tokens, the server at", "did not answer", "ce-collm serve"]),
+    }[case]
+    _assert_one_line_error(_failing_cli(*args), code, *words)
+
+
+def test_a_server_refusal_is_one_line_and_debug_adds_the_traceback(app, server, tmp_path):
+    """A plan the server was not configured for (split 4 on a repository made for split 6): the
+    server's ProtocolError ends the generation; --debug shows where it came from."""
+    plan = replace(app.plan, split_layer=4, exit_layers=(2, 4))
+    plan.save(tmp_path / "plan.json")
+    args = ("--url", server.grpc_url, "--plan", str(tmp_path / "plan.json"), "--threshold", "1.0")
+    _assert_one_line_error(_failing_cli(*args), 1, "the server refused a request", "ce-collm configs --check")
+    debug = _failing_cli(*args, "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ProtocolError" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1].startswith("error: after 0 tokens, the server refused a request")
+
+
+def test_demo_serves_a_stale_plan_from_a_temporary_repository(app, tmp_path):
+    """`make demo` never writes into the source tree: configs that do not match the plan are
+    generated elsewhere, with the thin model.py files beside them."""
+    committed = {p: p.read_bytes() for p in MODEL_REPOSITORY.rglob("*") if p.is_file()}
+    assert repository_for(app.plan, DEMO_PLAN, tmp_path) == MODEL_REPOSITORY
+    stale = replace(app.plan, split_layer=4, exit_layers=(2, 4))
+    repo = repository_for(stale, tmp_path / "plan.json", tmp_path)
+    assert repo == tmp_path / "model_repository"
+    assert check_repository(stale, repo) == [] and (repo / "cloud_partition" / "1" / "model.py").is_file()
+    assert {p: p.read_bytes() for p in MODEL_REPOSITORY.rglob("*") if p.is_file()} == committed

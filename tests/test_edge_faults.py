@@ -9,7 +9,8 @@ import time
 import pytest
 import torch
 
-from edge_runtime.decoding import Generator, LatencyPolicy
+from edge_runtime.policy import LatencyPolicy
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
@@ -36,12 +37,12 @@ def tiny(tmp_path_factory):
 
 def _reference(plan, edge, ckpt, n, threshold=1.0):
     cloud = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)))
-    return Generator(edge, cloud, "collaborative", threshold=threshold, sequence_id=1).generate(PROMPT, n).token_ids
+    return DecodingSession(edge, cloud, "collaborative", threshold=threshold, sequence_id=1).generate(PROMPT, n).token_ids
 
 
 def test_standalone_needs_no_server(tiny):
     plan, repo, edge, ckpt = tiny
-    gen = Generator(edge, None, "standalone", threshold=0.5).generate(PROMPT, 20)
+    gen = DecodingSession(edge, None, "standalone", threshold=0.5).generate(PROMPT, 20)
     assert len(gen.token_ids) == 20 and gen.stats.bytes_up == 0
     assert all(e.startswith("edge:") for e in gen.exits())
 
@@ -50,7 +51,7 @@ def test_restart_between_tokens_resyncs_and_changes_nothing(tiny, start_server):
     """Collaborative at 1.0: a server restart mid-generation costs a re-sync, not a token."""
     plan, repo, edge, ckpt = tiny
     server = start_server(repo)
-    gen = Generator(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, sequence_id=11)
+    gen = DecodingSession(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, sequence_id=11)
     stream = gen.stream(PROMPT, 24)
     tokens = [next(stream).token_id for _ in range(10)]
     server.restart()  # the new server holds no sequences: the next request must be re-sent with START
@@ -63,8 +64,8 @@ def test_server_killed_mid_generation_in_latency_aware_mode(tiny, start_server):
     plan, repo, edge, ckpt = tiny
     server = start_server(repo)
     policy = LatencyPolicy(budget_s=30.0, retry_after_s=0.2)
-    gen = Generator(edge, TritonLink(server.grpc_url, timeout_s=10), "latency-aware", threshold=1.0,
-                    sequence_id=12, latency=policy)
+    gen = DecodingSession(edge, TritonLink(server.grpc_url, timeout_s=10), "latency-aware", threshold=1.0,
+                          sequence_id=12, latency=policy)
     stream = gen.stream(PROMPT, 40)
     before = [next(stream) for _ in range(8)]
     assert all(r.exit == "cloud" for r in before)
@@ -89,8 +90,8 @@ def test_background_uploads_match_foreground(tiny, start_server):
     server = start_server(repo)
     runs = []
     for sid, background in ((21, False), (22, True)):
-        gen = Generator(edge, TritonLink(server.grpc_url), "collaborative", threshold=0.1, sequence_id=sid,
-                        async_uploads=background)
+        gen = DecodingSession(edge, TritonLink(server.grpc_url), "collaborative", threshold=0.1, sequence_id=sid,
+                              async_uploads=background)
         runs.append(gen.generate(PROMPT, 32))
     foreground, background = runs
     assert background.token_ids == foreground.token_ids == _reference(plan, edge, ckpt, 32, threshold=0.1)
@@ -109,12 +110,12 @@ def test_long_contexts_travel_in_chunks_within_the_block_limit(tiny, start_serve
     write_repository(plan, repo, ServeOptions(limits=Limits(max_block_rows=8)))
     server = start_server(repo)
     prompt = (PROMPT * 4)[:22]  # 22 rows: chunks of 8 + 8 + 6
-    gen = Generator(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, sequence_id=31,
-                    max_block_rows=8)
+    gen = DecodingSession(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, sequence_id=31,
+                          max_block_rows=8)
     stream = gen.stream(prompt, 12)
     tokens = [next(stream).token_id for _ in range(6)]
     server.restart()  # the re-sync re-sends 27 rows: 8 + 8 + 8 + 3
     tokens += [r.token_id for r in stream]
     assert gen.stats.resyncs == 1 and gen.stats.uploads >= 5
     cloud = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)))
-    assert tokens == Generator(edge, cloud, "collaborative", threshold=1.0).generate(prompt, 12).token_ids
+    assert tokens == DecodingSession(edge, cloud, "collaborative", threshold=1.0).generate(prompt, 12).token_ids

@@ -157,7 +157,7 @@ def test_tensorrt_engines_build_and_give_onnx_tokens(tiny, tmp_path):
     """Where TensorRT and a GPU exist: build the jetson engines for a tiny model and decode with them."""
     if not torch.cuda.is_available():
         pytest.skip("tensorrt imports but there is no CUDA GPU to build on")
-    from edge_runtime.decoding import Generator
+    from edge_runtime.session import DecodingSession
     from edge_runtime.runners import load_runner
     from plugin.split.edge import EdgePartition
     from plugin.export.onnx import export_plan
@@ -172,8 +172,8 @@ def test_tensorrt_engines_build_and_give_onnx_tokens(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "timing.cache").is_file()
     prompt = [5, 17, 33, 2, 71]
-    ref = Generator(EdgePartition(load_runner("onnx", plan, onnx_dir=onnx_dir), plan), None, "standalone",
-                    threshold=1.0).generate(prompt, 12)
-    got = Generator(EdgePartition(load_runner("tensorrt", plan, engine_dir=engines), plan), None, "standalone",
-                    threshold=1.0).generate(prompt, 12)
+    ref = DecodingSession(EdgePartition(load_runner("onnx", plan, onnx_dir=onnx_dir), plan), None, "standalone",
+                          threshold=1.0).generate(prompt, 12)
+    got = DecodingSession(EdgePartition(load_runner("tensorrt", plan, engine_dir=engines), plan), None, "standalone",
+                          threshold=1.0).generate(prompt, 12)
     assert got.token_ids == ref.token_ids

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
-from edge_runtime.decoding import Generator
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
@@ -186,7 +186,7 @@ def test_fuzzed_requests_get_errors_and_change_nothing(fz):
     link = TritonLink(server.grpc_url)
     client = grpcclient.InferenceServerClient(server.grpc_url)
     reference_cloud = lambda: LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)), LIMITS)  # noqa: E731
-    normal_before = Generator(edge, link, "collaborative", threshold=1.0, sequence_id=NORMAL).generate(PROMPT, 16)
+    normal_before = DecodingSession(edge, link, "collaborative", threshold=1.0, sequence_id=NORMAL).generate(PROMPT, 16)
     idle = wait_for_gauges(server.metrics_url, gauges(server.metrics_url))
     victim_reqs, victim_replies = _open_victim(link, edge)
     with_victim = gauges(server.metrics_url)
@@ -222,7 +222,7 @@ def test_fuzzed_requests_get_errors_and_change_nothing(fz):
     served = link.send(last)
     local = reference.send(last)
     assert (served.token_id, served.catchup_rows) == (local.token_id, local.catchup_rows) and served.catchup_rows == 3
-    normal_after = Generator(edge, link, "collaborative", threshold=1.0, sequence_id=NORMAL).generate(PROMPT, 16)
+    normal_after = DecodingSession(edge, link, "collaborative", threshold=1.0, sequence_id=NORMAL).generate(PROMPT, 16)
     assert normal_after.token_ids == normal_before.token_ids
     assert wait_for_gauges(server.metrics_url, idle) == idle
     total = TRIED["aimed at a live session"] + TRIED["random sequence id"]
@@ -280,14 +280,14 @@ def test_refused_end_for_a_live_session_costs_a_resync_not_data(fz):
     server, edge, ckpt = fz
     link = TritonLink(server.grpc_url)
     sid = 0x0DDBA11_0003
-    gen = Generator(edge, link, "collaborative", threshold=1.0, sequence_id=sid)
+    gen = DecodingSession(edge, link, "collaborative", threshold=1.0, sequence_id=sid)
     stream = gen.stream(PROMPT, 12)
     records = [next(stream) for _ in range(4)]
     with pytest.raises(ProtocolError, match="position gap"):
         link.send(CloudRequest(sid, 999, False, rows=_randn(0, 1, edge.hidden_size), end=True,
-                               session_key=gen.session_key))
+                               session_key=gen.sync.session_key))
     records += list(stream)
-    reference = Generator(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative", threshold=1.0,
-                          sequence_id=1).generate(PROMPT, 12)
+    reference = DecodingSession(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative", threshold=1.0,
+                                sequence_id=1).generate(PROMPT, 12)
     assert [r.token_id for r in records] == reference.token_ids
     assert gen.stats.resyncs == 1  # Triton released the slot; the edge re-sent its context

@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_runtime.decoding import Generator, LatencyPolicy
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.policy import LatencyPolicy
 from edge_runtime.reconnect import ReconnectingLink
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
@@ -49,15 +51,16 @@ def healing(tmp_path_factory, start_server):
     write_repository(plan, repo)
     server = start_server(repo, heal_stubs=True)
     edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
-    reference = Generator(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative",
+    reference = DecodingSession(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative",
                           sequence_id=1).generate(PROMPT, 12).token_ids
     return server, edge, reference, hf
 
 
 def _tokens(server, edge, mode: str, sequence_id: int) -> list[int]:
-    model = "cloud_only" if mode == "cloud-only" else "ce_collm"
-    gen = Generator(None if mode == "cloud-only" else edge, TritonLink(server.grpc_url, model), mode,
-                    sequence_id=sequence_id)
+    if mode == "cloud-only":
+        gen = CloudOnlySession(TritonLink(server.grpc_url, "cloud_only"), sequence_id=sequence_id)
+    else:
+        gen = DecodingSession(edge, TritonLink(server.grpc_url), mode, sequence_id=sequence_id)
     return gen.generate(PROMPT, 12).token_ids
 
 
@@ -97,7 +100,7 @@ def test_a_collaborative_edge_waits_out_a_stub_killed_mid_generation(healing, mo
     server, edge, reference, _ = healing
     heals = len(server.healer.heals)
     link = ReconnectingLink(TritonLink(server.grpc_url), patience_s=180)
-    gen = Generator(edge, link, "collaborative", sequence_id=200 + heals)
+    gen = DecodingSession(edge, link, "collaborative", sequence_id=200 + heals)
     stream = gen.stream(PROMPT, len(reference))
     tokens = [next(stream).token_id for _ in range(4)]
     _kill_stub(server, model)
@@ -116,8 +119,8 @@ def test_a_latency_aware_edge_answers_locally_while_a_killed_stub_heals(healing,
     server, edge, reference, hf = healing
     heals = len(server.healer.heals)
     link = ReconnectingLink(TritonLink(server.grpc_url), patience_s=0)
-    gen = Generator(edge, link, "latency-aware", sequence_id=300 + heals,
-                    latency=LatencyPolicy(budget_s=30, retry_after_s=0.2))
+    gen = DecodingSession(edge, link, "latency-aware", sequence_id=300 + heals,
+                          latency=LatencyPolicy(budget_s=30, retry_after_s=0.2))
     stream = gen.stream(PROMPT, 24)
     records = [next(stream) for _ in range(4)]
     _kill_stub(server, model)

@@ -22,8 +22,9 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from edge_runtime.decoding import Generator
+from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.runners import TorchRunner
+from edge_runtime.session import DecodingSession
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode, EncodedRows
@@ -65,16 +66,17 @@ def iso(tmp_path_factory, start_server):
 
 def _reference(ckpt, edge, prompt, n, threshold=1.0, mode="collaborative"):
     if mode == "cloud-only":
-        return Generator(None, LocalCloud(load_model(ckpt)), mode, sequence_id=1).generate(prompt, n).token_ids
+        return CloudOnlySession(LocalCloud(load_model(ckpt)), sequence_id=1).generate(prompt, n).token_ids
     cloud = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)))
-    return Generator(edge, cloud, mode, threshold=threshold, sequence_id=1).generate(prompt, n).token_ids
+    return DecodingSession(edge, cloud, mode, threshold=threshold, sequence_id=1).generate(prompt, n).token_ids
 
 
 def _generate(server, edge, prompt, n, sid, mode="collaborative", threshold=1.0):
     model = "cloud_only" if mode == "cloud-only" else "ce_collm"
     link = TritonLink(server.grpc_url, model, timeout_s=120)
     try:
-        gen = Generator(None if mode == "cloud-only" else edge, link, mode, threshold=threshold, sequence_id=sid)
+        gen = (CloudOnlySession(link, sequence_id=sid) if mode == "cloud-only"
+               else DecodingSession(edge, link, mode, threshold=threshold, sequence_id=sid))
         return gen.generate(prompt, n)
     finally:
         link.close()
@@ -152,7 +154,7 @@ def test_two_edges_on_one_sequence_id_get_one_error_and_no_wrong_token(iso):
     expected = _reference(ckpt, edge, PROMPTS[0], 20)
     sid = 0x7770_0001
     first_link = TritonLink(server.grpc_url)
-    first = Generator(edge, first_link, "collaborative", threshold=1.0, sequence_id=sid).stream(PROMPTS[0], 20)
+    first = DecodingSession(edge, first_link, "collaborative", threshold=1.0, sequence_id=sid).stream(PROMPTS[0], 20)
     tokens = [next(first).token_id for _ in range(3)]
     with pytest.raises(ProtocolError, match="belongs to another session key") as err:
         _generate(server, edge, PROMPTS[1], 20, sid)
@@ -186,7 +188,7 @@ def test_a_partition_failure_after_the_context_manager_applied_the_request_costs
     server, edge, ckpt, repo = iso
     expected = _reference(ckpt, edge, PROMPTS[1], 24, threshold=0.08)
     link = TritonLink(server.grpc_url)
-    gen = Generator(edge, link, "collaborative", threshold=0.08, sequence_id=0x3A11_0001)
+    gen = DecodingSession(edge, link, "collaborative", threshold=0.08, sequence_id=0x3A11_0001)
     stream = gen.stream(PROMPTS[1], 24)
     tokens = [next(stream).token_id for _ in range(6)]
     arm(repo)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.decoding import Generator, LatencyPolicy
+from edge_runtime.policy import LatencyPolicy
+from edge_runtime.session import DecodingSession
 from edge_runtime.link import CloudUnreachable
 from edge_runtime.reconnect import ReconnectingLink
 from edge_runtime.runners import TorchRunner
@@ -212,13 +213,13 @@ def _edge_and_cloud(ckpt):
 
 def test_reconnecting_link_loses_and_repeats_nothing(tiny):
     edge, cloud = _edge_and_cloud(tiny)
-    expected = Generator(edge, cloud, "collaborative", threshold=0.08, sequence_id=1).generate(PROMPT, 30)
+    expected = DecodingSession(edge, cloud, "collaborative", threshold=0.08, sequence_id=1).generate(PROMPT, 30)
     clock = Clock()
     # calls 5 and 9 are uploads: a retry replaces the lost one (no re-sync); 14, 17, 20 token requests: a re-sync each
     faults = {2: "before", 3: "before", 5: "after", 9: "after", 10: "before", 14: "after", 17: "after", 20: "after",
               24: "busy", 25: "busy"}
     link = ReconnectingLink(FlakyLink(cloud, faults), patience_s=5, retry_every_s=0.1, clock=clock, sleep=clock.sleep)
-    got = Generator(edge, link, "collaborative", threshold=0.08, sequence_id=2).generate(PROMPT, 30)
+    got = DecodingSession(edge, link, "collaborative", threshold=0.08, sequence_id=2).generate(PROMPT, 30)
     assert got.token_ids == expected.token_ids
     assert got.stats.resyncs >= 3 and link.unreachable == len(faults) - 2  # each lost reply cost a re-sync
     assert link.retries == len(faults)  # the refusals for busy were retried too
@@ -231,7 +232,7 @@ def test_reconnecting_link_gives_up_after_its_patience(tiny):
     link = ReconnectingLink(FlakyLink(cloud, {i: "before" for i in range(100)}), patience_s=2, retry_every_s=0.5,
                             clock=clock, sleep=clock.sleep)
     with pytest.raises(CloudUnreachable):
-        Generator(edge, link, "collaborative", threshold=1.0, sequence_id=3).generate(PROMPT, 4)
+        DecodingSession(edge, link, "collaborative", threshold=1.0, sequence_id=3).generate(PROMPT, 4)
     assert 1.5 <= clock.now <= 2.0 and link.retries == 4
 
 
@@ -239,8 +240,8 @@ def test_latency_aware_recovers_from_a_lost_reply(tiny):
     """The reply is lost, the edge answers alone; the next request finds the rows already there: re-sync."""
     edge, cloud = _edge_and_cloud(tiny)
     link = ReconnectingLink(FlakyLink(cloud, {4: "after"}), patience_s=0)
-    gen = Generator(edge, link, "latency-aware", threshold=1.0, sequence_id=4,
-                    latency=LatencyPolicy(budget_s=30, retry_after_s=0))
+    gen = DecodingSession(edge, link, "latency-aware", threshold=1.0, sequence_id=4,
+                          latency=LatencyPolicy(budget_s=30, retry_after_s=0))
     out = gen.generate(PROMPT, 12)
     assert len(out.token_ids) == 12 and out.stats.fallbacks == 1 and out.stats.resyncs == 1
     assert out.exits().count("cloud") == 11

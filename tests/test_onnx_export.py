@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.decoding import Generator
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import load_runner, OnnxRunner, TorchRunner
 from plugin.export.manifest import ExportError, graph_path, Manifest
 from plugin.export.onnx import export_plan
@@ -110,8 +110,8 @@ def test_onnx_runner_gives_torch_tokens_standalone_and_collaborative(exported):
     torch_edge, onnx_edge = _torch_edge(plan), EdgePartition(load_runner("onnx", plan, onnx_dir=onnx_dir, threads=1), plan)
     n = 16
     for mode, link in (("standalone", None), ("collaborative", _cloud(plan))):
-        ref = Generator(torch_edge, link, mode, threshold=1.0, sequence_id=1).generate(PROMPT, n)
-        got = Generator(onnx_edge, link, mode, threshold=1.0, sequence_id=2).generate(PROMPT, n)
+        ref = DecodingSession(torch_edge, link, mode, threshold=1.0, sequence_id=1).generate(PROMPT, n)
+        got = DecodingSession(onnx_edge, link, mode, threshold=1.0, sequence_id=2).generate(PROMPT, n)
         assert got.token_ids == ref.token_ids, mode
         assert got.exits() == ref.exits()
         assert set(got.exits()) == ({f"edge:{plan.exit_layers[-1]}"} if mode == "standalone" else {"cloud"})

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from bench.link_emulator import LinkEmulator
-from edge_runtime.decoding import Generator, LatencyPolicy
+from edge_runtime.policy import LatencyPolicy
+from edge_runtime.session import DecodingSession
 from edge_runtime.reconnect import ReconnectingLink
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
@@ -60,7 +61,7 @@ def rel(tmp_path_factory, start_server):
 def _reference(rel, prompt, n, threshold):
     _, edge, ckpt, _ = rel
     cloud = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)))
-    return Generator(edge, cloud, "collaborative", threshold=threshold, sequence_id=1).generate(prompt, n).token_ids
+    return DecodingSession(edge, cloud, "collaborative", threshold=threshold, sequence_id=1).generate(prompt, n).token_ids
 
 
 def _check_cloud_tokens(hf, prompt, records):
@@ -95,7 +96,7 @@ def test_vanished_edge_is_reclaimed_by_ttl_and_comes_back_with_a_resync(rel):
     server, edge, _, _ = rel
     before = wait_for_gauges(server.metrics_url, gauges(server.metrics_url))
     rss_before = server_rss_kib(server.pid)
-    gen = Generator(edge, TritonLink(server.grpc_url), "collaborative", threshold=MIXED, sequence_id=0x5EED_0001)
+    gen = DecodingSession(edge, TritonLink(server.grpc_url), "collaborative", threshold=MIXED, sequence_id=0x5EED_0001)
     stream = gen.stream(PROMPT, 24)  # kept referenced: a collected generator would send END
     records = [next(stream)]
     while records[-1].exit != f"edge:{SPLIT}":  # stop after an exit at the split: its row waits in the cloud
@@ -136,7 +137,7 @@ def test_collaborative_session_rides_out_link_cuts(rel):
     n = 40
     with LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=20) as em:
         link = ReconnectingLink(TritonLink(em.address, timeout_s=10), patience_s=30, retry_every_s=0.1)
-        gen = Generator(edge, link, "collaborative", threshold=MIXED, sequence_id=0x5EED_0002)
+        gen = DecodingSession(edge, link, "collaborative", threshold=MIXED, sequence_id=0x5EED_0002)
         stream = gen.stream(PROMPT, n)
         records = [next(stream) for _ in range(6)]
         em.cut()  # down between two requests, for 0.8 s
@@ -162,7 +163,7 @@ def test_reply_lost_with_the_link_costs_a_resync_not_a_token(rel):
     n = 12
     with LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=100) as em:
         link = ReconnectingLink(TritonLink(em.address, timeout_s=10), patience_s=30, retry_every_s=0.1)
-        gen = Generator(edge, link, "collaborative", threshold=1.0, sequence_id=0x5EED_0006)  # a request per token
+        gen = DecodingSession(edge, link, "collaborative", threshold=1.0, sequence_id=0x5EED_0006)  # a request per token
         stream = gen.stream(PROMPT, n)
         records = [next(stream) for _ in range(2)]
         for _ in range(3):
@@ -182,7 +183,7 @@ def test_latency_aware_session_answers_locally_while_the_link_is_cut(rel):
     policy = LatencyPolicy(budget_s=30.0, retry_after_s=0.3)
     with LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=5) as em:
         link = ReconnectingLink(TritonLink(em.address, timeout_s=10), patience_s=0)
-        gen = Generator(edge, link, "latency-aware", threshold=1.0, sequence_id=0x5EED_0003, latency=policy)
+        gen = DecodingSession(edge, link, "latency-aware", threshold=1.0, sequence_id=0x5EED_0003, latency=policy)
         stream = gen.stream(PROMPT, 40)
         before = [next(stream) for _ in range(8)]
         em.cut()
@@ -204,14 +205,14 @@ def test_slow_cloud_latency_aware_falls_back_and_collaborative_completes(rel):
     server, edge, _, hf = rel
     with LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=150) as em:  # 300 ms round trip
         policy = LatencyPolicy(budget_s=0.1, probe_every=8)
-        gen = Generator(edge, TritonLink(em.address, timeout_s=10), "latency-aware", threshold=1.0,
-                        sequence_id=0x5EED_0004, latency=policy, async_uploads=True)
+        gen = DecodingSession(edge, TritonLink(em.address, timeout_s=10), "latency-aware", threshold=1.0,
+                              sequence_id=0x5EED_0004, latency=policy, async_uploads=True)
         t0 = time.perf_counter()
         fast = gen.generate(PROMPT, 24)
         aware_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        slow = Generator(edge, TritonLink(em.address, timeout_s=10), "collaborative", threshold=1.0,
-                         sequence_id=0x5EED_0005).generate(PROMPT, 8)
+        slow = DecodingSession(edge, TritonLink(em.address, timeout_s=10), "collaborative", threshold=1.0,
+                               sequence_id=0x5EED_0005).generate(PROMPT, 8)
         collab_s = time.perf_counter() - t0
     local = sum(r.exit.startswith("edge") for r in fast.records)
     assert len(fast.token_ids) == 24 and local >= 18  # over budget: the edge answers, probing now and then

@@ -25,7 +25,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from edge_runtime.decoding import Generator
+from edge_runtime.session import DecodingSession
 from edge_runtime.link import CloudUnreachable
 from edge_runtime.reconnect import ReconnectingLink
 from edge_runtime.runners import TorchRunner
@@ -109,7 +109,7 @@ def run_sessions(edge, url, ids, session_prompts, pause: threading.Barrier | Non
         run, gate = Run(sid), pause
         link = ReconnectingLink(TritonLink(url, timeout_s=30), patience_s=30, retry_every_s=0.1)
         try:
-            gen = Generator(edge, link, "collaborative", threshold=MIXED, sequence_id=sid, async_uploads=True)
+            gen = DecodingSession(edge, link, "collaborative", threshold=MIXED, sequence_id=sid, async_uploads=True)
             for record in gen.stream(prompt, TOKENS):
                 run.tokens.append(record.token_id)
                 run.arrived.append(time.monotonic())

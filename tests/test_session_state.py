@@ -13,9 +13,10 @@ import pytest
 import torch
 from tritonclient.utils import InferenceServerException
 
-from edge_runtime.decoding import Generator
+from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.link import CloudUnreachable
 from edge_runtime.runners import TorchRunner
+from edge_runtime.session import DecodingSession
 from edge_runtime.triton_link import _translate
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import check, CodecError, encode, EncodedRows
@@ -122,9 +123,9 @@ def test_a_partition_out_of_step_answers_needs_start_and_the_edge_resyncs(tiny):
     plan = PartitionPlan(tiny, SPLIT, (1, 3, 4), threshold=0.08)
     edge = EdgePartition(TorchRunner(load_model(tiny, range(0, SPLIT))), plan)
     cloud = LocalCloud(load_model(tiny, range(SPLIT, LAYERS)))
-    expected = Generator(edge, LocalCloud(load_model(tiny, range(SPLIT, LAYERS))), "collaborative",
+    expected = DecodingSession(edge, LocalCloud(load_model(tiny, range(SPLIT, LAYERS))), "collaborative",
                          sequence_id=1).generate(PROMPT, 24).token_ids
-    gen = Generator(edge, cloud, "collaborative", sequence_id=2)
+    gen = DecodingSession(edge, cloud, "collaborative", sequence_id=2)
     stream = gen.stream(PROMPT, 24)
     tokens = [next(stream).token_id for _ in range(8)]
     kv = cloud.partition.sequences[2].kv
@@ -154,19 +155,19 @@ def test_two_edges_on_one_id_get_one_error_and_no_wrong_token(tiny):
     plan = PartitionPlan(tiny, SPLIT, (1, 3, 4), threshold=1.0)
     edge = EdgePartition(TorchRunner(load_model(tiny, range(0, SPLIT))), plan)
     cloud = LocalCloud(load_model(tiny, range(SPLIT, LAYERS)))
-    expected = Generator(edge, LocalCloud(load_model(tiny, range(SPLIT, LAYERS))), "collaborative",
+    expected = DecodingSession(edge, LocalCloud(load_model(tiny, range(SPLIT, LAYERS))), "collaborative",
                          sequence_id=1).generate(PROMPT, 12).token_ids
-    first = Generator(edge, cloud, "collaborative", sequence_id=7).stream(PROMPT, 12)
+    first = DecodingSession(edge, cloud, "collaborative", sequence_id=7).stream(PROMPT, 12)
     tokens = [next(first).token_id for _ in range(3)]
     with pytest.raises(ProtocolError, match="belongs to another session key") as err:
-        Generator(edge, cloud, "collaborative", sequence_id=7).generate([9, 9, 9], 12)
+        DecodingSession(edge, cloud, "collaborative", sequence_id=7).generate([9, 9, 9], 12)
     assert err.value.code is ErrorCode.SESSION_KEY
     assert tokens + [r.token_id for r in first] == expected
     full = LocalCloud(load_model(tiny))
-    only = Generator(None, full, "cloud-only", sequence_id=8).stream(PROMPT, 4)
+    only = CloudOnlySession(full, sequence_id=8).stream(PROMPT, 4)
     next(only)
     with pytest.raises(ProtocolError, match="belongs to another session key"):  # cloud_only binds its sessions too
-        Generator(None, full, "cloud-only", sequence_id=8).generate(PROMPT, 4)
+        CloudOnlySession(full, sequence_id=8).generate(PROMPT, 4)
     only.close()
 
 

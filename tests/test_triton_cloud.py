@@ -16,7 +16,8 @@ import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from edge_runtime.decoding import Generator
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
@@ -52,7 +53,7 @@ def setup(tmp_path_factory, start_server):
 
 
 def _generate(edge, link, codec, sid, prompt, threshold=0.1, n=24, mode="collaborative"):
-    return Generator(edge, link, mode, threshold=threshold, codec=codec, sequence_id=sid).generate(prompt, n)
+    return DecodingSession(edge, link, mode, threshold=threshold, codec=codec, sequence_id=sid).generate(prompt, n)
 
 
 @pytest.mark.parametrize("codec", ["fp16", "int8"])
@@ -72,8 +73,8 @@ def test_ensemble_matches_in_process_reference(setup, codec):
 
 def test_cloud_only_model_matches_full_model(setup):
     plan, edge, reference, server, full = setup
-    served = Generator(None, TritonLink(server.grpc_url, "cloud_only"), "cloud-only", sequence_id=7).generate(PROMPTS[0], 16)
-    local = Generator(None, LocalCloud(full), "cloud-only", sequence_id=7).generate(PROMPTS[0], 16)
+    served = CloudOnlySession(TritonLink(server.grpc_url, "cloud_only"), sequence_id=7).generate(PROMPTS[0], 16)
+    local = CloudOnlySession(LocalCloud(full), sequence_id=7).generate(PROMPTS[0], 16)
     exact = _generate(edge, TritonLink(server.grpc_url), "fp32", 8, PROMPTS[0], threshold=1.0, n=16)
     assert served.token_ids == local.token_ids == exact.token_ids
 
@@ -83,7 +84,7 @@ def test_interleaved_and_concurrent_sessions_never_mix(setup):
     alone = [_generate(edge, TritonLink(server.grpc_url), "fp16", 200 + i, p).token_ids for i, p in enumerate(PROMPTS)]
     # step two sessions alternately on one link
     link = TritonLink(server.grpc_url)
-    gens = [Generator(edge, link, "collaborative", threshold=0.1, codec="fp16", sequence_id=300 + i) for i in range(2)]
+    gens = [DecodingSession(edge, link, "collaborative", threshold=0.1, codec="fp16", sequence_id=300 + i) for i in range(2)]
     streams = [g.stream(PROMPTS[i], 24) for i, g in enumerate(gens)]
     interleaved = [[], []]
     for _ in range(24):
@@ -150,7 +151,7 @@ def test_end_frees_sessions_and_metrics_show_it(setup):
     plan, edge, reference, server, _ = setup
     link = TritonLink(server.grpc_url)
     before = {m: _metric(server, "ce_collm_sessions_live", m) or 0 for m in ("cloud_partition", "context_manager")}
-    gen = Generator(edge, link, "collaborative", threshold=1.0, codec="fp16", sequence_id=1000)
+    gen = DecodingSession(edge, link, "collaborative", threshold=1.0, codec="fp16", sequence_id=1000)
     stream = gen.stream(PROMPTS[1], 8)
     for _ in range(4):
         next(stream)

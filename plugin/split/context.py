@@ -44,6 +44,10 @@ class _Session:
     last_seen: float = 0.0
 
     @property
+    def next_position(self) -> int:
+        return self.context.next_position
+
+    @property
     def pending(self) -> tuple[EncodedRows, ...]:
         """The rows waiting for a token request."""
         return self.context.pending
