@@ -106,7 +106,8 @@ def test_a_bad_request_in_a_batch_of_good_ones_disturbs_none(iso):
     4 collaborative edges run; every edge finishes with its undisturbed tokens."""
     server, edge, ckpt, _ = iso
     n = 24
-    expected = {mode: [_reference(ckpt, edge, p, n, mode=mode) for p in PROMPTS] for mode in ("cloud-only", "collaborative")}
+    expected = {mode: [_reference(ckpt, edge, p, n, mode=mode) for p in PROMPTS]
+                for mode in ("cloud-only", "collaborative")}
     before = {m: _batching(server, m) for m in ("cloud_only", "cloud_partition")}
     done, refusals = threading.Event(), []
 
@@ -202,7 +203,8 @@ def test_a_partition_failure_after_the_context_manager_applied_the_request_costs
 def _stub_memory_mib(server, model) -> dict[str, float]:
     pid = next(p for p, m in stub_processes(server.pid).items() if m == model)
     status = Path(f"/proc/{pid}/status").read_text()
-    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", status, re.M).group(1)) / 1024 for k in ("VmRSS", "RssAnon", "RssShmem")}
+    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", status, re.M).group(1)) / 1024
+            for k in ("VmRSS", "RssAnon", "RssShmem")}
 
 
 def test_refused_near_limit_requests_leave_no_memory_behind(iso):
@@ -217,7 +219,8 @@ def test_refused_near_limit_requests_leave_no_memory_behind(iso):
     nan_rows[-1, -1] = np.nan
     attacks = [(CloudRequest(sid, 5, False, rows=EncodedRows("fp32", rows), session_key=key), ErrorCode.POSITION_GAP),
                (CloudRequest(sid, 2, False, rows=EncodedRows("fp32", nan_rows), session_key=key), ErrorCode.MALFORMED),
-               (CloudRequest(sid, 2, False, rows=EncodedRows("fp32", rows), session_key=key + 1), ErrorCode.SESSION_KEY)]
+               (CloudRequest(sid, 2, False, rows=EncodedRows("fp32", rows), session_key=key + 1),
+                ErrorCode.SESSION_KEY)]
     start = _stub_memory_mib(server, "context_manager")
     t0 = time.monotonic()
     for i in range(100):
@@ -242,8 +245,11 @@ def test_a_full_byte_budget_refuses_clearly_while_others_keep_serving(iso):
     refused_before = metric(server.metrics_url, "ce_collm_memory_refusals_total", "context_manager") or 0
     link = TritonLink(server.grpc_url)
     hog, key = 0x8000_0001, new_session_key()
-    block = lambda sid, pos, key: CloudRequest(sid, pos, False, rows=encode(torch.randn(1024, HIDDEN), "fp16"),  # noqa: E731
-                                               split_layer=SPLIT, start=pos == 0, session_key=key)  # 128 KiB
+
+    def block(sid, pos, key):  # 128 KiB of rows
+        return CloudRequest(sid, pos, False, rows=encode(torch.randn(1024, HIDDEN), "fp16"), split_layer=SPLIT,
+                            start=pos == 0, session_key=key)
+
     pos = 0
     with pytest.raises(ProtocolError, match=r"memory budget: .* of its 1048576 \(max_state_bytes\)") as err:
         while pos < LIMITS.max_context:
@@ -254,8 +260,8 @@ def test_a_full_byte_budget_refuses_clearly_while_others_keep_serving(iso):
     assert metric(server.metrics_url, "ce_collm_memory_refusals_total", "context_manager") == refused_before + 1
     held = metric(server.metrics_url, "ce_collm_pending_bytes", "context_manager")
     with cf.ThreadPoolExecutor(2) as pool:  # the budget is full: edges that need no more of it keep serving
-        got = [f.result(timeout=300).token_ids
-               for f in [pool.submit(_generate, server, edge, p, 16, 0x8000_0100 + i) for i, p in enumerate(PROMPTS[:2])]]
+        runs = [pool.submit(_generate, server, edge, p, 16, 0x8000_0100 + i) for i, p in enumerate(PROMPTS[:2])]
+        got = [f.result(timeout=300).token_ids for f in runs]
     assert got == expected
     link.send(CloudRequest(hog, pos, False, rows=encode(torch.randn(0, HIDDEN), "fp16"), end=True, session_key=key))
     other = new_session_key()

@@ -237,7 +237,8 @@ def test_sessions_never_see_each_others_context(rel):
     sent = {a: [], b: []}
 
     def both(sid, pos, rows, want, start=False):
-        req = CloudRequest(sid, pos, want, rows=rows, split_layer=SPLIT if start else None, start=start, session_key=KEY)
+        req = CloudRequest(sid, pos, want, rows=rows, split_layer=SPLIT if start else None, start=start,
+                           session_key=KEY)
         served, local = link.send(req), reference.send(req)
         assert (served.token_id, served.catchup_rows) == (local.token_id, local.catchup_rows)
         sent[sid].append(served.token_id)

@@ -24,7 +24,7 @@ from plugin.protocol.errors import ErrorCode, ProtocolError, Recovery, SequenceN
 from plugin.protocol.messages import CloudRequest, new_session_key, PendingBlock
 from plugin.protocol.wire import request_from_inputs, request_inputs
 from plugin.serving.services import CloudOnlyService, ContextManagerService, RequestData
-from plugin.split.cloud import CloudPartition, token_block
+from plugin.split.cloud import CloudPartition
 from plugin.split.context import ContextManager
 from plugin.split.edge import EdgePartition
 from plugin.split.limits import device_memory_bytes, Limits, MemoryBudget, STATE_SHARE
@@ -100,7 +100,7 @@ def test_an_empty_cloud_only_token_request_is_refused_alone(tiny):
 def test_a_request_sent_again_replaces_the_last_one_so_both_steps_agree(tiny):
     """The partition refuses a token request the context manager had applied (its byte budget, here); the
     same request sent again once memory is free is computed, not refused as "position overlap"."""
-    cloud, reference = LocalCloud(load_model(tiny, range(SPLIT, LAYERS))), LocalCloud(load_model(tiny, range(SPLIT, LAYERS)))
+    cloud, reference = (LocalCloud(load_model(tiny, range(SPLIT, LAYERS))) for _ in range(2))
     per_position = 2 * 2 * 16 * 4 * (LAYERS - SPLIT)  # K and V, 2 KV heads of 16, fp32, 2 layers: 512 bytes
     cloud.partition.budget = MemoryBudget(Limits(max_state_bytes=(60 + 16 + 8) * per_position))
     cloud.send(_req(1, 0, 60, want=True, start=True))  # a cache of 60 positions
@@ -119,12 +119,16 @@ def test_a_request_sent_again_replaces_the_last_one_so_both_steps_agree(tiny):
         cloud.send(_req(2, 13, 7, want=True, seed=2))
 
 
-def test_a_partition_out_of_step_answers_needs_start_and_the_edge_resyncs(tiny):
-    plan = PartitionPlan(tiny, SPLIT, (1, 3, 4), threshold=0.08)
+def _edge_cloud_and_expected(tiny, threshold: float, n: int):
+    """An edge, an in-process cloud, and the tokens of an undisturbed run of PROMPT on another cloud."""
+    plan = PartitionPlan(tiny, SPLIT, (1, 3, 4), threshold)
     edge = EdgePartition(TorchRunner(load_model(tiny, range(0, SPLIT))), plan)
-    cloud = LocalCloud(load_model(tiny, range(SPLIT, LAYERS)))
-    expected = DecodingSession(edge, LocalCloud(load_model(tiny, range(SPLIT, LAYERS))), "collaborative",
-                         sequence_id=1).generate(PROMPT, 24).token_ids
+    cloud, reference = (LocalCloud(load_model(tiny, range(SPLIT, LAYERS))) for _ in range(2))
+    return edge, cloud, DecodingSession(edge, reference, "collaborative", sequence_id=1).generate(PROMPT, n).token_ids
+
+
+def test_a_partition_out_of_step_answers_needs_start_and_the_edge_resyncs(tiny):
+    edge, cloud, expected = _edge_cloud_and_expected(tiny, 0.08, 24)
     gen = DecodingSession(edge, cloud, "collaborative", sequence_id=2)
     stream = gen.stream(PROMPT, 24)
     tokens = [next(stream).token_id for _ in range(8)]
@@ -152,11 +156,7 @@ def test_a_session_answers_only_to_its_key():
 
 
 def test_two_edges_on_one_id_get_one_error_and_no_wrong_token(tiny):
-    plan = PartitionPlan(tiny, SPLIT, (1, 3, 4), threshold=1.0)
-    edge = EdgePartition(TorchRunner(load_model(tiny, range(0, SPLIT))), plan)
-    cloud = LocalCloud(load_model(tiny, range(SPLIT, LAYERS)))
-    expected = DecodingSession(edge, LocalCloud(load_model(tiny, range(SPLIT, LAYERS))), "collaborative",
-                         sequence_id=1).generate(PROMPT, 12).token_ids
+    edge, cloud, expected = _edge_cloud_and_expected(tiny, 1.0, 12)
     first = DecodingSession(edge, cloud, "collaborative", sequence_id=7).stream(PROMPT, 12)
     tokens = [next(first).token_id for _ in range(3)]
     with pytest.raises(ProtocolError, match="belongs to another session key") as err:
