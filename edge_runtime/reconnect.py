@@ -11,10 +11,10 @@ Refusals whose code says RETRY (RATE_LIMITED, TOO_MANY_SESSIONS: plugin/protocol
 nothing on the cloud, so they are retried the same way, and raised as they are once the patience is spent.
 
 The one ambiguous case is a request that reached the server and was applied, but whose reply was
-lost with the link. The context manager takes the same request sent again as a replacement of its
-last one (plugin/split/context.py), so an upload's retry is simply applied; a token request's retry
-finds the cloud partition ahead of it and is answered NEEDS_START, and the DecodingSession re-sends
-the whole context with START (a re-sync), exactly as after a server restart. Should the cloud still
+lost with the link. The context manager takes an upload sent again as a replacement of its last
+request (plugin/split/context.py), so its retry is simply applied; a token request sent again may
+have been computed by the cloud partition already, so it is answered NEEDS_START, and the
+DecodingSession re-sends the whole context with START (a re-sync), exactly as after a server restart. Should the cloud still
 answer POSITION_OVERLAP after an unreachable attempt for a sequence, that refusal is turned into
 SequenceNeedsStart too. Rows are never sent twice into one context and never skipped.
 """

@@ -97,25 +97,34 @@ def test_an_empty_cloud_only_token_request_is_refused_alone(tiny):
 
 
 # -- the two steps of the ensemble agree -----------------------------------------------------------------
-def test_a_request_sent_again_replaces_the_last_one_so_both_steps_agree(tiny):
-    """The partition refuses a token request the context manager had applied (its byte budget, here); the
-    same request sent again once memory is free is computed, not refused as "position overlap"."""
+def test_a_request_sent_again_never_overlaps_and_both_steps_stay_in_step(tiny):
+    """The last request sent again (its reply was an error, or lost): an upload replaces the last one; a
+    token request, which the partition may have computed, is answered "needs START", never "position
+    overlap". Here the partition refuses a token request the context manager had applied (its byte
+    budget); the edge's re-sync, once memory is free, gives the reference's token."""
     cloud, reference = (LocalCloud(load_model(tiny, range(SPLIT, LAYERS))) for _ in range(2))
     per_position = 2 * 2 * 16 * 4 * (LAYERS - SPLIT)  # K and V, 2 KV heads of 16, fp32, 2 layers: 512 bytes
     cloud.partition.budget = MemoryBudget(Limits(max_state_bytes=(60 + 16 + 8) * per_position))
     cloud.send(_req(1, 0, 60, want=True, start=True))  # a cache of 60 positions
     for c in (cloud, reference):
         c.send(_req(2, 0, 10, want=True, start=True, seed=2))  # a cache of 16 positions (the smallest)
-        c.send(_req(2, 10, 3, seed=2))  # an upload: the context manager alone
+    cloud.send(_req(2, 10, 3, seed=99))  # an upload whose reply was lost ...
+    for c in (cloud, reference):
+        c.send(_req(2, 10, 3, seed=2))  # ... sent again: it replaces the first
     again = _req(2, 13, 7, want=True, seed=2)  # 20 positions: the cache doubles to 32, past the budget
-    for _ in range(2):
-        with pytest.raises(ProtocolError, match="memory budget") as err:
-            cloud.send(again)
-        assert err.value.code is ErrorCode.MEMORY_BUDGET and err.value.code.recovery is Recovery.RETRY
+    with pytest.raises(ProtocolError, match="memory budget") as err:
+        cloud.send(again)
+    assert err.value.code is ErrorCode.MEMORY_BUDGET and err.value.code.recovery is Recovery.RETRY
+    with pytest.raises(SequenceNeedsStart, match="may have computed already"):
+        cloud.send(again)
     cloud.send(_req(1, 60, 0, end=True))  # another session ends: memory is free
-    assert cloud.send(again) == reference.send(again)  # all 10 rows computed, not "position overlap"
-    assert cloud.send(_req(2, 20, 1, want=True, seed=2)) == reference.send(_req(2, 20, 1, want=True, seed=2))
-    with pytest.raises(ProtocolError, match="position overlap"):  # only the last request may be sent again
+    context = np.concatenate([_rows(10, 2).data, _rows(3, 12).data, _rows(7, 15).data])  # what _req sent
+    resync = cloud.send(CloudRequest(2, 0, True, rows=EncodedRows("fp16", context), split_layer=SPLIT, start=True,
+                                     session_key=KEY))
+    expected = reference.send(again)
+    assert (resync.token_id, resync.topk_ids) == (expected.token_id, expected.topk_ids)
+    assert resync.topk_logprobs == pytest.approx(expected.topk_logprobs, abs=1e-4)
+    with pytest.raises(ProtocolError, match="position overlap"):  # anything else behind the next position
         cloud.send(_req(2, 13, 7, want=True, seed=2))
 
 

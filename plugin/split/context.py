@@ -35,11 +35,12 @@ class _Session:
     key: int  # SESSION_KEY of its START: every later request must carry it
     requests: RateLimiter  # this session's request rate; kept across a re-START
     context: _Context = _Context()
-    # The context before the last request, kept until a later request shows that its reply arrived. A request
-    # that starts where the last one started is that request sent again (its reply was an error, or lost): it
-    # replaces the last request instead of overlapping it. The cloud partition then agrees (it never applied
-    # the last request) or answers NEEDS_START (it did), so both steps of the ensemble stay in step.
-    before_last: _Context | None = None
+    # A request that starts where the last one started is that request sent again: its reply was an error,
+    # or was lost, and the context manager cannot tell whether the cloud partition behind it applied it.
+    # An upload never reaches the partition, so it is replaced (`before_last` is the context before it); a
+    # token request may have been computed there, so its retry is answered NEEDS_START and the edge re-syncs
+    # both steps. Either way the two steps of the ensemble never drift apart.
+    before_last: _Context | None = None  # the context before the last request, if that request only uploaded
     last_start: int = -1
     last_seen: float = 0.0
 
@@ -54,13 +55,12 @@ class _Session:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the rows it holds (the ones kept for a retry of the last request included)."""
-        return _held_bytes(self.context, self.before_last)
+        """Bytes of the rows it holds (`before_last` holds a prefix of them)."""
+        return _held_bytes(self.context)
 
 
-def _held_bytes(*contexts: _Context | None) -> int:
-    """Bytes of the distinct row arrays the contexts hold (a context shares its arrays with the one before)."""
-    return sum({id(rows): rows.nbytes for c in contexts if c is not None for rows in c.pending}.values())
+def _held_bytes(context: _Context) -> int:
+    return sum(rows.nbytes for rows in context.pending)
 
 
 class ContextManager:
@@ -106,8 +106,8 @@ class ContextManager:
                                 "token request with no rows: the cloud has nothing to compute a token from")
         keep = n > 0 and not req.want_token  # rows stored; a token request hands them on at once
         live = self.sessions.get(req.sequence_id)
-        self.budget.check(self.pending_bytes, _held_bytes(base) + (req.rows.nbytes if keep else 0)
-                          - (live.nbytes if live is not None else 0))
+        self.budget.check(self.pending_bytes, (0 if req.want_token else _held_bytes(base))
+                          + (req.rows.nbytes if keep else 0) - (live.nbytes if live is not None else 0))
         # Every check passed: only now does stored state change.
         rows = (_owned(req.rows) if keep else req.rows,) if n else ()
         after = _Context(base.next_position + n, base.first_pending, base.pending + rows)
@@ -116,7 +116,8 @@ class ContextManager:
             handed, after = after.pending, _Context(after.next_position, after.next_position)
         if req.start:
             self.sessions[req.sequence_id] = session
-        session.context, session.before_last, session.last_start = after, None if req.start else base, req.start_pos
+        session.context, session.last_start = after, req.start_pos
+        session.before_last = None if req.start or req.want_token else base
         session.last_seen = now
         self.rows_uploaded += n
         hidden = torch.cat([to_tensor(block, torch.float32, "cpu") for block in handed]) if handed \
@@ -163,11 +164,15 @@ class ContextManager:
 
     @staticmethod
     def _base(session: _Session, req: CloudRequest) -> _Context:
-        """The context the request applies to: the one before the last request when it sends that again."""
-        if (not req.start and session.before_last is not None and req.start_pos == session.last_start
-                and req.start_pos < session.context.next_position):
-            return session.before_last
-        return session.context
+        """The context the request applies to: the one before the last request when it sends that upload
+        again; a token request sent again cannot be (see _Session)."""
+        if req.start or req.start_pos != session.last_start or req.start_pos >= session.context.next_position:
+            return session.context
+        if session.before_last is None:
+            raise SequenceNeedsStart(f"sequence {req.sequence_id}: this request starts where the last one started "
+                                     f"(position {req.start_pos}), which asked for a token the cloud may have "
+                                     "computed already: re-send the context with START")
+        return session.before_last
 
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sessions idle longer than the TTL (called on every request and by a periodic sweep)."""
