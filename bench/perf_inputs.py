@@ -42,7 +42,7 @@ def step_tensors(req: CloudRequest, split_layer: int | None = None) -> dict[str,
     the context manager requires it with START and accepts it when it matches afterwards)."""
     if split_layer is not None and req.token_ids is None and req.split_layer is None:
         req = CloudRequest(req.sequence_id, req.start_pos, req.want_token, rows=req.rows, split_layer=split_layer,
-                           start=req.start, end=req.end)
+                           start=req.start, end=req.end, session_key=req.session_key)
     out = {}
     for name, value in request_inputs(req).items():
         value = np.ascontiguousarray(value)

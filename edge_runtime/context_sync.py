@@ -18,7 +18,7 @@ from edge_runtime.generation import end_sequence, SessionStats
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import SequenceNeedsStart
-from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.protocol.messages import CloudReply, CloudRequest, new_session_key
 
 
 class RowLog:
@@ -53,6 +53,7 @@ class ContextSync:
                  stats: SessionStats, max_block_rows: int = 1024, background: bool = False,
                  on_unreachable: Callable[[], None] | None = None):
         self.link, self.sequence_id, self.split_layer, self.codec = link, sequence_id, split_layer, codec
+        self.session_key = new_session_key()  # binds the cloud's session to this edge (SESSION_KEY)
         self.stats = stats
         self.max_block_rows = max_block_rows  # the cloud's rows-per-request limit (Limits.max_block_rows)
         self.on_unreachable = on_unreachable
@@ -143,7 +144,8 @@ class ContextSync:
 
     def _rows_request(self, want_token: bool, first: int, stop: int, end: bool = False) -> CloudRequest:
         return CloudRequest(self.sequence_id, first, want_token, rows=encode(self.log.rows(first, stop), self.codec),
-                            split_layer=self.split_layer, start=first == 0 and not self.started, end=end)
+                            split_layer=self.split_layer, start=first == 0 and not self.started, end=end,
+                            session_key=self.session_key)
 
     def _send(self, req: CloudRequest) -> CloudReply:
         """When the cloud lost the sequence (restart, TTL), re-send the whole context with START up

@@ -6,7 +6,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from edge_runtime.link import CloudUnreachable
-from plugin.protocol.errors import error_code, error_for, ErrorCode
+from plugin.protocol.errors import error_code, error_for, Recovery
 from plugin.protocol.messages import CloudReply, CloudRequest
 from plugin.protocol.tensors import OUTPUTS, SESSION_HEADER
 from plugin.protocol.wire import reply_from_outputs, request_inputs
@@ -59,10 +59,11 @@ class TritonLink:
 
 
 def _translate(e: InferenceServerException) -> Exception:
-    """The error's code (plugin/protocol/errors.py) decides the exception: CloudUnreachable for a link that is
-    down, SequenceNeedsStart when a re-sync helps, else ProtocolError carrying the code."""
+    """The error's code (plugin/protocol/errors.py) decides the exception: CloudUnreachable while the cloud is
+    not serving (a link that is down, a model being healed: Recovery.WAIT), SequenceNeedsStart when a re-sync
+    helps, else ProtocolError carrying the code."""
     message, status = e.message() or str(e), e.status() or ""
     code = error_code(message, status)
-    if code is ErrorCode.UNREACHABLE:
+    if code.recovery is Recovery.WAIT:
         return CloudUnreachable(f"{status}: {message}")
     return error_for(code, message)

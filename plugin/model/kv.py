@@ -45,7 +45,7 @@ class LayerKV:
             self._forget_before(start_pos - self.window + 1)  # the block's first query sees no further back
         end = start_pos + k.shape[1]
         if end - self._base > self._k.shape[1]:
-            cap = max(end - self._base, 2 * self._k.shape[1])
+            cap = _capacity(self._k.shape[1], end - self._base)
             self._k = _grown(self._k, cap)
             self._v = _grown(self._v, cap)
         self._k[:, start_pos - self._base:end - self._base] = k
@@ -89,6 +89,16 @@ class LayerKV:
     @property
     def nbytes(self) -> int:
         return 2 * self._k.element_size() * self._k.numel()
+
+    def nbytes_after(self, length: int) -> int:
+        """What nbytes will be once the layer holds `length` positions (appending grows the capacity)."""
+        per_position = 2 * self._k.element_size() * self._k.shape[0] * self._k.shape[2]
+        return per_position * _capacity(self._k.shape[1], length - self._base)
+
+
+def _capacity(capacity: int, end: int) -> int:
+    """The capacity that holds `end` slots: at least doubled whenever it must grow."""
+    return capacity if end <= capacity else max(end, 2 * capacity)
 
 
 def _grown(t: torch.Tensor, cap: int) -> torch.Tensor:
@@ -181,6 +191,10 @@ class SequenceKV:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values()) + self.pending.nbytes
+
+    def nbytes_after(self, rows: int) -> int:
+        """What nbytes will be once every layer holds `rows` more positions."""
+        return sum(layer.nbytes_after(layer.length + rows) for layer in self.layers.values()) + self.pending.nbytes
 
 
 def checked_rewind(mark: KVMark, length_of) -> list[tuple[int, int]]:

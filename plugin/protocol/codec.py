@@ -41,8 +41,9 @@ def encode(hidden: torch.Tensor, codec: str) -> EncodedRows:
     return EncodedRows(codec, np.clip(np.rint(x / scale), -127, 127).astype(np.int8), scale)
 
 
-def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """Wire arrays -> [n, D] tensor; every check that protects the stored context happens here."""
+def check(rows: EncodedRows, hidden_size: int) -> None:
+    """Every check that protects the stored context, without widening the block (a context manager keeps
+    the rows as they arrived): dtype, shape [n, hidden_size], int8 scales, finite values once decoded."""
     data = rows.data
     expected = CODEC_DTYPES.get(rows.codec)
     if expected is None:
@@ -51,14 +52,31 @@ def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str 
         raise CodecError(f"codec {rows.codec} expects {np.dtype(expected).name} rows, got {data.dtype.name}")
     if data.ndim != 2 or data.shape[1] != hidden_size:
         raise CodecError(f"hidden rows must have shape [n, {hidden_size}], got {list(data.shape)}")
-    x = data.astype(np.float32)
-    if rows.codec == "int8":
+    if rows.codec != "int8":
+        finite = np.isfinite(data).all()
+    else:
         scale = rows.scale
         if scale is None or scale.shape != (data.shape[0], 1) or scale.dtype != np.float32:
             raise CodecError(f"int8 rows need a float32 scale of shape [{data.shape[0]}, 1]")
         if not np.isfinite(scale).all() or (scale <= 0).any():
             raise CodecError("int8 scales must be finite and positive")
-        x = x * scale
-    if not np.isfinite(x).all():
+        # the largest decoded magnitude of each row, in float32 as decoding computes it: [n, 1]
+        top = np.maximum(data.max(axis=1, initial=0), -data.min(axis=1, initial=0).astype(np.float32))[:, None]
+        with np.errstate(over="ignore"):  # an overflow is what this looks for
+            finite = np.isfinite(top * scale).all()
+    if not finite:
         raise CodecError("hidden rows contain NaN or Inf")
+
+
+def to_tensor(rows: EncodedRows, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """Checked wire arrays -> [n, D] tensor."""
+    x = rows.data.astype(np.float32)
+    if rows.codec == "int8":
+        x *= rows.scale
     return torch.from_numpy(x).to(device=device, dtype=dtype)
+
+
+def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """Wire arrays -> [n, D] tensor, refusing anything `check` refuses."""
+    check(rows, hidden_size)
+    return to_tensor(rows, dtype, device)

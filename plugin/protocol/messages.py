@@ -7,6 +7,7 @@ converts between the two.
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +15,11 @@ import torch
 
 from plugin.protocol.codec import EncodedRows
 from plugin.protocol.tensors import TOP_K
+
+
+def new_session_key() -> int:
+    """A session's SESSION_KEY: random in [1, 2^63), so that it cannot be derived from the sequence id or guessed."""
+    return 1 + secrets.randbelow(2**63 - 1)
 
 
 @dataclass
@@ -26,6 +32,7 @@ class CloudRequest:
     split_layer: int | None = None  # required when start is set
     start: bool = False
     end: bool = False
+    session_key: int = 0  # the session's key (new_session_key), on every request; 0: none sent
 
     @property
     def num_rows(self) -> int:
@@ -35,9 +42,9 @@ class CloudRequest:
 
     @property
     def nbytes(self) -> int:
-        """Tensor payload on the wire: rows (or ids) + START_POS + WANT_TOKEN (+ SPLIT_LAYER)."""
+        """Tensor payload on the wire: rows (or ids) + START_POS + WANT_TOKEN (+ SPLIT_LAYER) (+ SESSION_KEY)."""
         body = self.rows.nbytes if self.rows is not None else (0 if self.token_ids is None else self.token_ids.nbytes)
-        return body + 8 + 1 + (4 if self.split_layer is not None else 0)
+        return body + 8 + 1 + (4 if self.split_layer is not None else 0) + (8 if self.session_key else 0)
 
 
 @dataclass
@@ -66,6 +73,7 @@ class PendingBlock:
     start: bool = False
     end: bool = False
     token_ids: torch.Tensor | None = None  # [n] int64 instead of hidden, for the cloud-only baseline (split 0)
+    session_key: int = 0  # cloud-only blocks carry the client's key; the ensemble's context manager checked it
 
     @property
     def num_rows(self) -> int:

@@ -72,6 +72,10 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                meaning="false: upload only, the cloud stores the rows and computes nothing"),
     TensorSpec("SPLIT_LAYER", "int32", (1,), _EDGE_FACING, optional=True,
                meaning="required with START: the edge's split layer k (edges may differ)"),
+    TensorSpec("SESSION_KEY", "int64", (1,), (*_EDGE_FACING, CLOUD_ONLY), optional=True,
+               meaning="the session's random key in [1, 2^63), drawn by the edge: sent with START and every later "
+                       "request; missing or not the session's: refused with SESSION_KEY (optional for Triton only, "
+                       "so that the model answers with that code)"),
     # between the ensemble's two steps (context_manager -> cloud_partition); edges never see them
     TensorSpec("PENDING_HIDDEN", "float32", (ROWS, HIDDEN), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
                meaning="the session's pending rows (every row not computed yet); 0 rows for an upload"),
@@ -107,6 +111,7 @@ TOKEN_IDS = "TOKEN_IDS"
 START_POS = "START_POS"
 WANT_TOKEN = "WANT_TOKEN"
 SPLIT_LAYER = "SPLIT_LAYER"
+SESSION_KEY = "SESSION_KEY"
 PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = (t.name for t in outputs_of(CONTEXT_MANAGER))
 OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE))  # what an edge asks for
 TOKEN_ID, CONFIDENCE, TOPK_IDS, TOPK_LOGPROBS, CATCHUP_ROWS = OUTPUTS

@@ -13,7 +13,7 @@ from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
 from plugin.protocol.tensors import (
     CATCHUP_ROWS, CONFIDENCE, HIDDEN_INPUTS, HIDDEN_SCALE, PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT,
-    SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
+    SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
 
 
 Tensors = dict[str, np.ndarray]
@@ -35,6 +35,8 @@ def request_inputs(req: CloudRequest) -> Tensors:
         out[TOKEN_IDS] = req.token_ids[None]
     if req.split_layer is not None:
         out[SPLIT_LAYER] = _one(SPLIT_LAYER, req.split_layer)
+    if req.session_key:
+        out[SESSION_KEY] = _one(SESSION_KEY, req.session_key)
     return out
 
 
@@ -72,8 +74,11 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
     start_pos = _scalar(inputs, START_POS)
     if start_pos < 0:
         raise ProtocolError(ErrorCode.MALFORMED, f"START_POS must be >= 0, got {start_pos}")
+    key = _scalar(inputs, SESSION_KEY)
+    if key is not None and key <= 0:
+        raise ProtocolError(ErrorCode.MALFORMED, f"SESSION_KEY must be in [1, 2^63), got {key}")
     req = CloudRequest(sequence_id, start_pos, bool(_scalar(inputs, WANT_TOKEN)),
-                       split_layer=_scalar(inputs, SPLIT_LAYER), start=start, end=end)
+                       split_layer=_scalar(inputs, SPLIT_LAYER), start=start, end=end, session_key=key or 0)
     if hidden:
         codec, name = hidden[0]
         scale = inputs.get(HIDDEN_SCALE)

@@ -4,16 +4,17 @@ Imported only inside tritonserver's Python stub (triton_python_backend_utils exi
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import threading
 import traceback
 from pathlib import Path
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from plugin.protocol.errors import ErrorCode, ProtocolError, tagged
-from plugin.serving.services import RequestData, Service
+from plugin.protocol.errors import ProtocolError, tagged
+from plugin.serving.services import error_answer, RequestData, Result, Service
 
 CONTROLS = ("START", "END", "CORRID")
 METRIC_HELP = {
@@ -23,7 +24,10 @@ METRIC_HELP = {
     "tokens_served_total": "tokens computed by this model",
     "layer_rows_computed_total": "rows x layers computed (catch-up rows included)",
     "kv_bytes": "bytes held in per-sequence KV caches",
+    "state_budget_bytes": "bytes of session state (KV caches + pending rows) this model may hold (max_state_bytes)",
+    "memory_refusals_total": "requests refused because the session state would pass the byte budget",
 }
+TRIM_AFTER_BYTES = 1 << 20  # a batch that moved this much input, or ended sessions, returns freed memory
 
 
 def sweep_period_s(ttl_s: float) -> float:
@@ -41,7 +45,21 @@ def _request_data(request) -> RequestData:
         sequence_id = int(controls["CORRID"].reshape(-1)[0])
     start = bool(controls["START"].reshape(-1)[0]) if controls["START"] is not None else bool(request.flags() & 1)
     end = bool(controls["END"].reshape(-1)[0]) if controls["END"] is not None else bool(request.flags() & 2)
-    return RequestData({k: np.array(v, copy=True) for k, v in tensors.items()}, sequence_id, start, end)
+    return RequestData(tensors, sequence_id, start, end)  # views of the request's buffers: what is kept is copied
+
+
+def _release_freed_memory() -> None:
+    """Give the memory that freed sessions and requests left in glibc's heap back to the system.
+
+    glibc serves an allocation below its mmap threshold from the heap, and the threshold rises to the size
+    of the largest block freed so far (up to 32 MiB), so after a few large requests their memory stays in
+    the heap when freed, counted in the stub's resident set. malloc_trim(0) returns the free pages (measured:
+    19 ms for 480 MiB, 0.1 ms when there is nothing to return). Not glibc: nothing to do."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
 
 
 def _error_response(result: ProtocolError):
@@ -85,6 +103,7 @@ class Adapter:
                 with self._lock:
                     if self.service.sweep():
                         self._report()
+                        _release_freed_memory()
             except Exception:  # never let the sweeper die silently
                 pb_utils.Logger.log_error(f"{self.name}: TTL sweep failed:\n{traceback.format_exc()}")
 
@@ -97,22 +116,28 @@ class Adapter:
             return self._execute(requests)
 
     def _execute(self, requests):
+        batch = [_request_data(r) for r in requests]
         try:
-            results = self.service.execute([_request_data(r) for r in requests])
-        except Exception as e:  # a bug must fail these requests, not the model instance
-            pb_utils.Logger.log_error(f"{self.name}: internal error, {len(requests)} request(s) failed:\n"
-                                      + traceback.format_exc())
-            bug = ProtocolError(ErrorCode.INTERNAL, f"{self.name}: internal error: {type(e).__name__}: {e}")
-            results = [bug] * len(requests)
-        responses = []
-        for result in results:
-            if isinstance(result, ProtocolError):
-                responses.append(_error_response(result))
-            else:
-                tensors = [pb_utils.Tensor(name, value) for name, value in result.items()]
-                responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            results = self.service.execute(batch)
+        except Exception as e:  # a bug outside any one request must fail these requests, not the model instance
+            results = [error_answer(e, f"{self.name}: ")] * len(requests)
+        self._log_failures(results, len(requests))
+        responses = [_error_response(result) if isinstance(result, ProtocolError)
+                     else pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, v) for n, v in result.items()])
+                     for result in results]
         self._report()
+        moved = sum(value.nbytes for r in batch for value in r.inputs.values())
+        if moved >= TRIM_AFTER_BYTES or any(r.end for r in batch):
+            _release_freed_memory()
         return responses
+
+    def _log_failures(self, results: list[Result], batch_size: int) -> None:
+        """Each failure's traceback once, in one log record (a batch-wide failure answers all its requests)."""
+        failures = {id(r): r for r in results if isinstance(r, ProtocolError) and r.details}
+        for failure in failures.values():
+            answered = sum(r is failure for r in results)
+            pb_utils.Logger.log_error(f"{self.name}: {failure} ({answered} of {batch_size} request(s) of the batch):\n"
+                                      + failure.details)
 
     def _report(self) -> None:
         for key, value in self.service.metrics().items():
