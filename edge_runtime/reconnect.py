@@ -10,8 +10,8 @@ nothing on the cloud, so they are retried the same way, and raised as they are o
 
 The one ambiguous case is a request that reached the server and was applied, but whose reply was
 lost with the link. Its retry then starts at a position the cloud has already stored, and the
-context manager refuses it (POSITION_OVERLAP): nothing was lost, but the edge no longer knows
-what the cloud holds. After an unreachable attempt for a sequence, that refusal is turned into
+context manager refuses it (POSITION_OVERLAP, or ROLLBACK_REFUSED for a retried rollback, whose
+window that request closed): nothing was lost, but the edge no longer knows what the cloud holds. After an unreachable attempt for a sequence, that refusal is turned into
 SequenceNeedsStart, so the DecodingSession re-sends the whole context with START (a re-sync), exactly as
 after a server restart. Rows are never sent twice into one context and never skipped.
 """
@@ -23,6 +23,9 @@ from typing import Callable
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.protocol.errors import ErrorCode, ProtocolError, Recovery, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest
+
+
+LANDED_CODES = (ErrorCode.POSITION_OVERLAP, ErrorCode.ROLLBACK_REFUSED)  # after a lost reply: that request landed
 
 
 class ReconnectingLink:
@@ -57,7 +60,7 @@ class ReconnectingLink:
                     self.retries += 1
                     self.sleep(self.retry_every_s)
                     continue
-                if req.sequence_id in self._uncertain and e.code is ErrorCode.POSITION_OVERLAP:
+                if req.sequence_id in self._uncertain and e.code in LANDED_CODES:
                     self._uncertain.discard(req.sequence_id)
                     raise SequenceNeedsStart(f"an earlier request of sequence {req.sequence_id} reached the cloud "
                                              f"but its reply was lost: re-send its context with START ({e})") from None

@@ -118,6 +118,13 @@ class KVMark:
     pending: BoundaryRows
 
 
+def position_mark(layers, position: int) -> KVMark:
+    """The state in which every one of `layers` holds exactly positions [0, position) and no row waits at a
+    boundary: where to rewind a sequence whose rows before `position` all passed every layer (they were carried
+    to the split) when everything from `position` on is dropped (drafts the full model rejected)."""
+    return KVMark({layer: position for layer in layers}, BoundaryRows())
+
+
 class SequenceKV:
     """One sequence's caches for layers [first_layer, last_layer) and its pending rows."""
 
