@@ -389,7 +389,8 @@ class RecordingLink:
 
 def record_trace(system: System, edge: EdgePartition | None, link, prompt: list[int], n: int,
                  sequence_id: int) -> Trace:
-    """One real session with synchronous uploads; each request is kept with the edge time before it.
+    """One real session with synchronous uploads (or verified, by the system's kind); each request is kept with
+    the edge time before it.
 
     `link` is any CloudLink: a TritonLink to the server, or an in-process LocalCloud (same replies).
     """
@@ -398,7 +399,7 @@ def record_trace(system: System, edge: EdgePartition | None, link, prompt: list[
         g = CloudOnlySession(rec, sequence_id=sequence_id)
     else:
         g = DecodingSession(edge, rec, "collaborative", threshold=system.threshold, codec=system.codec,
-                            sequence_id=sequence_id, async_uploads=False)
+                            sequence_id=sequence_id, async_uploads=False, verify=system.kind == "verified")
     steps, seen, edge_before = [], 0, 0.0
     for _ in g.stream(prompt, n):
         steps.append(TraceStep(g.stats.edge_s - edge_before, rec.sent[seen:]))

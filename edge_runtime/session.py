@@ -63,7 +63,7 @@ class DecodingSession(TokenLoop):
         self.verifier = None
         if verify:
             self.verifier = Verifier(edge, self.seq, self.sync, self.sampler, self.decider, self.stats,
-                                     lambda: self.tokens_left, mode.falls_back, draft_length)
+                                     lambda: self.tokens_left, mode.falls_back, draft_length, self.eos)
         # guesses are checked against the cloud's token, so only greedy decoding can keep them
         self.lookahead = None
         if speculate and mode.splits and not verify and isinstance(self.sampler, Greedy):

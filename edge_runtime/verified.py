@@ -26,7 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Collection
 
 from edge_runtime.context_sync import ContextSync
 from edge_runtime.generation import SessionStats, TokenRecord
@@ -141,9 +141,11 @@ class Verifier:
 
     def __init__(self, edge: EdgePartition, seq: SequenceState, sync: ContextSync, sampler: Sampler,
                  decider: ExitDecider, stats: SessionStats, tokens_left: Callable[[], int], falls_back: bool,
-                 lengths: DraftLength | None = None):
+                 lengths: DraftLength | None = None, eos: Collection[int] = ()):
+        """tokens_left: tokens the generation still wants (0: no limit known); eos: tokens that end it."""
         self.edge, self.seq, self.sync, self.sampler = edge, seq, sync, sampler
         self.decider, self.stats, self.tokens_left, self.falls_back = decider, stats, tokens_left, falls_back
+        self.eos = set(eos)
         self.lengths = lengths or DraftLength()
         self.queue: deque[TokenRecord] = deque()  # tokens known, not yet handed out
         self.drafts: list[Draft] = []  # steps since the last request left (or since the cut), in order
@@ -162,7 +164,7 @@ class Verifier:
 
     # -- one round ------------------------------------------------------------------------------------------
     def _round(self) -> list[TokenRecord]:
-        left = self.tokens_left()
+        left = self.tokens_left() or self.lengths.max_gamma + 1
         if self.flight is None:
             if self.decider.next_policy().local_only:  # verified-latency-aware: the cloud is down or too slow
                 drafts, self.drafts = self._draft_until(min(self.lengths.choose(left) + 1, left)), []
@@ -180,7 +182,8 @@ class Verifier:
             self._cut(flight.drafts[0].position + len(tokens), tokens[-1])
         records = [d.record(t) for d, t in zip(flight.drafts, tokens)]
         records[0].cloud_rows = reply.catchup_rows
-        if left > len(records) and not self.decider.next_policy().local_only:
+        wanted = left > len(records) and not self.eos.intersection(tokens)
+        if wanted and not self.decider.next_policy().local_only:
             self._send(left - len(records))  # the next request leaves before these tokens are handed out
         return records
 
@@ -268,7 +271,8 @@ class Verifier:
         block, pos = self.next_input
         t0 = time.perf_counter()
         step = self.edge.step(self.seq, block, pos, ExitPolicy(self.decider.threshold, local_only=True), Greedy())
-        self.lengths.time_step(time.perf_counter() - t0)
+        if len(block) == 1:  # a prompt's step says nothing about a draft's
+            self.lengths.time_step(time.perf_counter() - t0)
         if step.split_rows is not None:
             self.rows.append(step.split_rows)
         draft = Draft(pos + len(block) - 1, step.token_id, step.exit_layer, step.confidences, step.rows_by_layer)

@@ -13,10 +13,13 @@ against it in test_triton_cloud.py).
 """
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import re
 import shutil
-import threading
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -29,6 +32,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from bench.link_emulator import LinkEmulator
+from bench.perf_inputs import input_data, record_sessions
 from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.policy import LatencyPolicy
 from edge_runtime.reconnect import ReconnectingLink
@@ -292,6 +296,25 @@ def test_the_cloud_partition_refuses_a_rollback_it_cannot_apply_and_asks_for_sta
         edge.rewind_to(edge.new_sequence(), 3)
 
 
+def test_perf_analyzer_streams_of_verified_sessions_line_up(tiny):
+    """Each step starts where the cloud's context ends, after its ROLLBACK_TO when it carries one; every token
+    request names its drafts."""
+    plan = PartitionPlan(tiny["llama"], SPLIT, EXITS, threshold=1.0, codec="fp16")
+    data = input_data(record_sessions(plan, PROMPTS, 12, verified=True), SPLIT)["data"]
+    one = lambda step, name, dtype: int(np.frombuffer(base64.b64decode(step[name]["b64"]), dtype)[0])  # noqa: E731
+    rollbacks = 0
+    for stream in data:
+        held = 0
+        for step in stream:
+            if "ROLLBACK_TO" in step:
+                held, rollbacks = one(step, "ROLLBACK_TO", "<i8"), rollbacks + 1
+            assert one(step, "START_POS", "<i8") == held
+            held += step["HIDDEN_FP16"]["shape"][0]
+            assert step["DRAFT_TOKENS"]["shape"] == step["DRAFT_EXITS"]["shape"]
+            assert 1 <= step["DRAFT_TOKENS"]["shape"][0] <= step["HIDDEN_FP16"]["shape"][0]
+    assert rollbacks > 0
+
+
 # -- one server, five checkpoints ------------------------------------------------------------------------------
 def _named(text: str, names: dict[str, str]) -> str:
     """A generated config with its models renamed (`name: "..."` and the ensemble's `model_name: "..."`)."""
@@ -518,3 +541,29 @@ def test_resync_after_a_server_restart_in_the_middle_of_a_verification(tmp_path_
     out = _verified(_edge(plan), ReconnectingLink(link, patience_s=60), next(SEQUENCE_IDS), PROMPTS[1], 30, gamma=4)
     assert link.restarted is not None and out.stats.resyncs == 1
     assert out.token_ids == _cloud_only_tokens(plan.checkpoint, PROMPTS[1], 30)
+
+
+@pytest.mark.server
+def test_edge_cli_verified_and_exit_fidelity(served):
+    """`ce-collm-edge generate --mode verified --json` (a separate process, as a user runs it) gives cloud-only's
+    tokens, its acceptance, tokens per round trip and gamma; --exit-fidelity adds per-exit agreement."""
+    server, demo, _ = served
+    from tokenizers import Tokenizer
+
+    prompt = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+    reference = _cloud_only_tokens(demo.checkpoint, Tokenizer.from_file(str(demo.checkpoint / "tokenizer.json"))
+                                   .encode(prompt).ids, 20)
+    runs = {}
+    for mode, extra in (("verified", ["--max-gamma", "6"]), ("verified", ["--gamma", "2", "--runner", "torch"]),
+                        ("collaborative", ["--exit-fidelity"])):
+        cmd = [sys.executable, "-m", "edge_runtime.cli", "generate", "--json", "--url", server.grpc_url,
+               "--prompt", prompt, "--max-new-tokens", "20", "--mode", mode, *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[(mode, extra[0])] = json.loads(done.stdout)
+    for (mode, option), out in runs.items():
+        assert out["token_ids"] == reference and out["unverified"] == 0, (mode, option)
+        assert out["exit_agreement"] and all(0 <= v["rate"] <= 1 for v in out["exit_agreement"].values())
+    fixed = runs[("verified", "--gamma")]["verified"]
+    assert fixed["gamma"] <= 2 and 1 < fixed["tokens_per_round_trip"] <= 3 and 0 <= fixed["acceptance_rate"] <= 1
+    assert "verified" not in runs[("collaborative", "--exit-fidelity")]
