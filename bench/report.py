@@ -257,16 +257,20 @@ def _verified_section(results: dict) -> list[str]:
                 for t in targets]
         out.append("")
     out += ["| system | link | time/token mean ms (vs cloud-only) | acceptance | tokens per round trip | gamma | "
-            "cloud rows per token | edge steps ahead kept | exits agreeing with the full model |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+            "cloud rows per token | edge steps ahead kept | per request: edge before it leaves / drafting ahead / "
+            "waiting, ms | exits agreeing with the full model |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         v, ref = r["verified"], by.get(("cloud-only", r["link"]))
         mean = r["time_per_token_ms"]["mean"]
         ratio = f" ({mean / ref['time_per_token_ms']['mean']:.2f}x)" if ref else ""
         agreement = ", ".join(f"{k} {100 * a['rate']:.0f}% of {a['checked']}" for k, a in v["exit_agreement"].items())
+        requests = r["cloud_requests_per_token"] * r["tokens"]
+        split = " / ".join(_f(None if r.get(k) is None else 1000 * r[k] / requests)
+                           for k in ("edge_compute_s", "speculation_s", "cloud_wait_s"))
         out.append(f"| {r['key']} | {r['link']} | {mean:.1f}{ratio} | {_pct(v['acceptance_rate'], 0)} "
                    f"| {v['tokens_per_round_trip']:.2f} | {v['gamma']:.1f} | {r['cloud_rows_per_token']:.2f} "
-                   f"| {_kept(r)} | {agreement} |")
+                   f"| {_kept(r)} | {split} | {agreement} |")
     return out + [""]
 
 

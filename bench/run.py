@@ -322,6 +322,7 @@ def summarize_run(system: System, link: LinkSpec, runs: list[PromptRun], num_lay
         "cloud_requests_per_token": stats["cloud_requests"] / tokens, "uploads_per_token": stats["uploads"] / tokens,
         "cloud_layer_token_work": 0 if system.kind == "standalone" else sum(sum(r.cloud_rows) for r in runs) * cloud_layers,
         "edge_compute_s": stats["edge_s"], "cloud_wait_s": stats["cloud_wait_s"],
+        "speculation_s": stats["speculation_s"],
         "resyncs": stats["resyncs"],
         "speculated": stats["speculated"], "speculation_hits": stats["speculation_hits"],
     }

@@ -73,8 +73,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                         "round trip below it) (default: %(default)s)")
     p.add_argument("--gamma", type=int, metavar="N", help="verified modes: exactly N drafts per request")
     p.add_argument("--patience", type=float, default=30.0, metavar="S",
-                   help="collaborative: keep retrying an unreachable cloud this long before giving up "
-                        "(latency-aware never waits: it answers on the edge) (default: %(default)s)")
+                   help="collaborative, verified: keep retrying an unreachable cloud this long before giving up "
+                        "(the latency-aware modes never wait: they answer on the edge) (default: %(default)s)")
     p.add_argument("--ssl", action="store_true", help="TLS to a server started with --grpc-use-ssl")
     p.add_argument("--root-cert", type=Path, metavar="PEM", help="CA certificate that signed the server's (with --ssl)")
     p.add_argument("--client-key", type=Path, metavar="PEM", help="client key, for mutual TLS")

@@ -86,10 +86,13 @@ class DraftLength:
         self.rejected = self.decay * self.rejected + rejected
 
     def time_round_trip(self, seconds: float) -> None:
-        self.rtt_s = seconds if self.rtt_s is None else (1 - self.alpha) * self.rtt_s + self.alpha * seconds
+        self.rtt_s = self._moving(self.rtt_s, seconds)
 
     def time_step(self, seconds: float) -> None:
-        self.step_s = seconds if self.step_s is None else (1 - self.alpha) * self.step_s + self.alpha * seconds
+        self.step_s = self._moving(self.step_s, seconds)
+
+    def _moving(self, estimate: float | None, seconds: float) -> float:
+        return seconds if estimate is None else (1 - self.alpha) * estimate + self.alpha * seconds
 
     def choose(self, tokens_left: int) -> int:
         """gamma for a request that may yield at most `tokens_left` tokens (>= 1)."""
