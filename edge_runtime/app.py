@@ -40,9 +40,10 @@ class EdgeApp:
         if not (plan.checkpoint / "config.json").is_file():
             raise ModelMissing(f"no checkpoint at {plan.checkpoint} (named by {plan_path}); for the demo model run "
                                "`.venv/bin/python build/train_demo_model.py`, or point --plan at your own plan")
+        eos_token_ids = read_config(plan.checkpoint).eos_token_ids  # an unimplemented config field stops us here
         tokenizer = Tokenizer.from_file(str(plan.checkpoint / "tokenizer.json"))
         edge = EdgePartition(load_runner(runner, plan, **runner_options), plan)
-        return cls(plan, edge, tokenizer, read_config(plan.checkpoint).eos_token_ids)
+        return cls(plan, edge, tokenizer, eos_token_ids)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

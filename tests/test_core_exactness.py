@@ -3,26 +3,29 @@
 1. Threshold 1.0 through edge + context manager + cloud == Hugging Face greedy generate.
 2. With exits forced or mixed, once pending rows are flushed, every layer's K/V equals a
    full-model forward over the same tokens; breaking the catch-up breaks this test.
+Each on tiny random Llama, GPT-2, Gemma 3 (local + global layers), Llama 3 rope and Mistral
+(sliding window) checkpoints; the prompts and tokens cross the sliding window many times.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from plugin.model.checkpoint import load_model
-from plugin.model.kv import BoundaryRows, PositionError, SequenceKV
+from plugin.model.kv import BoundaryRows, LayerKV, PositionError, SequenceKV
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
-from tests.tiny_models import LAYERS, VOCAB, save_tiny
+from tests.tiny_models import KINDS, LAYERS, save_tiny
 
 PROMPTS = [[5, 17, 33, 2, 71], [90, 4, 4, 12, 61, 8, 30, 55, 1], [42]]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
+@pytest.fixture(scope="module", params=KINDS)
 def tiny(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf = save_tiny(request.param, path)
@@ -65,14 +68,19 @@ def _decode_then_flush(edge, cloud, threshold, prompt, n_new):
     return gen, tokens[:pos], exits
 
 
-def _assert_kv_matches_full_model(hf, edge_seq: SequenceKV, cloud_seq: SequenceKV, tokens, split):
-    with torch.no_grad():
-        past = hf(torch.tensor([tokens]), use_cache=True).past_key_values
-    for layer in range(LAYERS):
-        ours = (edge_seq if layer < split else cloud_seq).layers[layer]
+def _assert_kv_matches_full_model(hf, edge_seq: SequenceKV, cloud_seq: SequenceKV, tokens, split, tol=1e-5):
+    """Every position each layer holds equals the full model's K/V; local layers hold at least their window."""
+    with torch.no_grad():  # a cache without the config keeps every position of every layer
+        past = hf(torch.tensor([tokens]), past_key_values=DynamicCache(), use_cache=True).past_key_values
+    layers = [(edge_seq if layer < split else cloud_seq).layers[layer] for layer in range(hf.config.num_hidden_layers)]
+    if any(ours.window is not None for ours in layers):
+        assert any(ours.start > 0 for ours in layers), "no sliding-window layer forgot anything"
+    for layer, ours in enumerate(layers):
         assert ours.length == len(tokens), f"layer {layer} holds {ours.length} of {len(tokens)} positions"
-        torch.testing.assert_close(ours.keys, past.layers[layer].keys[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(ours.values, past.layers[layer].values[0], rtol=1e-5, atol=1e-5)
+        if ours.window is not None:  # kept every key the next position's query sees
+            assert ours.start <= len(tokens) - ours.window + 1, f"layer {layer} forgot {ours.start} positions"
+        torch.testing.assert_close(ours.keys, past.layers[layer].keys[0, :, ours.start:], rtol=tol, atol=tol)
+        torch.testing.assert_close(ours.values, past.layers[layer].values[0, :, ours.start:], rtol=tol, atol=tol)
 
 
 def _first_exit_confidences(edge, cloud, prompt, n):
@@ -129,6 +137,20 @@ def test_rewind_restores_lengths_and_pending_rows_and_refuses_to_go_forward():
     seq.layers[0].truncate(1)
     with pytest.raises(PositionError, match="rewind layer 0 from 1 positions to 3"):
         seq.rewind(mark)
+
+
+def test_sliding_window_layer_forgets_only_what_no_query_sees():
+    layer = LayerKV(1, 4, torch.float32, "cpu", window=4)
+    for pos in range(40):  # one row at a time, as decoding appends
+        layer.append(pos, torch.full((1, 1, 4), float(pos)), torch.zeros(1, 1, 4))
+    assert layer.start == 36 and layer.positions.tolist() == [36, 37, 38, 39]
+    assert layer.keys[0, :, 0].tolist() == [36.0, 37.0, 38.0, 39.0]
+    assert layer.nbytes <= 2 * 4 * 4 * 32  # compacted: the buffer does not grow with the context
+    layer.append(40, torch.full((1, 3, 4), 40.0), torch.zeros(1, 3, 4))  # a block: its first row sees back to 37
+    assert layer.start == 37
+    layer.truncate(40)  # undo that block: a block at 40 needs 37..39, still held
+    with pytest.raises(PositionError, match="forgot the positions before 37"):
+        layer.truncate(39)
 
 
 def test_broken_catch_up_fails_the_kv_check(tiny, monkeypatch):

@@ -1,6 +1,7 @@
 """The build pipeline's ONNX half: export, ONNX Runtime parity, the ONNX runner, the tensorrt_plan configs.
 
-Tiny random Llama and GPT-2 checkpoints always; the trained demo model too when its weights exist.
+Tiny random Llama, GPT-2 and Gemma 3 (sliding window) checkpoints always; the trained demo model too when its
+weights exist.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from tests.tiny_models import save_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_PLAN = REPO / "models" / "shakespeare-llama" / "partition_plan.json"
-TINY = ["llama", "gpt2"]
+TINY = ["llama", "gpt2", "gemma3"]
 MODELS = TINY + ["demo"]  # the committed demo model: its parity is checked in CI
 PROMPT = [5, 17, 33, 2, 71, 8]
 
@@ -142,9 +143,9 @@ def test_onnx_runner_catches_up_skipped_layers_like_torch(exported_tiny):
     assert not states["onnx"].pending and not states["torch"].pending
     for layer in range(plan.split_layer):
         keys, values = states["onnx"].kv[layer]
-        ref = states["torch"].layers[layer]
-        np.testing.assert_allclose(keys[0], ref.keys.numpy(), atol=1e-4, rtol=1e-4)
-        np.testing.assert_allclose(values[0], ref.values.numpy(), atol=1e-4, rtol=1e-4)
+        ref = states["torch"].layers[layer]  # a sliding-window layer holds positions [ref.start, ...) only
+        np.testing.assert_allclose(keys[0][:, ref.start:], ref.keys.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(values[0][:, ref.start:], ref.values.numpy(), atol=1e-4, rtol=1e-4)
 
 
 def test_onnx_runner_keeps_the_position_rule(exported):

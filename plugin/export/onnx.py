@@ -30,7 +30,8 @@ and emits opset 18 or newer. We use the TorchScript exporter (`dynamo=False`) at
 takes `dynamic_axes` directly, needs no extra package, and opset 17 is what the ONNX parser of
 JetPack 5's TensorRT 8.5 reads (JetPack 6 and the NGC containers read it too). The graphs trace
 the project's own `DecoderLayer` (`Attention.project`, `Attention.attend`, `causal_mask`); only the
-KV gathering differs: past tensor + new rows concatenated, instead of a `LayerKV`.
+KV gathering differs: past tensor + new rows concatenated, instead of a `LayerKV` (local layers of
+Gemma 3 and Mistral keep every past position here, their mask applies the sliding window).
 """
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ class SegmentGraph(nn.Module):
         h = model.embed_tokens(x, positions) if spec.first_layer == 0 else x.to(model.dtype)  # [B, T, D]
         presents: list[torch.Tensor] = []
         for n, i in enumerate(spec.layers):
-            h = model.layers[str(i)](h, positions, _concat_past(past[2 * n], past[2 * n + 1], positions, presents))
+            gather = _concat_past(past[2 * n], past[2 * n + 1], positions, model.cfg.window(i), presents)
+            h = model.layers[str(i)](h, positions, gather)
         if spec.kind == "cloud":
             return (*self._cloud_head(h), *presents)
         outputs = [h.float()]
@@ -109,8 +111,12 @@ def _exit_head(model: DecoderModel, row: torch.Tensor, layer: int) -> list[torch
     return [logits, conf[:, None], token[:, None]]
 
 
-def _concat_past(past_k: torch.Tensor, past_v: torch.Tensor, positions: torch.Tensor, presents: list):
-    """The gather_kv of DecoderLayer for the graphs: present = past + new rows, cache index == position."""
+def _concat_past(past_k: torch.Tensor, past_v: torch.Tensor, positions: torch.Tensor, window: int | None,
+                 presents: list):
+    """The gather_kv of DecoderLayer for the graphs: present = past + new rows, cache index == position.
+
+    A local layer's past holds every position too (P = start_pos); its mask hides what lies beyond the window.
+    """
 
     def gather(k: torch.Tensor, v: torch.Tensor):
         # k, v: [B, Hkv, T, Dh]
@@ -118,7 +124,8 @@ def _concat_past(past_k: torch.Tensor, past_v: torch.Tensor, positions: torch.Te
         presents.extend([keys, values])
         # An additive mask in the graph's dtype: the exporter turns a boolean mask into fp32
         # constants, which would promote fp16 attention (and everything after it) to fp32.
-        visible = causal_mask(positions, keys.shape[2])  # [B, 1, T, P + T]
+        key_positions = torch.arange(keys.shape[2], device=keys.device)[None]  # [1, P + T]
+        visible = causal_mask(positions, key_positions, window)  # [B, 1, T, P + T]
         mask = torch.zeros_like(visible, dtype=k.dtype).masked_fill(~visible, torch.finfo(k.dtype).min)
         return keys, values, mask
 

@@ -66,7 +66,7 @@ def check_parity(plan: PartitionPlan, onnx_dir: Path, precision: str = "fp32", r
     ids = torch.randint(0, cfg.vocab_size, (batch, total))
     # The reference: hidden states at every layer and the K/V of every layer, block by block.
     seqs = [model.new_sequence(0, cfg.num_layers) for _ in range(batch)]
-    ref_steps = []  # per block: {layer: hidden [B, T, D]}
+    ref_steps = []  # per block: (start, {layer: hidden [B, T, D]}, {layer: K/V held after the block})
     start = 0
     with torch.inference_mode():
         for t in blocks:
@@ -76,7 +76,7 @@ def check_parity(plan: PartitionPlan, onnx_dir: Path, precision: str = "fp32", r
             for i in range(cfg.num_layers):
                 h = model.run_layers(h, positions, i, i + 1, seqs)
                 hidden[i + 1] = h
-            ref_steps.append((start, hidden))
+            ref_steps.append((start, hidden, {i: _held_kv(seqs, i) for i in range(cfg.num_layers)}))
             start += t
     results: list[OutputParity] = []
     for spec in manifest.specs():
@@ -91,8 +91,8 @@ def check_parity(plan: PartitionPlan, onnx_dir: Path, precision: str = "fp32", r
                     for name in spec.inputs if name.startswith("past_")}
             steps = list(ref_steps)
             if spec.kind == "cloud":
-                steps.append((total, None))  # a block of 0 rows
-            for start, hidden in steps:
+                steps.append((total, None, ref_steps[-1][2]))  # a block of 0 rows
+            for start, hidden, ref_kv in steps:
                 feeds = dict(past, start_pos=np.full((batch, 1), start, np.int64))
                 if spec.first_layer == 0:
                     feeds["input_ids"] = ids[:, start:start + hidden[0].shape[1]].numpy()
@@ -111,11 +111,13 @@ def check_parity(plan: PartitionPlan, onnx_dir: Path, precision: str = "fp32", r
                         _compare_head(model, hidden[spec.last_layer][:, -1], spec.exit_layer, got, diffs)
                     if spec.kind == "cloud":
                         _compare_cloud(model, hidden[spec.last_layer][:, -1], got, diffs, hidden[0].shape[1])
-                for j, layer in enumerate(spec.layers):
+                for layer in spec.layers:
+                    # a local layer's reference forgot the positions before `first`; the graph passes
+                    # them from past to present unchanged, and they were compared in an earlier step
                     key, value = kv_names("present", range(layer, layer + 1), cfg.num_layers)
-                    length = start + (0 if hidden is None else hidden[0].shape[1])
-                    _expect(diffs, key, got[key], torch.stack([s.layers[layer].keys[:, :length] for s in seqs]))
-                    _expect(diffs, value, got[value], torch.stack([s.layers[layer].values[:, :length] for s in seqs]))
+                    first, keys, values = ref_kv[layer]
+                    _expect(diffs, key, got[key][:, :, first:], keys)
+                    _expect(diffs, value, got[value][:, :, first:], values)
                 past = {p: got["present" + p[len("past"):]] for p in past}
         for output in spec.outputs:
             if output not in diffs:
@@ -126,6 +128,13 @@ def check_parity(plan: PartitionPlan, onnx_dir: Path, precision: str = "fp32", r
             results.append(OutputParity(spec.name, precision, output, float(d[:, 0].max()), ref_scale, limit,
                                         int(d[:, 2].sum())))
     return results
+
+
+def _held_kv(seqs: list, layer: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(first position held, keys, values [B, Hkv, held, Dh]) of one layer of the reference sequences."""
+    caches = [s.layers[layer] for s in seqs]
+    assert len({c.start for c in caches}) == 1  # same blocks, same positions forgotten
+    return caches[0].start, torch.stack([c.keys for c in caches]), torch.stack([c.values for c in caches])
 
 
 def _expect(diffs: dict, name: str, got: np.ndarray, ref) -> None:

@@ -7,47 +7,20 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from plugin.model.architectures import (
+    CheckpointError, config_from_dict, gemma3_layer_weights, llama_layer_weights)
 from plugin.model.config import ModelConfig
 from plugin.model.decoder import DecoderModel, ExitAdapter
 
-LLAMA_STYLE = ("llama", "qwen2", "mistral")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory this project cannot load."""
+__all__ = ["CheckpointError", "load_model", "read_config"]
 
 
 def read_config(checkpoint: str | Path) -> ModelConfig:
+    """The checkpoint's ModelConfig; refuses (CheckpointError, one line naming the field) what is not implemented."""
     path = Path(checkpoint) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} not found: pass a local Hugging Face checkpoint directory")
-    raw = json.loads(path.read_text())
-    model_type = raw.get("model_type")
-    eos = raw.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-    if model_type in LLAMA_STYLE:
-        rope = raw.get("rope_parameters") or {"rope_theta": raw.get("rope_theta", 10000.0)}
-        if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
-            raise CheckpointError(f"rope scaling {rope} is not supported yet; only default rotary embeddings")
-        heads = raw["num_attention_heads"]
-        return ModelConfig(
-            arch="llama", vocab_size=raw["vocab_size"], hidden_size=raw["hidden_size"],
-            num_layers=raw["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            intermediate_size=raw["intermediate_size"], norm_eps=raw["rms_norm_eps"],
-            rope_theta=float(rope["rope_theta"]), max_positions=raw.get("max_position_embeddings", 2048),
-            eos_token_ids=eos_ids,
-        )
-    if model_type == "gpt2":
-        hidden, heads = raw["n_embd"], raw["n_head"]
-        return ModelConfig(
-            arch="gpt2", vocab_size=raw["vocab_size"], hidden_size=hidden, num_layers=raw["n_layer"],
-            num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-            intermediate_size=raw.get("n_inner") or 4 * hidden, norm_eps=raw["layer_norm_epsilon"],
-            rope_theta=None, max_positions=raw["n_positions"], eos_token_ids=eos_ids,
-        )
-    raise CheckpointError(f"model_type {model_type!r} is not supported; supported: {LLAMA_STYLE + ('gpt2',)}")
+    return config_from_dict(json.loads(path.read_text()))
 
 
 class _Tensors:
@@ -77,21 +50,17 @@ class _Tensors:
         return self._open[path].get_tensor(name)
 
 
-def _llama_weights(t: _Tensors, i: int) -> dict[str, torch.Tensor]:
-    p = f"model.layers.{i}."
-    names = t.names()
-    out = {
-        "norm1.weight": t.get(p + "input_layernorm.weight"),
-        "norm2.weight": t.get(p + "post_attention_layernorm.weight"),
-    }
-    for ours, theirs in [("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"),
-                         ("attn.v_proj", "self_attn.v_proj"), ("attn.o_proj", "self_attn.o_proj"),
-                         ("mlp.gate_proj", "mlp.gate_proj"), ("mlp.up_proj", "mlp.up_proj"),
-                         ("mlp.down_proj", "mlp.down_proj")]:
-        out[ours + ".weight"] = t.get(p + theirs + ".weight")
-        if p + theirs + ".bias" in names:
-            out[ours + ".bias"] = t.get(p + theirs + ".bias")
+def _named_weights(t: _Tensors, names: dict[str, str], biases: set[str]) -> dict[str, torch.Tensor]:
+    """Our module name -> checkpoint name, for weights (and the biases the config says exist)."""
+    out = {ours + ".weight": t.get(theirs + ".weight") for ours, theirs in names.items()}
+    out.update({ours + ".bias": t.get(names[ours] + ".bias") for ours in biases})
     return out
+
+
+def _biases(cfg: ModelConfig) -> set[str]:
+    return ({"attn.q_proj", "attn.k_proj", "attn.v_proj"} if cfg.bias_qkv else set()) | (
+        {"attn.o_proj"} if cfg.bias_out else set()) | (
+        {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"} if cfg.bias_mlp else set())
 
 
 def _gpt2_weights(t: _Tensors, prefix: str, i: int) -> dict[str, torch.Tensor]:
@@ -123,30 +92,24 @@ def load_model(checkpoint: str | Path, layer_range: range | None = None, dtype: 
     state: dict[str, torch.Tensor] = {}
     if cfg.arch == "gpt2":
         prefix = "transformer." if "transformer.wte.weight" in names else ""
-        biases = {"bias_qkv": True, "bias_out": True}
         state["embed.weight"] = t.get(prefix + "wte.weight")
         state["pos_embed.weight"] = t.get(prefix + "wpe.weight")
         state["final_norm.weight"] = t.get(prefix + "ln_f.weight")
         state["final_norm.bias"] = t.get(prefix + "ln_f.bias")
-        head = "lm_head.weight" if "lm_head.weight" in names else prefix + "wte.weight"
         for i in layer_range:
             state.update({f"layers.{i}.{k}": w for k, w in _gpt2_weights(t, prefix, i).items()})
     else:
-        first = f"model.layers.{layer_range.start if len(layer_range) else 0}."
-        biases = {
-            "bias_qkv": first + "self_attn.q_proj.bias" in names,
-            "bias_out": first + "self_attn.o_proj.bias" in names,
-            "bias_mlp": first + "mlp.gate_proj.bias" in names,
-        }
+        layer_names = gemma3_layer_weights if cfg.arch == "gemma3" else llama_layer_weights
         state["embed.weight"] = t.get("model.embed_tokens.weight")
         state["final_norm.weight"] = t.get("model.norm.weight")
-        head = "lm_head.weight" if "lm_head.weight" in names else "model.embed_tokens.weight"
         for i in layer_range:
-            state.update({f"layers.{i}.{k}": w for k, w in _llama_weights(t, i).items()})
-    state["lm_head.weight"] = t.get(head)
+            state.update({f"layers.{i}.{k}": w for k, w in _named_weights(t, layer_names(i), _biases(cfg)).items()})
+    state["lm_head.weight"] = state["embed.weight"] if cfg.tie_embeddings else t.get("lm_head.weight")
     with torch.device("meta"):
-        model = DecoderModel(cfg, layer_range, biases)
+        model = DecoderModel(cfg, layer_range)
     model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_embeddings:  # one parameter, so that a dtype change keeps one matrix (Gemma 3's: 262k x 640)
+        model.lm_head.weight = model.embed.weight
     if exit_adapters is not None:
         _load_exit_adapters(model, Path(exit_adapters))
     model.to(device=device, dtype=dtype)

@@ -6,7 +6,7 @@ from torch import nn
 
 from plugin.model.config import ModelConfig
 from plugin.model.kv import kv_gatherer, SequenceKV
-from plugin.model.layers import DecoderLayer, RMSNorm
+from plugin.model.layers import DecoderLayer, make_norm
 
 
 class ExitAdapter(nn.Module):
@@ -25,17 +25,14 @@ class ExitAdapter(nn.Module):
 class DecoderModel(nn.Module):
     """Holds only the layers one partition needs (`layer_range`); the others stay None."""
 
-    def __init__(self, cfg: ModelConfig, layer_range: range, biases: dict[str, bool]):
+    def __init__(self, cfg: ModelConfig, layer_range: range):
         super().__init__()
         self.cfg = cfg
         self.layer_range = layer_range
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden_size) if cfg.arch == "gpt2" else None
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, **biases) for i in layer_range})
-        if cfg.arch == "gpt2":
-            self.final_norm: nn.Module = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        else:
-            self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in layer_range})
+        self.final_norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.exit_adapters = nn.ModuleDict()
 
@@ -49,11 +46,14 @@ class DecoderModel(nn.Module):
 
     def new_sequence(self, first_layer: int, last_layer: int) -> SequenceKV:
         cfg = self.cfg
-        return SequenceKV(first_layer, last_layer, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        windows = {i: cfg.window(i) for i in range(first_layer, last_layer)}
+        return SequenceKV(first_layer, last_layer, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device, windows)
 
     def embed_tokens(self, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # token_ids, positions: [B, T] -> [B, T, D]
         h = self.embed(token_ids)
+        if self.cfg.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype, as trained
+            h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         if self.pos_embed is not None:
             h = h + self.pos_embed(positions)
         return h
@@ -65,6 +65,7 @@ class DecoderModel(nn.Module):
         lengths = lengths or [h.shape[1]] * h.shape[0]
         for i in range(first, last):
             caches = [seq.layers[i] for seq in sequences]
+            assert caches[0].window == self.cfg.window(i), f"layer {i}: cache window {caches[0].window}"
             h = self.layers[str(i)](h, positions, kv_gatherer(caches, positions, lengths))
         return h
 
