@@ -161,6 +161,7 @@ class Verifier:
         """The record of the token after `block` (at positions [pos, pos + len(block))), as the token loop asks."""
         if self.next_input is None:
             self.next_input = (list(block), pos)  # the prompt
+            self.seq.keep_rewindable(pos + len(block) - 1)
         if not self.queue:
             self.queue.extend(self._round())
         return self.queue.popleft()
@@ -181,8 +182,10 @@ class Verifier:
         tokens = accept(guesses, reply.rows, self.sampler)
         kept_all = tokens == guesses
         self._count(flight, tokens, kept_all)
-        if not kept_all:  # the correction's position: every row from there was computed on a rejected token
-            self._cut(flight.drafts[0].position + len(tokens), tokens[-1])
+        last = flight.drafts[0].position + len(tokens)  # the position of the last token accepted
+        if not kept_all:  # the correction's: every row from there was computed on a rejected token
+            self._cut(last, tokens[-1])
+        self.seq.keep_rewindable(last)  # no later rejection goes back before it
         records = [d.record(t) for d, t in zip(flight.drafts, tokens)]
         records[0].cloud_rows = reply.catchup_rows
         wanted = left > len(records) and not self.eos.intersection(tokens)
@@ -255,6 +258,7 @@ class Verifier:
         the cloud was asked and did not answer."""
         self.stats.unverified += len(drafts)
         self.stats.fallbacks += len(drafts) if fallback else 0
+        self.seq.keep_rewindable(drafts[-1].position + 1)
         records = [d.record(d.token) for d in drafts]
         for record in records:
             record.unverified, record.fallback = True, fallback

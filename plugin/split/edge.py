@@ -26,6 +26,9 @@ class SequenceState(Protocol):
 
     def mark(self) -> KVMark: ...
 
+    def keep_rewindable(self, position: int) -> None:
+        """From now on a rewind may come back to `position`: keep what a block starting there needs."""
+
     def rewind(self, mark: KVMark) -> None:
         """Undo every step since `mark` (a speculative step whose guessed token was wrong)."""
 
