@@ -17,7 +17,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from edge_runtime.decoding import Generator
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from edge_runtime.verified import DraftLength
@@ -87,10 +88,10 @@ def test_threshold_one_through_triton_and_cloud_only_equal_hf_greedy(gemma, edge
     plan, prompts, _, expected = gemma
     edge = EdgePartition(edge_runner, PartitionPlan(plan.checkpoint, SPLIT, (SPLIT,), threshold=1.0, codec="fp32"))
     for sid, (prompt, want) in enumerate(zip(prompts, expected), start=1):
-        collab = Generator(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, codec="fp32",
-                           sequence_id=sid, speculate=False).generate(prompt, len(want))
-        cloud_only = Generator(None, TritonLink(server.grpc_url, "cloud_only"), "cloud-only",
-                               sequence_id=100 + sid).generate(prompt, len(want))
+        collab = DecodingSession(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, codec="fp32",
+                                 sequence_id=sid, speculate=False).generate(prompt, len(want))
+        cloud_only = CloudOnlySession(TritonLink(server.grpc_url, "cloud_only"),
+                                      sequence_id=100 + sid).generate(prompt, len(want))
         assert collab.token_ids == want
         assert cloud_only.token_ids == want
         assert set(collab.exits()) == {"cloud"}
