@@ -14,9 +14,11 @@ The one ambiguous case is a request that reached the server and was applied, but
 lost with the link. The context manager takes an upload sent again as a replacement of its last
 request (plugin/split/context.py), so its retry is simply applied; a token request sent again may
 have been computed by the cloud partition already, so it is answered NEEDS_START, and the
-DecodingSession re-sends the whole context with START (a re-sync), exactly as after a server restart. Should the cloud still
-answer POSITION_OVERLAP after an unreachable attempt for a sequence, that refusal is turned into
-SequenceNeedsStart too. Rows are never sent twice into one context and never skipped.
+DecodingSession re-sends the whole context with START (a re-sync), exactly as after a server
+restart. Should the cloud still
+answer POSITION_OVERLAP (or ROLLBACK_REFUSED for a retried rollback, whose window that request
+closed) after an unreachable attempt for a sequence, that refusal is turned into SequenceNeedsStart
+too. Rows are never sent twice into one context and never skipped.
 """
 from __future__ import annotations
 
@@ -26,6 +28,9 @@ from typing import Callable
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.protocol.errors import ErrorCode, ProtocolError, Recovery, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest
+
+
+LANDED_CODES = (ErrorCode.POSITION_OVERLAP, ErrorCode.ROLLBACK_REFUSED)  # after a lost reply: that request landed
 
 
 class ReconnectingLink:
@@ -60,7 +65,7 @@ class ReconnectingLink:
                     self.retries += 1
                     self.sleep(self.retry_every_s)
                     continue
-                if req.sequence_id in self._uncertain and e.code is ErrorCode.POSITION_OVERLAP:
+                if req.sequence_id in self._uncertain and e.code in LANDED_CODES:
                     self._uncertain.discard(req.sequence_id)
                     raise SequenceNeedsStart(f"an earlier request of sequence {req.sequence_id} reached the cloud "
                                              f"but its reply was lost: re-send its context with START ({e})") from None

@@ -40,6 +40,10 @@ class ErrorCode(Enum):
     POSITION_GAP = (Recovery.NONE, "START_POS is past the next position the cloud expects")
     POSITION_OVERLAP = (Recovery.NONE, "START_POS is before the next position the cloud expects (rows it already "
                                        "holds); right after a lost reply it means that request had landed")
+    ROLLBACK_REFUSED = (Recovery.NONE, "ROLLBACK_TO does not lie within the rows the session's last request "
+                                       "checked (stale, beyond what the cloud holds, no such request, a START), or "
+                                       "START_POS differs from it; right after a lost reply it means that request had "
+                                       "landed")
     SPLIT_LAYER = (Recovery.NONE, "SPLIT_LAYER missing with START, outside the layers this cloud serves, or not "
                                   "the split layer the session started with")
     SESSION_KEY = (Recovery.NONE, "SESSION_KEY missing, or not the key the session started with: another edge "

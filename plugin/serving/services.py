@@ -46,8 +46,9 @@ class Service(Protocol):
     def sweep(self) -> list[int]:
         """Expire idle sessions now; the adapter calls it periodically, between requests."""
 
-    def metrics(self) -> dict[str, float]:
-        """Counters (names ending in _total) and gauges, reported after every execute()."""
+    def metrics(self) -> dict[str, float | dict[int, float]]:
+        """Counters (names ending in _total) and gauges, reported after every execute(); a dict holds one value
+        per value of the metric's label (triton_adapter.METRIC_LABELS)."""
 
 
 def error_answer(error: Exception, where: str = "") -> ProtocolError:
@@ -96,7 +97,7 @@ class ContextManagerService:
         cfg = read_config(checkpoint_path(params, repository_root))
         self.limits = limits_from(params)
         self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits,
-                                      min_split_layer=min_split_layer(params))  # rows stay in RAM on any device
+                                      min_split_layer=min_split_layer(params), vocab_size=cfg.vocab_size)  # rows stay in RAM
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
         return one_by_one(batch, self._answer)
@@ -115,6 +116,8 @@ class ContextManagerService:
 
 class CloudPartitionService:
     """The cloud partition: layers [min_split_layer, N) over the blocks the context manager hands it."""
+
+    row_outputs = True  # its config declares ROW_TOPK_* (the verdicts on drafts)
 
     def __init__(self, params: dict[str, str], repository_root: Path, device: str = "cpu"):
         checkpoint = checkpoint_path(params, repository_root)
@@ -140,20 +143,24 @@ class CloudPartitionService:
             except Exception as e:  # refused, or a bug met by this request alone
                 results[i] = error_answer(e)
         for i, reply in zip(where, self.partition.step(blocks)):
-            results[i] = reply if isinstance(reply, ProtocolError) else reply_outputs(reply, self.partition.top_k)
+            results[i] = reply if isinstance(reply, ProtocolError) else reply_outputs(reply, self.partition.top_k,
+                                                                                      self.row_outputs)
         return results
 
     def sweep(self) -> list[int]:
         return self.partition.expire()
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | dict[int, float]]:
         p = self.partition
         return {"sessions_live": len(p.sequences), "tokens_served_total": p.tokens_served,
-                "layer_rows_computed_total": p.rows_computed, "kv_bytes": p.kv_bytes, **budget_metrics(p.budget)}
+                "layer_rows_computed_total": p.rows_computed, "kv_bytes": p.kv_bytes, **budget_metrics(p.budget),
+                "verified_rows_total": dict(p.drafts_checked), "draft_agreements_total": dict(p.drafts_agreed)}
 
 
 class CloudOnlyService(CloudPartitionService):
     """The cloud-only baseline: token ids straight from the client into the whole model (no context manager)."""
+
+    row_outputs = False
 
     def _first_layer(self, params: dict[str, str]) -> int:
         return 0

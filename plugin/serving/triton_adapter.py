@@ -26,7 +26,10 @@ METRIC_HELP = {
     "kv_bytes": "bytes held in per-sequence KV caches",
     "state_budget_bytes": "bytes of session state (KV caches + pending rows) this model may hold (max_state_bytes)",
     "memory_refusals_total": "requests refused because the session state would pass the byte budget",
+    "verified_rows_total": "edge drafts the full model checked (verified mode, exit fidelity), by edge exit",
+    "draft_agreements_total": "... that were the full model's greedy token, by edge exit",
 }
+METRIC_LABELS = {"verified_rows_total": "exit", "draft_agreements_total": "exit"}  # one series per label value
 TRIM_AFTER_BYTES = 1 << 20  # a batch that moved this much input, or ended sessions, returns freed memory
 
 
@@ -81,14 +84,14 @@ class Adapter:
             device = f"cuda:{args['model_instance_device_id']}"
         self.service = self.service_class(params, root, device)
         self.name = args["model_name"]
-        self._metrics, self._families = {}, []  # a Metric must not outlive its MetricFamily
-        self._reported: dict[str, float] = {}
+        self._metrics, self._families = {}, {}  # a Metric must not outlive its MetricFamily
+        self._reported: dict[tuple[str, str | None], float] = {}
         for key in self.service.metrics():
             help_text = METRIC_HELP[key]
             kind = pb_utils.MetricFamily.COUNTER if key.endswith("_total") else pb_utils.MetricFamily.GAUGE
-            family = pb_utils.MetricFamily(name=f"ce_collm_{key}", description=help_text, kind=kind)
-            self._families.append(family)
-            self._metrics[key] = family.Metric(labels={"model": self.name})
+            self._families[key] = pb_utils.MetricFamily(name=f"ce_collm_{key}", description=help_text, kind=kind)
+            if key not in METRIC_LABELS:
+                self._metric(key, None)
         # Triton frees an idle sequence slot without calling the model (ENVIRONMENT.md), so the TTL
         # also runs on a timer: an edge that vanished is reclaimed even when no other request comes.
         self._lock = threading.Lock()  # execute() and the sweep never touch the service at once
@@ -139,14 +142,23 @@ class Adapter:
             pb_utils.Logger.log_error(f"{self.name}: {failure} ({answered} of {batch_size} request(s) of the batch):\n"
                                       + failure.details)
 
+    def _metric(self, key: str, label: str | None):
+        """The series of `key` (for one value of its METRIC_LABELS label), made on first use."""
+        if (key, label) not in self._metrics:
+            labels = {"model": self.name} if label is None else {"model": self.name, METRIC_LABELS[key]: label}
+            self._metrics[(key, label)] = self._families[key].Metric(labels=labels)
+        return self._metrics[(key, label)]
+
     def _report(self) -> None:
         for key, value in self.service.metrics().items():
-            metric = self._metrics[key]
-            if key.endswith("_total"):
-                metric.increment(value - self._reported.get(key, 0))
-            else:
-                metric.set(value)
-            self._reported[key] = value
+            series = {str(label): v for label, v in value.items()} if isinstance(value, dict) else {None: value}
+            for label, v in series.items():
+                metric = self._metric(key, label)
+                if key.endswith("_total"):
+                    metric.increment(v - self._reported.get((key, label), 0))
+                else:
+                    metric.set(v)
+                self._reported[(key, label)] = v
 
 
 def model_class(service_class: type[Service]) -> type:

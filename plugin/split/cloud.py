@@ -3,17 +3,19 @@ from __future__ import annotations
 
 import time
 import traceback
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
 from plugin.model.decoder import DecoderModel
-from plugin.model.kv import SequenceKV
+from plugin.model.kv import position_mark, SequenceKV
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
-from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
+from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
+from plugin.split.context import drafted_rows, window_text
 from plugin.split.limits import Admission, check_session_key, Limits, MemoryBudget, require_session_key
 
 
@@ -23,6 +25,7 @@ class _Sequence:
     kv: SequenceKV
     last_seen: float
     key: int = 0  # SESSION_KEY of a cloud-only session; 0 for the ensemble's (its context manager checks keys)
+    rollback_window: range = field(default_factory=lambda: range(0))  # as the context manager keeps it
 
 
 class CloudPartition:
@@ -42,6 +45,8 @@ class CloudPartition:
         self.sequences: dict[int, _Sequence] = {}
         self.rows_computed = 0
         self.tokens_served = 0
+        self.drafts_checked: Counter[int] = Counter()  # exit layer -> drafts the full model checked
+        self.drafts_agreed: Counter[int] = Counter()  # exit layer -> ... that were its greedy token
 
     @torch.inference_mode()
     def step(self, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
@@ -66,6 +71,10 @@ class CloudPartition:
         for split, indices in ready.items():
             for i, reply in zip(indices, self._compute(split, [blocks[i] for i in indices])):
                 replies[i] = reply
+        for block, reply in zip(blocks, replies):
+            if not isinstance(reply, ProtocolError):
+                self.sequences[block.sequence_id].rollback_window = drafted_rows(block.start_pos + block.num_rows,
+                                                                                 block.drafts)
         for block in blocks:
             if block.end:
                 self.sequences.pop(block.sequence_id, None)
@@ -89,7 +98,7 @@ class CloudPartition:
         else:
             check_session_key(block.sequence_id, block.session_key, old.key)
             seq = old
-        positions = seq.kv.length(seq.split_layer)
+        positions = self._held_after_rollback(block, seq)
         if block.want_token and block.start_pos != positions:
             self._out_of_step(block, positions)
         if block.want_token and positions + block.num_rows > self.limits.max_context:
@@ -99,6 +108,8 @@ class CloudPartition:
         self.budget.check(held, more)
         self.sequences[block.sequence_id] = seq
         seq.last_seen = now
+        if block.rollback_to is not None:
+            seq.kv.rewind(position_mark(seq.kv.layers, block.rollback_to))
         return seq, more
 
     def _out_of_step(self, block: PendingBlock, positions: int) -> None:
@@ -137,6 +148,20 @@ class CloudPartition:
                                   f"({type(error).__name__}: {error}) and dropped its state; re-send its context with "
                                   "START", details="".join(traceback.format_exception(error)))
 
+    def _held_after_rollback(self, block: PendingBlock, seq: _Sequence) -> int:
+        """Positions the KV holds once the block's rollback (checked by the context manager) is applied. A rollback
+        this partition cannot apply means the two halves of the ensemble disagree: this sequence is dropped and the
+        edge re-syncs both (needs START), rather than going on with a half-applied rollback."""
+        held = seq.kv.length(seq.split_layer)
+        if block.rollback_to is None:
+            return held
+        if block.rollback_to not in seq.rollback_window or block.rollback_to > held:
+            self.sequences.pop(block.sequence_id, None)
+            raise SequenceNeedsStart(f"sequence {block.sequence_id}: the cloud partition cannot roll back to "
+                                     f"{block.rollback_to} (it holds {held} positions; its last drafts allow "
+                                     f"{window_text(seq.rollback_window)}): re-send the context with START")
+        return block.rollback_to
+
     def _run(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
         model = self.model
         lengths = [b.num_rows for b in blocks]
@@ -158,22 +183,37 @@ class CloudPartition:
                 h[b, : lengths[b]] = block.hidden.to(model.device, model.dtype)
         kvs = [self.sequences[block.sequence_id].kv for block in blocks]
         h = model.run_layers(h, positions, split, model.cfg.num_layers, kvs, lengths)
-        last = h[torch.arange(len(blocks)), torch.tensor(lengths) - 1]  # [B, D]
-        logprobs = torch.log_softmax(model.exit_logits(last, model.cfg.num_layers).float(), dim=-1)
-        finite = torch.isfinite(logprobs).all(dim=-1)  # [B]; rows are per sequence, so one bad block spoils no other
+        # the head runs on each block's last row, or on every row its drafts name (the last row among them)
+        heads = [len(b.drafts) if b.drafts is not None else 1 for b in blocks]
+        owner = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(heads))  # [H]
+        row = torch.cat([torch.arange(n - r, n) for n, r in zip(lengths, heads)])  # [H]
+        logprobs = torch.log_softmax(model.exit_logits(h[owner, row], model.cfg.num_layers).float(), dim=-1)  # [H, V]
+        finite = torch.isfinite(logprobs).all(dim=-1)  # [H]; rows are per sequence, so one bad block spoils no other
         top = logprobs.topk(self.top_k, dim=-1)
+        ids, values = top.indices.tolist(), top.values.tolist()
         self.rows_computed += sum(lengths) * (model.cfg.num_layers - split)
-        self.tokens_served += int(finite.sum())
-        return [
-            CloudReply(
-                token_id=int(top.indices[b, 0]), confidence=float(top.values[b, 0].exp()),
-                topk_ids=top.indices[b].tolist(), topk_logprobs=top.values[b].tolist(), catchup_rows=lengths[b],
-            ) if finite[b] else ProtocolError(
-                ErrorCode.NOT_FINITE,
-                f"sequence {blocks[b].sequence_id}: the cloud's logits are not finite; its hidden rows are out of range"
-            )
-            for b in range(len(blocks))
-        ]
+        replies: list[CloudReply | ProtocolError] = []
+        for b, (block, end) in enumerate(zip(blocks, torch.tensor(heads).cumsum(0).tolist())):
+            span = range(end - heads[b], end)
+            if not bool(finite[span.start: span.stop].all()):
+                replies.append(ProtocolError(ErrorCode.NOT_FINITE, f"sequence {block.sequence_id}: the cloud's logits "
+                                                                   "are not finite; its hidden rows are out of range"))
+                continue
+            last = span.stop - 1
+            reply = CloudReply(token_id=ids[last][0], confidence=float(np.exp(values[last][0])), topk_ids=ids[last],
+                               topk_logprobs=values[last], catchup_rows=lengths[b])
+            if block.drafts is not None:
+                reply.rows = [RowVerdict(ids[i], values[i]) for i in span]
+                self._count_agreement(block, reply.rows)
+            self.tokens_served += 1
+            replies.append(reply)
+        return replies
+
+    def _count_agreement(self, block: PendingBlock, rows: list[RowVerdict]) -> None:
+        """Live exit fidelity: how often each edge exit's guess was the full model's greedy token."""
+        for token, exit_layer, verdict in zip(block.drafts.tokens.tolist(), block.drafts.exits.tolist(), rows):
+            self.drafts_checked[exit_layer] += 1
+            self.drafts_agreed[exit_layer] += int(token == verdict.token)
 
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sequences idle longer than the TTL (called on every step and by a periodic sweep)."""
@@ -206,6 +246,9 @@ def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None
         raise ProtocolError(ErrorCode.MALFORMED, f"token ids must lie in [0, {vocab_size})")
     if ids.size and not req.want_token:  # no context manager in front of cloud_only: nothing would keep them
         raise ProtocolError(ErrorCode.MALFORMED, "cloud_only keeps no pending tokens: send TOKEN_IDS with WANT_TOKEN true")
+    if req.drafts is not None or req.rollback_to is not None:
+        raise ProtocolError(ErrorCode.MALFORMED, "cloud_only checks no drafts and rolls nothing back: send those "
+                                                 "to the ce_collm ensemble")
     return PendingBlock(req.sequence_id, 0, req.start_pos, torch.empty(0, 0), req.want_token, req.start, req.end,
                         token_ids=torch.from_numpy(ids.copy()), session_key=req.session_key)
 

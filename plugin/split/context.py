@@ -10,7 +10,7 @@ import torch
 
 from plugin.protocol.codec import check, EncodedRows, to_tensor
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
-from plugin.protocol.messages import CloudRequest, PendingBlock
+from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
 from plugin.split.limits import (
     Admission, check_session_key, Limits, MemoryBudget, RateLimiter, require_session_key)
 
@@ -23,6 +23,8 @@ class _Context:
     next_position: int = 0
     first_pending: int = 0
     pending: tuple[EncodedRows, ...] = ()
+    # where ROLLBACK_TO may point in the next request: the drafted rows of the last request, if it had drafts
+    rollback_window: range = range(0)
 
     @property
     def pending_rows(self) -> int:
@@ -39,7 +41,9 @@ class _Session:
     # or was lost, and the context manager cannot tell whether the cloud partition behind it applied it.
     # An upload never reaches the partition, so it is replaced (`before_last` is the context before it); a
     # token request may have been computed there, so its retry is answered NEEDS_START and the edge re-syncs
-    # both steps. Either way the two steps of the ensemble never drift apart.
+    # both steps. A request with ROLLBACK_TO sent again is refused ROLLBACK_REFUSED (the window it used is
+    # closed), which the edge's ReconnectingLink also turns into a re-sync. Either way the two steps of the
+    # ensemble never drift apart.
     before_last: _Context | None = None  # the context before the last request, if that request only uploaded
     last_start: int = -1
     last_seen: float = 0.0
@@ -67,12 +71,14 @@ class ContextManager:
     """Checks every request before it touches stored state, so a refused request changes nothing."""
 
     def __init__(self, hidden_size: int, num_layers: int, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.monotonic, min_split_layer: int = 1, device: str = "cpu"):
-        """min_split_layer: the first layer the cloud partition behind this manager holds."""
+                 clock: Callable[[], float] = time.monotonic, min_split_layer: int = 1, device: str = "cpu",
+                 vocab_size: int | None = None):
+        """min_split_layer: the first layer the cloud partition behind this manager holds; vocab_size bounds draft
+        tokens (None: only >= 0 is checked)."""
         if min_split_layer < 1:  # the rows are layer-k hidden states; split 0 (token ids) is cloud_only's
             raise ValueError(f"the context manager keeps hidden rows: min_split_layer must be >= 1, "
                              f"got {min_split_layer}")
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.hidden_size, self.num_layers, self.vocab_size = hidden_size, num_layers, vocab_size
         self.limits = limits or Limits()
         self.admission = Admission(self.limits, num_layers, min_split_layer)
         self.budget = MemoryBudget(self.limits, device)
@@ -90,7 +96,7 @@ class ContextManager:
                                 f"(sequence {req.sequence_id}); slow down and retry")
         n = self._check_size(req)
         check(req.rows, self.hidden_size)  # dtype, shape, scales, NaN/Inf: CodecError is MALFORMED
-        base = self._base(session, req)
+        base = self._after_rollback(req, self._base(session, req))
         if req.start_pos != base.next_position:
             gap = req.start_pos > base.next_position
             raise ProtocolError(
@@ -104,6 +110,7 @@ class ContextManager:
         if req.want_token and base.pending_rows + n == 0:
             raise ProtocolError(ErrorCode.MALFORMED,
                                 "token request with no rows: the cloud has nothing to compute a token from")
+        self._check_drafts(req, session, base.pending_rows + n)
         keep = n > 0 and not req.want_token  # rows stored; a token request hands them on at once
         live = self.sessions.get(req.sequence_id)
         self.budget.check(self.pending_bytes, (0 if req.want_token else _held_bytes(base))
@@ -113,7 +120,8 @@ class ContextManager:
         after = _Context(base.next_position + n, base.first_pending, base.pending + rows)
         handed: tuple[EncodedRows, ...] = ()
         if req.want_token:
-            handed, after = after.pending, _Context(after.next_position, after.next_position)
+            window = drafted_rows(after.next_position, req.drafts)
+            handed, after = after.pending, _Context(after.next_position, after.next_position, rollback_window=window)
         if req.start:
             self.sessions[req.sequence_id] = session
         session.context, session.last_start = after, req.start_pos
@@ -125,7 +133,7 @@ class ContextManager:
         if req.end:
             self.sessions.pop(req.sequence_id, None)
         return PendingBlock(req.sequence_id, session.split_layer, base.first_pending, hidden, req.want_token,
-                            req.start, req.end)
+                            req.start, req.end, drafts=req.drafts, rollback_to=req.rollback_to)
 
     def _session_for(self, req: CloudRequest, now: float) -> _Session:
         """The session a request applies to: a new one for START (not stored yet), else the live one; both
@@ -166,13 +174,51 @@ class ContextManager:
     def _base(session: _Session, req: CloudRequest) -> _Context:
         """The context the request applies to: the one before the last request when it sends that upload
         again; a token request sent again cannot be (see _Session)."""
-        if req.start or req.start_pos != session.last_start or req.start_pos >= session.context.next_position:
-            return session.context
+        if req.start or req.rollback_to is not None or req.start_pos != session.last_start \
+                or req.start_pos >= session.context.next_position:
+            return session.context  # a rollback is never a replacement: sent again, it finds its window closed
         if session.before_last is None:
             raise SequenceNeedsStart(f"sequence {req.sequence_id}: this request starts where the last one started "
                                      f"(position {req.start_pos}), which asked for a token the cloud may have "
                                      "computed already: re-send the context with START")
         return session.before_last
+
+    @staticmethod
+    def _after_rollback(req: CloudRequest, base: _Context) -> _Context:
+        """The context once the request's ROLLBACK_TO is applied (the rows of rejected drafts dropped; none were
+        pending after a token request); a rollback outside the rows the previous request had checked (stale,
+        beyond what is held, none checked, a START) or not at START_POS is refused here, before anything changes."""
+        to = req.rollback_to
+        if to is None:
+            return base
+        where = f"sequence {req.sequence_id}: ROLLBACK_TO {to}"
+        if req.start:
+            raise ProtocolError(ErrorCode.ROLLBACK_REFUSED, f"{where} with START: a new context holds nothing to roll back")
+        if to not in base.rollback_window:
+            raise ProtocolError(ErrorCode.ROLLBACK_REFUSED, f"{where} is stale or out of range: the last request's "
+                                                            f"drafts allow {window_text(base.rollback_window)}")
+        if req.start_pos != to:
+            raise ProtocolError(ErrorCode.ROLLBACK_REFUSED, f"{where} but START_POS {req.start_pos}: the rows after a "
+                                                            "rollback start where it cut")
+        return _Context(to, to)
+
+    def _check_drafts(self, req: CloudRequest, session: _Session, computed: int) -> None:
+        """Drafts name rows this request computes (the cloud has their final hidden states only then)."""
+        drafts = req.drafts
+        if drafts is None:
+            return
+        if not req.want_token:
+            raise ProtocolError(ErrorCode.MALFORMED, "DRAFT_TOKENS need WANT_TOKEN: an upload computes nothing to "
+                                                     "check them against")
+        if not 1 <= len(drafts) <= computed:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{len(drafts)} drafts, but this request computes {computed} rows: "
+                                                     f"send between 1 and {computed}")
+        top = self.vocab_size if self.vocab_size is not None else np.iinfo(np.int64).max
+        if drafts.tokens.min() < 0 or drafts.tokens.max() >= top:
+            raise ProtocolError(ErrorCode.MALFORMED, f"DRAFT_TOKENS must lie in [0, {top})")
+        if drafts.exits.min() < 1 or drafts.exits.max() > session.split_layer:
+            raise ProtocolError(ErrorCode.MALFORMED, f"DRAFT_EXITS must lie in [1, {session.split_layer}] (edge exits "
+                                                     "of the session's split)")
 
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sessions idle longer than the TTL (called on every request and by a periodic sweep)."""
@@ -193,3 +239,15 @@ def _owned(rows: EncodedRows) -> EncodedRows:
     the server reuses once the request is answered."""
     scale = None if rows.scale is None else np.array(rows.scale, copy=True)
     return EncodedRows(rows.codec, np.array(rows.data, copy=True), scale)
+
+
+def window_text(window: range) -> str:
+    return f"[{window.start}, {window.stop - 1}]" if window else "none (that request carried no drafts)"
+
+
+def drafted_rows(next_position: int, drafts: Drafts | None) -> range:
+    """Where the next request's ROLLBACK_TO may point once a block with `drafts` ends at `next_position`: after
+    the first drafted row (its input was already accepted) up to the end (a no-op)."""
+    if drafts is None:
+        return range(0)
+    return range(next_position - len(drafts) + 1, next_position + 1)
