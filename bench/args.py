@@ -9,6 +9,7 @@ from plugin.paths import REPO_ROOT, DEMO_PLAN as DEFAULT_PLAN
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 DEFAULT_LINKS = "0/1000,20/100,60/20"  # RTT ms / Mbit per second
+DEFAULT_VERIFIED = "0.8"  # verified mode's drafting thresholds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"links as RTT_MS/MBIT[/JITTER_MS], comma-separated (default: {DEFAULT_LINKS})")
     p.add_argument("--thresholds", default=None, metavar="T,T", help="collaborative thresholds (default: 0.8,0.9,1.0)")
     p.add_argument("--codecs", default=None, metavar="C,C", help="hidden-state codecs (default: fp16,int8)")
+    p.add_argument("--verified-thresholds", default=DEFAULT_VERIFIED, metavar="T,T",
+                   help="verified mode (the exits draft, the full model checks) with drafts exiting at each threshold, "
+                        "first codec; empty string skips it (default: %(default)s)")
+    p.add_argument("--max-gamma", type=int, default=8, metavar="N",
+                   help="verified mode: drafts per request at most (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=None, metavar="N", help="held-out prompts (default: 8)")
     p.add_argument("--max-new-tokens", type=int, default=None, metavar="N", help="tokens per generation (default: 96)")
     p.add_argument("--clients", default=None, metavar="N,N",

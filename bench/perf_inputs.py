@@ -6,9 +6,13 @@ stream here is one real edge session, recorded in-process (the edge partition + 
 same replies the server gives): the prompt's layer-k rows, every upload-only request of tokens that
 exited at the split, and every token request with its pending rows, as the edge sends them, with
 positions that line up. A session's closing END-only request (no rows) is left out: perf_analyzer
-puts END on the last step itself. Streams are cut to one length (see `input_data`).
+puts END on the last step itself. Streams are cut to one length (see `input_data`). With --verified
+the sessions run in verified mode: each request carries the drafts to check (DRAFT_TOKENS,
+DRAFT_EXITS) and, after a rejection, ROLLBACK_TO; replayed in order, every rollback meets the same
+window it met when recorded.
 
     .venv/bin/python -m bench.perf_inputs --sessions 8 --tokens 16 --out bench/results/raw/perf_inputs_ce_collm.json
+    .venv/bin/python -m bench.perf_inputs --verified --out bench/results/raw/perf_inputs_ce_collm_verified.json
     perf_analyzer -m ce_collm -i grpc --input-data bench/results/raw/perf_inputs_ce_collm.json \
         --sequence-length <steps per stream, printed> --sequence-length-variation 0 --concurrency-range 1:4
 
@@ -21,6 +25,7 @@ import argparse
 import base64
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -41,8 +46,7 @@ def step_tensors(req: CloudRequest, split_layer: int | None = None) -> dict[str,
     """One request as perf_analyzer JSON tensors (SPLIT_LAYER on every step of an edge stream:
     the context manager requires it with START and accepts it when it matches afterwards)."""
     if split_layer is not None and req.token_ids is None and req.split_layer is None:
-        req = CloudRequest(req.sequence_id, req.start_pos, req.want_token, rows=req.rows, split_layer=split_layer,
-                           start=req.start, end=req.end)
+        req = replace(req, split_layer=split_layer)
     out = {}
     for name, value in request_inputs(req).items():
         value = np.ascontiguousarray(value)
@@ -71,8 +75,9 @@ def input_data(traces: Sequence[Trace], split_layer: int | None) -> dict:
 
 
 def record_sessions(plan: PartitionPlan, prompts: list[list[int]], tokens: int, model: str = "ce_collm",
-                    threshold: float | None = None, codec: str | None = None) -> list[Trace]:
-    """Real sessions against an in-process cloud (no server needed): what an edge would send."""
+                    threshold: float | None = None, codec: str | None = None, verified: bool = False) -> list[Trace]:
+    """Real sessions against an in-process cloud (no server needed): what an edge would send (verified: in
+    verified mode)."""
     limits = Limits(max_sessions=len(prompts) + 1)
     if model == "cloud_only":
         cloud = LocalCloud(load_model(plan.checkpoint), limits)
@@ -81,7 +86,8 @@ def record_sessions(plan: PartitionPlan, prompts: list[list[int]], tokens: int, 
         n_layers = read_config(plan.checkpoint).num_layers
         cloud = LocalCloud(load_model(plan.checkpoint, range(plan.split_layer, n_layers)), limits)
         edge = EdgePartition(load_runner("torch", plan), plan)
-        system = System("collaborative", plan.threshold if threshold is None else threshold, codec or plan.codec)
+        system = System("verified" if verified else "collaborative", plan.threshold if threshold is None else threshold,
+                        codec or plan.codec)
     return [record_trace(system, edge, cloud, p, tokens, sequence_id=i + 1) for i, p in enumerate(prompts)]
 
 
@@ -104,11 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=16, metavar="N", help="tokens per session (default: %(default)s)")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold (default: the plan's)")
     p.add_argument("--codec", choices=["fp32", "fp16", "int8"], default=None, help="(default: the plan's)")
+    p.add_argument("--verified", action="store_true", help="ce_collm: sessions in verified mode (drafts, rollbacks)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="JSON file to write")
     args = p.parse_args(argv)
     plan = PartitionPlan.load(args.plan)
     prompts, _, _ = load_prompts(plan, args.sessions)
-    traces = record_sessions(plan, prompts, args.tokens, args.model, args.threshold, args.codec)
+    if args.verified and args.model != "ce_collm":
+        p.error("--verified records ce_collm sessions")
+    traces = record_sessions(plan, prompts, args.tokens, args.model, args.threshold, args.codec, args.verified)
     info = write_input_data(args.out, traces, plan.split_layer)
     print(f"wrote {info['path']}: {info['streams']} streams of {info['steps_per_stream']} requests "
           f"({info['token_requests']} token requests, {info['uploads']} uploads in all); run perf_analyzer with "

@@ -1,4 +1,5 @@
-"""perf_analyzer over a concurrency sweep, for the `ce_collm` ensemble and the `cloud_only` baseline.
+"""perf_analyzer over a concurrency sweep, for the `ce_collm` ensemble (collaborative and verified
+sessions) and the `cloud_only` baseline.
 
     .venv/bin/python -m bench.perf_sweep                       # starts its own tritonserver
     .venv/bin/python -m bench.perf_sweep --url 127.0.0.1:8001  # against a running `ce-collm serve`
@@ -11,7 +12,8 @@ uploads and token requests as an edge sends them), then one perf_analyzer run pe
 Two perf_analyzer 2.51 behaviours shape the recipe: it uses ONE sequence length for all streams
 (so the streams are cut to one length and passed as --sequence-length with variation 0), and when
 a concurrency level ends it hurries each still-open sequence to its END, skipping steps, which the
-context manager rejects as position gaps (stored context intact, freed by TTL). Those are the
+context manager rejects as position gaps, or in verified streams as stale rollbacks (stored context
+intact, freed by TTL). Those are the
 "Thread [i] had error: ... position gap" lines at the end of each level: they come after the
 measurement (perf_analyzer's measured request count equals the server's success count);
 `teardown_errors` counts them from the server's statistics.
@@ -37,7 +39,8 @@ from plugin.serving.server import find_perf_analyzer, perf_analyzer_env, TritonS
 from plugin.split.plan import PartitionPlan
 
 
-MODELS = ("ce_collm", "cloud_only")
+# input set -> (the model it drives, sessions recorded in verified mode)
+INPUT_SETS = {"ce_collm": ("ce_collm", False), "ce_collm-verified": ("ce_collm", True), "cloud_only": ("cloud_only", False)}
 
 
 def _failures(http_url: str | None, model: str) -> int | None:
@@ -71,15 +74,16 @@ def sweep(url: str, http_url: str | None, inputs: dict[str, dict], concurrency: 
           interval_ms: int = 3000) -> list[dict]:
     rows = []
     env = perf_analyzer_env()
-    for model, info in inputs.items():
+    for name, info in inputs.items():
+        model = INPUT_SETS[name][0]
         for c in concurrency:
-            csv_path = raw / f"perf_{model}_c{c}.csv"
+            csv_path = raw / f"perf_{name}_c{c}.csv"
             cmd = perf_command(model, url, Path(info["path"]), info["steps_per_stream"], c, csv_path, interval_ms)
             failed_before = _failures(http_url, model)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-            (raw / f"perf_{model}_c{c}.txt").write_text(f"$ {shlex.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+            (raw / f"perf_{name}_c{c}.txt").write_text(f"$ {shlex.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
             failed_after = _failures(http_url, model)
-            row = {"model": model, "concurrency": c, "returncode": proc.returncode,
+            row = {"model": name, "concurrency": c, "returncode": proc.returncode,
                    "teardown_errors": None if failed_before is None else failed_after - failed_before,
                    "token_request_share": info["token_requests"] / info["steps"]}
             if proc.returncode == 0 and csv_path.is_file():
@@ -88,10 +92,10 @@ def sweep(url: str, http_url: str | None, inputs: dict[str, dict], concurrency: 
             else:
                 tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
                 row["error"] = " / ".join(tail)
-                print(f"perf_analyzer {model} c={c} failed ({proc.returncode}): {row['error']}", file=sys.stderr)
+                print(f"perf_analyzer {name} c={c} failed ({proc.returncode}): {row['error']}", file=sys.stderr)
             rows.append(row)
             if "throughput" in row:
-                print(f"{model:10s} concurrency {c:3d}: {row['throughput']:8.1f} infer/s ({row['tokens_per_s']:7.1f} tokens/s)"
+                print(f"{name:17s} concurrency {c:3d}: {row['throughput']:8.1f} infer/s ({row['tokens_per_s']:7.1f} tokens/s)"
                       f"  p50 {row['p50_us'] / 1000:6.1f} ms  p99 {row['p99_us'] / 1000:6.1f} ms", flush=True)
     return rows
 
@@ -115,10 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     prompts, _, _ = load_prompts(plan, args.sessions)
     inputs = {}
-    for model in MODELS:
-        traces = record_sessions(plan, prompts, args.tokens, model)
-        inputs[model] = write_input_data(raw / f"perf_inputs_{model}.json", traces, plan.split_layer)
-        print(f"{model}: {inputs[model]['streams']} streams of {inputs[model]['steps_per_stream']} requests", flush=True)
+    for name, (model, verified) in INPUT_SETS.items():
+        traces = record_sessions(plan, prompts, args.tokens, model, verified=verified)
+        inputs[name] = write_input_data(raw / f"perf_inputs_{name}.json", traces, plan.split_layer)
+        print(f"{name}: {inputs[name]['streams']} streams of {inputs[name]['steps_per_stream']} requests", flush=True)
     concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if args.url:
         rows = sweep(args.url, args.http_url, inputs, concurrency, raw, args.interval_ms)

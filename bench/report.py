@@ -60,7 +60,7 @@ def plot_quality(results: dict, path: Path) -> None:
                 for x, y, t in pts:
                     ax.annotate(f"{t:g}", (x, y), textcoords="offset points", xytext=(-4, -16), fontsize=8)
         for r in rows:
-            if r["system"] in ("standalone", "cloud-only", "naive-split") and r.get(metric) is not None:
+            if r["system"] in ("standalone", "cloud-only", "naive-split", "verified") and r.get(metric) is not None:
                 ax.scatter([r["cloud_share"]], [r[metric]], marker="x", s=60, label=r["key"], zorder=3)
         ax.set_xlabel("share of tokens resolved by the cloud")
         ax.set_ylabel(label)
@@ -239,6 +239,41 @@ def _perf_section(perf: dict) -> list[str]:
     return out
 
 
+def _verified_section(results: dict) -> list[str]:
+    """Verified mode against cloud-only on each link: the issue's targets, then what each round trip carried."""
+    rows = [r for r in results["runs"] if r["system"] == "verified"]
+    if not rows:
+        return []
+    by = {(r["key"], r["link"]): r for r in results["runs"]}
+    out = ["## Verified mode", "",
+           "The edge's exits draft up to gamma tokens (a draft stops at the first confident exit, else the last), the "
+           "cloud runs every row it has not seen through its layers in one pass and returns the full model's top-K "
+           "after each drafted row; the edge keeps the drafts the full model agrees with plus its own next token, and "
+           "the next request rolls back the rest. While a request is out the edge drafts on as if all were kept.", ""]
+    targets = results.get("verified_targets") or []
+    if targets:
+        out += ["| target | wanted | measured | |", "| --- | --- | --- | --- |"]
+        out += [f"| {t['name']} | {t['target']} | {t['display']} | {'met' if t['met'] else '**missed**'} |"
+                for t in targets]
+        out.append("")
+    out += ["| system | link | time/token mean ms (vs cloud-only) | acceptance | tokens per round trip | gamma | "
+            "cloud rows per token | edge steps ahead kept | per request: edge before it leaves / drafting ahead / "
+            "waiting, ms | exits agreeing with the full model |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        v, ref = r["verified"], by.get(("cloud-only", r["link"]))
+        mean = r["time_per_token_ms"]["mean"]
+        ratio = f" ({mean / ref['time_per_token_ms']['mean']:.2f}x)" if ref else ""
+        agreement = ", ".join(f"{k} {100 * a['rate']:.0f}% of {a['checked']}" for k, a in v["exit_agreement"].items())
+        requests = r["cloud_requests_per_token"] * r["tokens"]
+        split = " / ".join(_f(None if r.get(k) is None else 1000 * r[k] / requests)
+                           for k in ("edge_compute_s", "speculation_s", "cloud_wait_s"))
+        out.append(f"| {r['key']} | {r['link']} | {mean:.1f}{ratio} | {_pct(v['acceptance_rate'], 0)} "
+                   f"| {v['tokens_per_round_trip']:.2f} | {v['gamma']:.1f} | {r['cloud_rows_per_token']:.2f} "
+                   f"| {_kept(r)} | {split} | {agreement} |")
+    return out + [""]
+
+
 def _kept(row: dict) -> str:
     done = row.get("speculated", 0)
     return f"{row.get('speculation_hits', 0) / done:.0%}" if done else "none"
@@ -315,6 +350,7 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
             lines.append(f"| {t['name']} | {t['target']} | {t['display']} | {'met' if t['met'] else '**missed**'} |")
         lines.append("")
     lines += _reading(results)
+    lines += _verified_section(results)
     lines += ["## Systems per link", "",
               "Time per token: between consecutive tokens (the first token's time is TTFT). Bytes: tensor payload "
               "counted by the edge, and everything the link emulator carried (gRPC/HTTP-2 framing included). "

@@ -39,10 +39,11 @@ import torch
 from bench.link_emulator import LinkEmulator
 from bench.naive_split import MODEL_NAME as NAIVE_MODEL, NaiveSplitSession, write_bench_repository
 from edge_runtime.cloud_only import CloudOnlySession
-from edge_runtime.generation import SessionStats, TokenRecord
+from edge_runtime.generation import SessionStats, TokenRecord, total_stats
 from edge_runtime.runners import load_runner
 from edge_runtime.session import DecodingSession
 from edge_runtime.triton_link import TritonLink
+from edge_runtime.verified import DraftLength
 from plugin.export.manifest import ExportError
 from plugin.export.onnx import export_plan
 from plugin.model.checkpoint import load_model, read_config
@@ -88,14 +89,14 @@ class LinkSpec:
 
 @dataclass(frozen=True)
 class System:
-    kind: str  # cloud-only | naive-split | standalone | collaborative
+    kind: str  # cloud-only | naive-split | standalone | collaborative | verified
     threshold: float | None = None
     codec: str | None = None
 
     @property
     def key(self) -> str:
-        if self.kind == "collaborative":
-            return f"collaborative@{self.threshold:g}/{self.codec}"
+        if self.kind in ("collaborative", "verified"):
+            return f"{self.kind}@{self.threshold:g}/{self.codec}"
         if self.kind == "standalone":
             return f"standalone@{self.threshold:g}"
         if self.kind == "naive-split":
@@ -105,12 +106,14 @@ class System:
     @property
     def server_models(self) -> tuple[str, ...]:
         return {"cloud-only": ("cloud_only",), "naive-split": (NAIVE_MODEL,), "standalone": (),
-                "collaborative": CE_MODELS}[self.kind]
+                "collaborative": CE_MODELS, "verified": CE_MODELS}[self.kind]
 
 
-def systems_for(thresholds: Sequence[float], codecs: Sequence[str], standalone_threshold: float) -> list[System]:
+def systems_for(thresholds: Sequence[float], codecs: Sequence[str], standalone_threshold: float,
+                verified_thresholds: Sequence[float] = ()) -> list[System]:
     out = [System("cloud-only"), System("naive-split", codec=codecs[0]), System("standalone", standalone_threshold)]
     out += [System("collaborative", t, c) for t in thresholds for c in codecs]
+    out += [System("verified", t, codecs[0]) for t in verified_thresholds]
     return out
 
 
@@ -122,6 +125,8 @@ class BenchConfig:
     max_new_tokens: int = 96  # a short reply; the naive split's bytes grow with it, collaborative's do not
     thresholds: tuple[float, ...] = (0.8, 0.9, 1.0)
     codecs: tuple[str, ...] = ("fp16", "int8")
+    verified_thresholds: tuple[float, ...] = ()  # verified mode, drafting at each exit threshold (first codec)
+    max_gamma: int = 8  # verified mode: drafts per request at most
     links: tuple[LinkSpec, ...] = tuple(LinkSpec.parse(s) for s in DEFAULT_LINKS.split(","))
     clients: tuple[int, ...] = (1, 4, 16, 32)
     client_tokens: int = 16  # tokens per session in the many-clients sweep
@@ -175,6 +180,7 @@ class PromptRun:
     cloud_rows: list[int]  # rows the cloud computed per token (catch-up included)
     token_times_s: list[float]  # first: time to first token; then time between tokens
     stats: dict
+    prompt_tokens: int = 0
 
 
 class _SequenceIds:
@@ -198,7 +204,7 @@ def open_links(url: str) -> dict[str, TritonLink]:
 
 
 def _stream(system: System, edge: EdgePartition, links: dict[str, TritonLink], prompt: list[int], n: int,
-            sequence_id: int) -> tuple[Iterator[TokenRecord], Callable[[], SessionStats]]:
+            sequence_id: int, max_gamma: int = 8) -> tuple[Iterator[TokenRecord], Callable[[], SessionStats]]:
     if system.kind == "naive-split":
         gen = NaiveSplitSession(edge, links[NAIVE_MODEL], system.codec or "fp16")
         stream = gen.stream(prompt, n)
@@ -207,6 +213,9 @@ def _stream(system: System, edge: EdgePartition, links: dict[str, TritonLink], p
         g = CloudOnlySession(links["cloud_only"], sequence_id=sequence_id)
     elif system.kind == "standalone":
         g = DecodingSession(edge, None, "standalone", threshold=system.threshold)
+    elif system.kind == "verified":
+        g = DecodingSession(edge, links["ce_collm"], "collaborative", threshold=system.threshold, codec=system.codec,
+                            sequence_id=sequence_id, verify=True, draft_length=DraftLength(max_gamma=max_gamma))
     else:
         g = DecodingSession(edge, links["ce_collm"], "collaborative", threshold=system.threshold, codec=system.codec,
                             sequence_id=sequence_id, async_uploads=True)
@@ -214,8 +223,8 @@ def _stream(system: System, edge: EdgePartition, links: dict[str, TritonLink], p
 
 
 def timed_generation(system: System, edge: EdgePartition, links: dict[str, TritonLink], prompt: list[int], n: int,
-                     sequence_id: int) -> PromptRun:
-    stream, stats = _stream(system, edge, links, prompt, n, sequence_id)
+                     sequence_id: int, max_gamma: int = 8) -> PromptRun:
+    stream, stats = _stream(system, edge, links, prompt, n, sequence_id, max_gamma)
     records, times = [], []
     last = time.perf_counter()
     for record in stream:
@@ -224,7 +233,7 @@ def timed_generation(system: System, edge: EdgePartition, links: dict[str, Trito
         records.append(record)
         last = now
     return PromptRun([r.token_id for r in records], [r.exit for r in records], [r.cloud_rows for r in records],
-                     times, asdict(stats()))
+                     times, asdict(stats()), len(prompt))
 
 
 # -- quality --------------------------------------------------------------------------------------
@@ -297,7 +306,8 @@ def summarize_run(system: System, link: LinkSpec, runs: list[PromptRun], num_lay
     share = {f"edge:{e}": exits.count(f"edge:{e}") / tokens for e in exit_layers}
     share["cloud"] = exits.count("cloud") / tokens
     cloud_layers = num_layers - (0 if system.kind == "cloud-only" else split_layer)
-    stats = {k: sum(r.stats[k] for r in runs) for k in runs[0].stats}
+    total = total_stats(SessionStats(**r.stats) for r in runs)
+    stats = asdict(total)
     out = {
         "key": system.key, "system": system.kind, "threshold": system.threshold, "codec": system.codec,
         "link": link.name, "rtt_ms": link.rtt_ms, "bandwidth_mbit": link.bandwidth_mbit,
@@ -312,9 +322,16 @@ def summarize_run(system: System, link: LinkSpec, runs: list[PromptRun], num_lay
         "cloud_requests_per_token": stats["cloud_requests"] / tokens, "uploads_per_token": stats["uploads"] / tokens,
         "cloud_layer_token_work": 0 if system.kind == "standalone" else sum(sum(r.cloud_rows) for r in runs) * cloud_layers,
         "edge_compute_s": stats["edge_s"], "cloud_wait_s": stats["cloud_wait_s"],
+        "speculation_s": stats["speculation_s"],
         "resyncs": stats["resyncs"],
         "speculated": stats["speculated"], "speculation_hits": stats["speculation_hits"],
     }
+    if system.kind != "standalone":  # rows the cloud computed per generated token, the prompt's rows left out
+        out["cloud_rows_per_token"] = (sum(sum(r.cloud_rows) for r in runs) - sum(r.prompt_tokens for r in runs)) / tokens
+    if system.kind == "verified":
+        out["verified"] = {**total.verified_summary(tokens), "drafts_sent": total.drafts_sent,
+                           "drafts_accepted": total.drafts_accepted, "unverified": total.unverified,
+                           "exit_agreement": total.exit_agreement()}
     if wire is not None:
         out["wire_bytes_up_per_token"] = wire["bytes_up"] / tokens
         out["wire_bytes_down_per_token"] = wire["bytes_down"] / tokens
@@ -373,7 +390,8 @@ class RecordingLink:
 
 def record_trace(system: System, edge: EdgePartition | None, link, prompt: list[int], n: int,
                  sequence_id: int) -> Trace:
-    """One real session with synchronous uploads; each request is kept with the edge time before it.
+    """One real session with synchronous uploads (or verified, by the system's kind); each request is kept with
+    the edge time before it.
 
     `link` is any CloudLink: a TritonLink to the server, or an in-process LocalCloud (same replies).
     """
@@ -382,7 +400,7 @@ def record_trace(system: System, edge: EdgePartition | None, link, prompt: list[
         g = CloudOnlySession(rec, sequence_id=sequence_id)
     else:
         g = DecodingSession(edge, rec, "collaborative", threshold=system.threshold, codec=system.codec,
-                            sequence_id=sequence_id, async_uploads=False)
+                            sequence_id=sequence_id, async_uploads=False, verify=system.kind == "verified")
     steps, seen, edge_before = [], 0, 0.0
     for _ in g.stream(prompt, n):
         steps.append(TraceStep(g.stats.edge_s - edge_before, rec.sent[seen:]))
@@ -552,6 +570,51 @@ def evaluate_targets(rows: list[dict], thresholds: Sequence[float], codecs: Sequ
     return out
 
 
+# verified mode vs cloud-only: (RTT it is stated for, most time per token as a share of cloud-only's)
+VERIFIED_TIME_TARGETS = ((20.0, 0.40), (60.0, 0.35))
+VERIFIED_ROWS_TARGET = 1.3  # rows the cloud computes per generated token
+
+
+def evaluate_verified_targets(rows: list[dict]) -> list[dict]:
+    """Issue 16's targets for the first verified system: its time per token over cloud-only's on the same link
+    (side by side in this run) at ~20 and ~60 ms RTT, identical tokens, and the rows the cloud computed."""
+    verified_keys = [r["key"] for r in rows if r["system"] == "verified"]
+    if not verified_keys:
+        return []
+    by = {(r["key"], r["link"]): r for r in rows}
+    out = []
+    for rtt, bound in VERIFIED_TIME_TARGETS:
+        link = _closest_link(rows, rtt)
+        mine, ref = by.get((verified_keys[0], link)), by.get(("cloud-only", link))
+        if mine is None or ref is None or abs(mine["rtt_ms"] - rtt) > rtt / 2:
+            continue
+        ratio = mine["time_per_token_ms"]["mean"] / ref["time_per_token_ms"]["mean"]
+        low, high = paired_interval(mine["time_per_token_by_prompt_ms"], ref["time_per_token_by_prompt_ms"])
+        spread = f"; 95% interval over prompts {1 - high:.2f}-{1 - low:.2f}x" if not math.isnan(low) else ""
+        v = mine["verified"]
+        out.append({"name": f"time per token vs cloud-only at {mine['rtt_ms']:g} ms RTT", "target": f"<= {bound:g}x",
+                    "measured": ratio, "interval": [1 - high, 1 - low], "link": link, "system": mine["key"],
+                    "met": ratio <= bound,
+                    "display": f"{ratio:.2f}x (mean {mine['time_per_token_ms']['mean']:.1f} vs "
+                               f"{ref['time_per_token_ms']['mean']:.1f} ms{spread}; acceptance "
+                               f"{100 * v['acceptance_rate']:.0f}%, {v['tokens_per_round_trip']:.2f} tokens per round "
+                               f"trip, gamma {v['gamma']:.1f})"})
+        out.append({"name": f"tokens identical to cloud-only at {mine['rtt_ms']:g} ms RTT", "target": "100%",
+                    "measured": mine.get("exact_match"), "link": link, "system": mine["key"],
+                    "met": mine.get("exact_match") == 1.0,
+                    "display": f"{100 * (mine.get('token_agreement') or 0):.1f}% of positions, "
+                               f"{100 * (mine.get('exact_match') or 0):.0f}% of generations"})
+    link = _closest_link(rows, 20.0)
+    mine = by.get((verified_keys[0], link))
+    if mine is not None:
+        ratio = mine["cloud_rows_per_token"]
+        out.append({"name": "rows the cloud computed per generated token", "target": f"<= {VERIFIED_ROWS_TARGET:g}",
+                    "measured": ratio, "link": link, "system": mine["key"], "met": ratio <= VERIFIED_ROWS_TARGET,
+                    "display": f"{ratio:.2f} (cloud-only: {by[('cloud-only', link)]['cloud_rows_per_token']:.2f}; "
+                               "the prompt's rows left out)"})
+    return out
+
+
 # -- the whole run ----------------------------------------------------------------------------------
 def _progress(total: int, enabled: bool, desc: str, unit: str = "run"):
     try:
@@ -601,7 +664,7 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
     cfg_model = read_config(plan.checkpoint)
     scorer = Scorer(load_model(plan.checkpoint))
     standalone_t = 0.8 if 0.8 in cfg.thresholds else min(cfg.thresholds)
-    systems = systems_for(cfg.thresholds, cfg.codecs, standalone_t)
+    systems = systems_for(cfg.thresholds, cfg.codecs, standalone_t, cfg.verified_thresholds)
     new_id = _SequenceIds()
 
     own_server = server is None
@@ -638,7 +701,8 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
                         link.reset_counters()
                         before = server_busy_ns(server.http_url)
                         t0 = time.perf_counter()
-                        acc["runs"].append(timed_generation(system, edge, clients, prompt, cfg.max_new_tokens, new_id()))
+                        acc["runs"].append(timed_generation(system, edge, clients, prompt, cfg.max_new_tokens, new_id(),
+                                                            cfg.max_gamma))
                         acc["wall"] += time.perf_counter() - t0
                         busy = _busy_delta(before, server_busy_ns(server.http_url), system.server_models)
                         acc["busy"] = busy if acc["busy"] is None else {k: acc["busy"][k] + v for k, v in busy.items()}
@@ -668,6 +732,7 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
             "clients": clients_result,
             "long_context": long_result,
             "targets": evaluate_targets(rows, cfg.thresholds, cfg.codecs, long_result),
+            "verified_targets": evaluate_verified_targets(rows),
             "samples": _samples(cfg, runs),
         }
     finally:
@@ -836,6 +901,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_new_tokens=pick(args.max_new_tokens, 96, 12),
         thresholds=_floats(pick(args.thresholds, "0.8,0.9,1.0", "0.8,1.0")),
         codecs=tuple(c.strip() for c in pick(args.codecs, "fp16,int8", "fp16").split(",") if c.strip()),
+        verified_thresholds=_floats(args.verified_thresholds), max_gamma=args.max_gamma,
         links=tuple(LinkSpec.parse(s) for s in links.split(",") if s.strip()),
         clients=_ints(clients), client_tokens=pick(args.client_tokens, 16, 8),
         long_tokens=pick(args.long_tokens, 256, 32),
@@ -858,7 +924,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def summary_lines(results: dict, out: Path) -> str:
     lines = [f"ce-collm bench: {len(results['runs'])} runs in {results['meta']['wall_s']:.0f} s -> {out}/report.md"]
-    for t in results.get("targets", []):
+    for t in results.get("targets", []) + results.get("verified_targets", []):
         lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['name']}: {t['display']} (target {t['target']}, {t['link']})")
     cap = (results.get("clients") or {}).get("capacity")
     if cap:

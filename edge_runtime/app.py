@@ -8,8 +8,9 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from edge_runtime.cloud_only import CloudOnlySession
-from edge_runtime.policy import LatencyPolicy, Mode
+from edge_runtime.policy import LatencyPolicy, Mode, session_mode
 from edge_runtime.session import DecodingSession
+from edge_runtime.verified import DraftLength
 from plugin.model.checkpoint import read_config
 from plugin.model.sampling import Greedy, Sampler
 from plugin.paths import DEMO_PLAN
@@ -49,11 +50,15 @@ class EdgeApp:
 
     def session(self, mode: Mode | str, link=None, threshold: float | None = None, codec: str | None = None,
                 sampler: Sampler | None = None, sequence_id: int | None = None, async_uploads: bool = True,
-                latency: LatencyPolicy | None = None, speculate: bool = True) -> DecodingSession | CloudOnlySession:
-        """A fresh session; sequence ids are random 63-bit numbers unless given (0 is reserved by Triton)."""
+                latency: LatencyPolicy | None = None, speculate: bool = True, fidelity: bool = False,
+                draft_length: DraftLength | None = None) -> DecodingSession | CloudOnlySession:
+        """A fresh session; sequence ids are random 63-bit numbers unless given (0 is reserved by Triton).
+        mode: any of policy.SESSION_MODES ("verified" and "verified-latency-aware" check every token)."""
         sequence_id = sequence_id or secrets.randbits(63) | 1
-        if Mode.parse(mode) is Mode.CLOUD_ONLY:
+        mode, verify = session_mode(mode)
+        if mode is Mode.CLOUD_ONLY:
             return CloudOnlySession(link, sampler, self.eos_token_ids, sequence_id)
         return DecodingSession(self.edge, link, mode, threshold=threshold, codec=codec, sampler=sampler or Greedy(),
                                eos_token_ids=self.eos_token_ids, sequence_id=sequence_id,
-                               async_uploads=async_uploads, latency=latency, speculate=speculate)
+                               async_uploads=async_uploads, latency=latency, speculate=speculate, verify=verify,
+                               fidelity=fidelity, draft_length=draft_length)

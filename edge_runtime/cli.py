@@ -11,7 +11,8 @@ from typing import Sequence
 
 from edge_runtime.app import EdgeApp, ModelMissing
 from edge_runtime.link import CloudUnreachable
-from edge_runtime.policy import LatencyPolicy, MODES
+from edge_runtime.policy import LatencyPolicy, Mode, session_mode, SESSION_MODES
+from edge_runtime.verified import DraftLength
 from edge_runtime.runners import RUNNERS
 from plugin.export.engines import TensorRTUnavailable
 from plugin.export.manifest import ExportError
@@ -28,6 +29,11 @@ is confident. Modes:
   latency-aware  collaborative, but answer on the edge while the measured cloud round trip breaks
                  --latency-budget-ms or the cloud is unreachable; re-sync when it returns
   cloud-only     the baseline: token ids to the whole model on the server
+  verified       the edge's exits draft up to gamma tokens, the server checks them in one request and
+                 the output is the full model's (greedy: token for token; sampling: its distribution)
+  verified-latency-aware
+                 verified, but the drafts are the output, marked unverified, while the server is
+                 unreachable or its round trip breaks --latency-budget-ms
 Tokens are coloured by where they came from on a terminal (legend on stderr). Every error ends as
 one line on stderr saying what happened and what to do (--debug adds the traceback).
 """
@@ -37,7 +43,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--url", metavar="HOST:PORT", help="Triton gRPC endpoint, e.g. 127.0.0.1:8001 (all modes but standalone)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: %(default)s)")
-    p.add_argument("--mode", choices=MODES, default="collaborative", help="(default: %(default)s)")
+    p.add_argument("--mode", choices=SESSION_MODES, default="collaborative", help="(default: %(default)s)")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="exit when max softmax probability >= T; 1.0 never exits (default: the plan's)")
     p.add_argument("--codec", choices=sorted(CODEC_DTYPES), help="how layer-k hidden states travel (default: the plan's)")
@@ -59,9 +65,17 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-speculate", action="store_true",
                    help="collaborative, latency-aware: do not compute the next position on the edge's best guess while a cloud "
                         "request is out (greedy decoding speculates by default; tokens are the same either way)")
+    p.add_argument("--exit-fidelity", action="store_true",
+                   help="collaborative, latency-aware: each token request also asks the full model's token after the "
+                        "rows of the edge's own tokens (per-exit agreement in the summary and --json; verified modes "
+                        "always have it)")
+    p.add_argument("--max-gamma", type=int, default=8, metavar="N",
+                   help="verified modes: at most N drafts per request (gamma adapts to the acceptance rate and the "
+                        "round trip below it) (default: %(default)s)")
+    p.add_argument("--gamma", type=int, metavar="N", help="verified modes: exactly N drafts per request")
     p.add_argument("--patience", type=float, default=30.0, metavar="S",
-                   help="collaborative: keep retrying an unreachable cloud this long before giving up "
-                        "(latency-aware never waits: it answers on the edge) (default: %(default)s)")
+                   help="collaborative, verified: keep retrying an unreachable cloud this long before giving up "
+                        "(the latency-aware modes never wait: they answer on the edge) (default: %(default)s)")
     p.add_argument("--ssl", action="store_true", help="TLS to a server started with --grpc-use-ssl")
     p.add_argument("--root-cert", type=Path, metavar="PEM", help="CA certificate that signed the server's (with --ssl)")
     p.add_argument("--client-key", type=Path, metavar="PEM", help="client key, for mutual TLS")
@@ -88,7 +102,9 @@ def _generate(args: argparse.Namespace) -> int:
                               sampler=Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed),
                               sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
                               latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000),
-                              speculate=not args.no_speculate)
+                              speculate=not args.no_speculate, fidelity=args.exit_fidelity,
+                              draft_length=DraftLength.fixed(args.gamma) if args.gamma is not None
+                              else DraftLength(max_gamma=args.max_gamma))
     except Exception as e:
         return _fail(e, args, 2)
     printer = TokenPrinter(app.tokenizer, app.plan.exit_layers, colour=False if args.no_color else None)
@@ -115,7 +131,12 @@ def _generate(args: argparse.Namespace) -> int:
         "speculation_s": round(s.speculation_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,
         "threshold": None if args.mode == "cloud-only" else session.threshold,
         "codec": None if args.mode == "cloud-only" else session.codec, "sequence_id": session.sequence_id,
+        "exit_agreement": s.exit_agreement(), "unverified": s.unverified,
     }
+    verified = session_mode(args.mode)[1]
+    if verified:
+        result["verified"] = {**s.verified_summary(len(ids)), "drafts_sent": s.drafts_sent,
+                              "drafts_accepted": s.drafts_accepted}
     if error:
         result["error"] = f"{type(error).__name__}: {error}"
     if args.json:
@@ -127,6 +148,13 @@ def _generate(args: argparse.Namespace) -> int:
               f"uploads {s.uploads} | up {s.bytes_up:,} B, down {s.bytes_down:,} B | edge {s.edge_s:.2f} s, "
               f"waiting on cloud {s.cloud_wait_s:.2f} s | guesses kept {s.speculation_hits}/{s.speculated}]",
               file=sys.stderr)
+        if s.drafts_checked:
+            print("[exits agreeing with the full model: " + ", ".join(
+                f"{k} {v['agreed']}/{v['checked']}" for k, v in result["exit_agreement"].items()) + "]", file=sys.stderr)
+        if verified:
+            v = result["verified"]
+            print(f"[verified: acceptance {v['acceptance_rate']:.0%}, {v['tokens_per_round_trip']:.2f} tokens per "
+                  f"round trip, gamma {v['gamma']:.1f}, unverified {s.unverified}]", file=sys.stderr)
     if error:
         return _fail(error, args, 1, f"after {len(ids)} tokens, ")
     return 0
@@ -148,11 +176,12 @@ def _link(args: argparse.Namespace):
     from edge_runtime.triton_link import TritonLink
 
     read = lambda path: path.read_text() if path else None  # noqa: E731
-    link = TritonLink(args.url, "cloud_only" if args.mode == "cloud-only" else "ce_collm", ssl=args.ssl,
+    mode = session_mode(args.mode)[0]
+    link = TritonLink(args.url, "cloud_only" if mode is Mode.CLOUD_ONLY else "ce_collm", ssl=args.ssl,
                       root_certificates=read(args.root_cert), private_key=read(args.client_key),
                       certificate_chain=read(args.client_cert),
                       headers=dict(h.split("=", 1) for h in args.header) or None)
-    return ReconnectingLink(link, patience_s=0.0 if args.mode == "latency-aware" else args.patience)
+    return ReconnectingLink(link, patience_s=0.0 if mode.falls_back else args.patience)
 
 
 def _fail(error: Exception, args: argparse.Namespace, code: int, when: str = "") -> int:

@@ -6,7 +6,7 @@ import numpy as np
 from edge_runtime.generation import end_sequence, SessionStats, TokenLoop, TokenRecord
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.model.sampling import Greedy, Sampler
-from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.protocol.messages import CloudReply, CloudRequest, new_session_key
 
 
 class CloudOnlySession(TokenLoop):
@@ -17,6 +17,7 @@ class CloudOnlySession(TokenLoop):
         if link is None:
             raise ValueError("cloud-only mode needs a cloud link (--url)")
         self.link, self.sampler, self.sequence_id = link, sampler or Greedy(), sequence_id
+        self.session_key = new_session_key()  # binds the cloud's session to this client (SESSION_KEY)
         self.eos = set(eos_token_ids)
         self.stats = SessionStats()
         self._sent = 0  # positions the cloud holds
@@ -25,7 +26,7 @@ class CloudOnlySession(TokenLoop):
     def step(self, block: list[int], pos: int) -> TokenRecord:
         """One token: `block` holds the token ids at positions [pos, pos + len(block))."""
         reply = self._send(CloudRequest(self.sequence_id, pos, True, token_ids=np.asarray(block, dtype=np.int64),
-                                        start=not self._started))
+                                        start=not self._started, session_key=self.session_key))
         return TokenRecord(self.sampler.pick_from(reply.topk_ids, reply.topk_logprobs), "cloud", [], {},
                            reply.catchup_rows)
 
@@ -36,7 +37,8 @@ class CloudOnlySession(TokenLoop):
 
     def _end(self) -> None:
         try:
-            self._send(CloudRequest(self.sequence_id, self._sent, False, token_ids=np.zeros(0, np.int64), end=True))
+            self._send(CloudRequest(self.sequence_id, self._sent, False, token_ids=np.zeros(0, np.int64), end=True,
+                                    session_key=self.session_key))
         except CloudUnreachable:
             self._started = False  # the server's TTL reclaims the sequence
 

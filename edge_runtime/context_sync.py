@@ -2,7 +2,9 @@
 
 Every layer-k row the edge computes is kept (`RowLog`): it is the context to re-send with START
 when the cloud lost the sequence (restart, idle timeout). Requests of one sequence go one at a time
-and in position order (the lock); blocks longer than the cloud's max_block_rows go in chunks.
+and in position order (the lock); blocks longer than the cloud's max_block_rows go in chunks. Rows of
+drafts the full model rejected are forgotten (`rewind`); when the cloud holds some of them, the next
+request carries ROLLBACK_TO, so the cloud drops them in the same request that brings the new rows.
 Uploads can run in a background thread; a token request sends whatever is still unsent and waits
 only for itself. A background upload that fails leaves its rows unsent and its error is raised by
 the next request of the session, as the same failure would have been in the foreground.
@@ -18,7 +20,7 @@ from edge_runtime.generation import end_sequence, SessionStats
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import SequenceNeedsStart
-from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, new_session_key
 
 
 class RowLog:
@@ -38,6 +40,11 @@ class RowLog:
         self._rows[self.length: end] = rows
         self.length = end
 
+    def truncate(self, length: int) -> None:
+        """Forget rows [length, ...)."""
+        assert 0 <= length <= self.length, (length, self.length)
+        self.length = length
+
     def rows(self, first: int, stop: int) -> torch.Tensor:
         return self._rows[first:stop]
 
@@ -53,11 +60,13 @@ class ContextSync:
                  stats: SessionStats, max_block_rows: int = 1024, background: bool = False,
                  on_unreachable: Callable[[], None] | None = None):
         self.link, self.sequence_id, self.split_layer, self.codec = link, sequence_id, split_layer, codec
+        self.session_key = new_session_key()  # binds the cloud's session to this edge (SESSION_KEY)
         self.stats = stats
         self.max_block_rows = max_block_rows  # the cloud's rows-per-request limit (Limits.max_block_rows)
         self.on_unreachable = on_unreachable
         self.log = RowLog(hidden_size)  # every row that reached the split: the context to re-sync
-        self.sent = 0  # positions the cloud has been sent
+        self.sent = 0  # positions the cloud holds (once a pending rollback is applied)
+        self.rollback_to: int | None = None  # the cloud holds rows from here on that the edge dropped
         self.started = False  # the cloud holds this sequence
         self.lock = threading.Lock()  # one request at a time per sequence, in position order
         self.failure: Exception | None = None  # a background upload's error, raised by every later request
@@ -68,11 +77,20 @@ class ContextSync:
         self.log.append(rows)
 
     # -- what the session asks for ------------------------------------------------------------------
-    def request_token(self) -> CloudReply:
-        """Send every unsent row and ask for the next token."""
+    def request_token(self, drafts: Drafts | None = None) -> CloudReply:
+        """Send every unsent row and ask for the next token; with `drafts`, also for the full model's top-k after
+        each of the last len(drafts) rows (reply.rows)."""
         with self.lock:
             self._raise_failure()
-            return self._send_rows(want_token=True)
+            return self._send_rows(want_token=True, drafts=drafts)
+
+    def rewind(self, position: int) -> None:
+        """Forget the rows from `position` on (drafts the full model rejected); if the cloud holds some of them,
+        the next request rolls it back to `position` first."""
+        with self.lock:
+            self.log.truncate(min(position, self.log.length))
+            if position < self.sent:
+                self.sent = self.rollback_to = position
 
     def upload_soon(self) -> None:
         """Send the unsent rows: now, or in the background (a failure there surfaces at the next call)."""
@@ -133,17 +151,21 @@ class ContextSync:
             except CloudUnreachable:
                 self.started = False  # the server's TTL reclaims the sequence
 
-    def _send_rows(self, want_token: bool, end: bool = False, stop: int | None = None) -> CloudReply:
+    def _send_rows(self, want_token: bool, end: bool = False, stop: int | None = None,
+                   drafts: Drafts | None = None) -> CloudReply:
         """Send the rows from the first the cloud has not seen up to `stop` (default: all), in chunks
-        of at most max_block_rows: upload-only chunks first, then the last one with want_token / END."""
+        of at most max_block_rows: upload-only chunks first, then the last one with want_token / END / drafts."""
         stop = self.log.length if stop is None else stop
         while stop - self.sent > self.max_block_rows:
             self._send(self._rows_request(False, self.sent, self.sent + self.max_block_rows))
-        return self._send(self._rows_request(want_token, self.sent, stop, end))
+        return self._send(self._rows_request(want_token, self.sent, stop, end, drafts))
 
-    def _rows_request(self, want_token: bool, first: int, stop: int, end: bool = False) -> CloudRequest:
+    def _rows_request(self, want_token: bool, first: int, stop: int, end: bool = False,
+                      drafts: Drafts | None = None) -> CloudRequest:
+        start = first == 0 and not self.started
         return CloudRequest(self.sequence_id, first, want_token, rows=encode(self.log.rows(first, stop), self.codec),
-                            split_layer=self.split_layer, start=first == 0 and not self.started, end=end)
+                            split_layer=self.split_layer, start=start, end=end, session_key=self.session_key,
+                            drafts=drafts, rollback_to=None if start else self.rollback_to)
 
     def _send(self, req: CloudRequest) -> CloudReply:
         """When the cloud lost the sequence (restart, TTL), re-send the whole context with START up
@@ -154,10 +176,11 @@ class ContextSync:
             if req.start:  # the re-sync itself failed
                 raise
             self.stats.resyncs += 1
-            self.started, self.sent = False, 0
-            return self._send_rows(req.want_token, req.end, stop=req.start_pos + req.num_rows)
+            self.started, self.sent, self.rollback_to = False, 0, None  # a new context holds nothing to roll back
+            return self._send_rows(req.want_token, req.end, stop=req.start_pos + req.num_rows, drafts=req.drafts)
         self.started = not req.end
         self.sent = req.start_pos + req.num_rows
+        self.rollback_to = None
         self.stats.count(req, reply)
         return reply
 

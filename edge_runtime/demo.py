@@ -2,8 +2,8 @@
 
 Starts tritonserver on free 127.0.0.1 ports with model_repository/ (or, when its committed configs
 drifted from the plan, with a repository generated from the plan in a temporary directory: the
-source tree is never written), runs each prompt in collaborative, standalone and cloud-only mode,
-prints the texts and a summary table, and stops the server.
+source tree is never written), runs each prompt in collaborative (with live exit fidelity), verified,
+standalone and cloud-only mode, prints the texts and a summary table, and stops the server.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from edge_runtime.app import EdgeApp, ModelMissing
-from edge_runtime.generation import Generation
+from edge_runtime.generation import Generation, total_stats
 from edge_runtime.display import summary_table, TokenPrinter
 from edge_runtime.triton_link import TritonLink
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
@@ -30,13 +30,17 @@ def _prompts(plan: PartitionPlan, count: int) -> list[str]:
 
 def _merge(gens: list[Generation]) -> Generation:
     """Sum of several runs of one mode, for the summary table."""
-    total = Generation([])
+    total = Generation([], stats=total_stats(g.stats for g in gens))
     for g in gens:
         total.token_ids += g.token_ids
         total.records += g.records
-        for field in vars(total.stats):
-            setattr(total.stats, field, getattr(total.stats, field) + getattr(g.stats, field))
     return total
+
+
+def _agreement(runs: list[Generation], reference: list[Generation]) -> tuple[int, int]:
+    """Positions where each run chose the reference run's token, and positions compared."""
+    agree = sum(a == b for g, c in zip(runs, reference) for a, b in zip(g.token_ids, c.token_ids))
+    return agree, sum(min(len(g.token_ids), len(c.token_ids)) for g, c in zip(runs, reference))
 
 
 def repository_for(plan: PartitionPlan, plan_path: Path, scratch_dir: Path) -> Path:
@@ -70,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
     print(f"starting tritonserver on {repository} ...", flush=True)
     t0 = time.perf_counter()
-    runs: dict[str, list[Generation]] = {"collaborative": [], "standalone": [], "cloud-only": []}
+    runs: dict[str, list[Generation]] = {"collaborative": [], "verified": [], "standalone": [], "cloud-only": []}
     with TritonServer(repository) as server:
         print(f"server ready in {time.perf_counter() - t0:.1f} s at grpc {server.grpc_url}\n")
         edge_link, cloud_link = TritonLink(server.grpc_url), TritonLink(server.grpc_url, "cloud_only")
@@ -80,24 +84,29 @@ def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
             if i == 1 and printer.legend():
                 print(printer.legend() + "\n")
             print(f"--- prompt {i}, collaborative (threshold {app.plan.threshold}) ---\n{prompt}", end="")
-            session = app.session("collaborative", edge_link)
+            session = app.session("collaborative", edge_link, fidelity=True)
             records = []
             for record in session.stream(ids, args.max_new_tokens):
                 printer.add(record)
                 records.append(record)
             runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, session.stats))
+            runs["verified"].append(app.session("verified", edge_link).generate(ids, args.max_new_tokens))
             runs["standalone"].append(app.session("standalone").generate(ids, args.max_new_tokens))
             runs["cloud-only"].append(app.session("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
-            for mode in ("standalone", "cloud-only"):
+            for mode in ("verified", "standalone", "cloud-only"):
                 text = app.tokenizer.decode(runs[mode][-1].token_ids, skip_special_tokens=True)
                 print(f"\n--- {mode} ---\n{prompt}{text}")
             print()
-    merged = [(mode, _merge(gens)) for mode, gens in runs.items()]
-    agree = sum(a == b for g, c in zip(runs["collaborative"], runs["cloud-only"]) for a, b in zip(g.token_ids, c.token_ids))
-    total = sum(min(len(g.token_ids), len(c.token_ids)) for g, c in zip(runs["collaborative"], runs["cloud-only"]))
-    print(summary_table(merged, baseline="cloud-only"))
-    print(f"collaborative agrees with cloud-only on {agree}/{total} tokens ({agree / max(1, total):.1%}); "
-          "time per token here is loopback on one CPU machine running both sides (see bench/ for links)")
+    merged = dict((mode, _merge(gens)) for mode, gens in runs.items())
+    print(summary_table(list(merged.items()), baseline="cloud-only"))
+    for mode in ("collaborative", "verified"):
+        agree, total = _agreement(runs[mode], runs["cloud-only"])
+        print(f"{mode} agrees with cloud-only on {agree}/{total} tokens ({agree / max(1, total):.1%})")
+    verified = merged["verified"]
+    summary = verified.stats.verified_summary(len(verified.token_ids))
+    print(f"verified: {summary['acceptance_rate']:.0%} of drafts kept, {summary['tokens_per_round_trip']:.2f} tokens "
+          f"per round trip, gamma {summary['gamma']:.1f}; time per token here is loopback on one CPU machine running "
+          "both sides (see bench/ for links)")
     return 0
 
 

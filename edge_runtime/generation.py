@@ -3,8 +3,8 @@ loop every session runs: one step per token, stop at EOS, END the cloud sequence
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from typing import Callable, Iterable, Iterator
 
 from plugin.protocol.messages import CloudReply, CloudRequest
 
@@ -17,6 +17,7 @@ class TokenRecord:
     rows_by_layer: dict[int, int]  # edge rows computed per layer for this token
     cloud_rows: int = 0  # rows the cloud computed for this token (catch-up included)
     fallback: bool = False  # latency-aware: the cloud was wanted but the edge answered
+    unverified: bool = False  # verified modes: an edge draft emitted without the full model's check
 
 
 @dataclass
@@ -33,6 +34,11 @@ class SessionStats:
     speculation_s: float = 0.0  # edge compute overlapped with cloud requests
     cloud_wait_s: float = 0.0
     wall_s: float = 0.0
+    drafts_sent: int = 0  # verified mode: the edge's guesses the cloud checked, one per row (catch-up excluded)
+    drafts_accepted: int = 0  # ... kept: equal to the full model's choice, and every guess before it kept too
+    unverified: int = 0  # verified modes: edge drafts emitted without the cloud (it was unreachable or slow)
+    drafts_checked: dict[int, int] = field(default_factory=dict)  # edge exit layer -> guesses the full model checked
+    drafts_agreed: dict[int, int] = field(default_factory=dict)  # ... that were its greedy token
 
     def count(self, req: CloudRequest, reply: CloudReply) -> None:
         """One request the cloud answered: a token request, or an upload (END included)."""
@@ -40,6 +46,37 @@ class SessionStats:
         self.bytes_down += reply.nbytes
         self.cloud_requests += int(req.want_token)
         self.uploads += int(not req.want_token)
+        if req.drafts is not None:
+            for token, exit_layer, verdict in zip(req.drafts.tokens.tolist(), req.drafts.exits.tolist(), reply.rows):
+                self.drafts_checked[exit_layer] = self.drafts_checked.get(exit_layer, 0) + 1
+                self.drafts_agreed[exit_layer] = self.drafts_agreed.get(exit_layer, 0) + int(token == verdict.token)
+
+    def exit_agreement(self) -> dict[str, dict[str, float]]:
+        """Per edge exit: guesses the full model checked, how many it agreed with, and the rate (live fidelity)."""
+        return {f"edge:{layer}": {"checked": n, "agreed": self.drafts_agreed.get(layer, 0),
+                                  "rate": self.drafts_agreed.get(layer, 0) / n}
+                for layer, n in sorted(self.drafts_checked.items())}
+
+    def verified_summary(self, tokens: int) -> dict[str, float]:
+        """Verified mode: acceptance rate of drafts, tokens per verification round trip, mean drafts per request
+        beyond the one guessing the cloud's own token (gamma)."""
+        rounds = max(1, self.cloud_requests)
+        return {"acceptance_rate": self.drafts_accepted / max(1, self.drafts_sent),
+                "tokens_per_round_trip": (tokens - self.unverified) / rounds,
+                "gamma": (self.drafts_sent - self.cloud_requests) / rounds}
+
+
+def total_stats(runs: Iterable[SessionStats]) -> SessionStats:
+    """The sum of several runs' statistics (per-exit counts added exit by exit)."""
+    total = SessionStats()
+    for stats in runs:
+        for f in fields(stats):
+            mine, theirs = getattr(total, f.name), getattr(stats, f.name)
+            if isinstance(mine, dict):
+                setattr(total, f.name, {k: mine.get(k, 0) + theirs.get(k, 0) for k in sorted({*mine, *theirs})})
+            else:
+                setattr(total, f.name, mine + theirs)
+    return total
 
 
 @dataclass
@@ -62,6 +99,7 @@ class TokenLoop:
 
     stats: SessionStats
     eos: set[int]
+    tokens_left: int = 0  # while a generation runs: tokens it still wants, the one being decoded included
 
     def step(self, block: list[int], pos: int) -> TokenRecord:
         raise NotImplementedError
@@ -84,7 +122,8 @@ class TokenLoop:
         t0 = time.perf_counter()
         block, pos, error = list(prompt_ids), 0, None
         try:
-            for _ in range(max_new_tokens):
+            for i in range(max_new_tokens):
+                self.tokens_left = max_new_tokens - i
                 record = self.step(block, pos)
                 pos += len(block)
                 block = [record.token_id]

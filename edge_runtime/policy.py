@@ -48,6 +48,20 @@ class Mode(Enum):
 
 
 MODES = tuple(mode.value for mode in Mode)
+# Verified decoding on top of a mode that splits: the edge's exits draft, the full model checks every token
+# (edge_runtime/verified.py); the latency-aware flavour emits drafts unchecked while the cloud is down or slow.
+VERIFIED_MODES = {"verified": Mode.COLLABORATIVE, "verified-latency-aware": Mode.LATENCY_AWARE}
+SESSION_MODES = MODES + tuple(VERIFIED_MODES)  # what a session (EdgeApp.session, ce-collm-edge --mode) takes
+
+
+def session_mode(name: "str | Mode") -> tuple[Mode, bool]:
+    """A session's mode name as (mode, verified)."""
+    if isinstance(name, str) and name in VERIFIED_MODES:
+        return VERIFIED_MODES[name], True
+    try:
+        return Mode.parse(name), False
+    except ValueError:
+        raise ValueError(f"mode must be one of {SESSION_MODES}, got {name!r}") from None
 
 
 @dataclass

@@ -3,17 +3,22 @@
     link = ReconnectingLink(TritonLink(url), patience_s=30)     # collaborative: wait for the cloud
     link = ReconnectingLink(TritonLink(url), patience_s=0)      # latency-aware: fail fast, fall back
 
-While the cloud is unreachable, `send` retries the same request every `retry_every_s` until
-`patience_s` has passed, then raises CloudUnreachable (latency-aware mode answers locally then).
+While the cloud is unreachable, or one of its models is down (a dead stub, a model being reloaded:
+TritonLink raises CloudUnreachable for every error whose recovery is WAIT), `send` retries the same
+request every `retry_every_s` until `patience_s` has passed, then raises CloudUnreachable
+(latency-aware mode answers locally then).
 Refusals whose code says RETRY (RATE_LIMITED, TOO_MANY_SESSIONS: plugin/protocol/errors.py) changed
 nothing on the cloud, so they are retried the same way, and raised as they are once the patience is spent.
 
 The one ambiguous case is a request that reached the server and was applied, but whose reply was
-lost with the link. Its retry then starts at a position the cloud has already stored, and the
-context manager refuses it (POSITION_OVERLAP): nothing was lost, but the edge no longer knows
-what the cloud holds. After an unreachable attempt for a sequence, that refusal is turned into
-SequenceNeedsStart, so the DecodingSession re-sends the whole context with START (a re-sync), exactly as
-after a server restart. Rows are never sent twice into one context and never skipped.
+lost with the link. The context manager takes an upload sent again as a replacement of its last
+request (plugin/split/context.py), so its retry is simply applied; a token request sent again may
+have been computed by the cloud partition already, so it is answered NEEDS_START, and the
+DecodingSession re-sends the whole context with START (a re-sync), exactly as after a server
+restart. Should the cloud still
+answer POSITION_OVERLAP (or ROLLBACK_REFUSED for a retried rollback, whose window that request
+closed) after an unreachable attempt for a sequence, that refusal is turned into SequenceNeedsStart
+too. Rows are never sent twice into one context and never skipped.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from typing import Callable
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.protocol.errors import ErrorCode, ProtocolError, Recovery, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest
+
+
+LANDED_CODES = (ErrorCode.POSITION_OVERLAP, ErrorCode.ROLLBACK_REFUSED)  # after a lost reply: that request landed
 
 
 class ReconnectingLink:
@@ -57,7 +65,7 @@ class ReconnectingLink:
                     self.retries += 1
                     self.sleep(self.retry_every_s)
                     continue
-                if req.sequence_id in self._uncertain and e.code is ErrorCode.POSITION_OVERLAP:
+                if req.sequence_id in self._uncertain and e.code in LANDED_CODES:
                     self._uncertain.discard(req.sequence_id)
                     raise SequenceNeedsStart(f"an earlier request of sequence {req.sequence_id} reached the cloud "
                                              f"but its reply was lost: re-send its context with START ({e})") from None

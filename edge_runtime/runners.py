@@ -80,6 +80,9 @@ class GraphSequenceKV:
     def mark(self) -> KVMark:
         return KVMark({i: self.length(i) for i in self.kv}, self.pending.copy())
 
+    def keep_rewindable(self, position: int) -> None:
+        """Nothing to keep: the graphs hold the whole past and apply a sliding window in the mask."""
+
     def rewind(self, mark: KVMark) -> None:
         for layer, length in checked_rewind(mark, self.length):
             keys, values = self.kv[layer]

@@ -6,9 +6,9 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from edge_runtime.link import CloudUnreachable
-from plugin.protocol.errors import error_code, error_for, ErrorCode
+from plugin.protocol.errors import error_code, error_for, Recovery
 from plugin.protocol.messages import CloudReply, CloudRequest
-from plugin.protocol.tensors import OUTPUTS, SESSION_HEADER
+from plugin.protocol.tensors import OUTPUTS, ROW_OUTPUTS, SESSION_HEADER
 from plugin.protocol.wire import reply_from_outputs, request_inputs
 
 
@@ -31,6 +31,7 @@ class TritonLink:
                                                        private_key=private_key, certificate_chain=certificate_chain,
                                                        channel_args=backoff)
         self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
+        self._row_outputs = [grpcclient.InferRequestedOutput(name) for name in ROW_OUTPUTS]
 
     def send(self, req: CloudRequest) -> CloudReply:
         inputs = []
@@ -38,14 +39,16 @@ class TritonLink:
             tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
             tensor.set_data_from_numpy(np.ascontiguousarray(value))
             inputs.append(tensor)
+        names = OUTPUTS + (ROW_OUTPUTS if req.drafts is not None else ())  # verdicts on drafts only when sent
+        outputs = self._outputs + (self._row_outputs if req.drafts is not None else [])
         try:
-            result = self.client.infer(self.model, inputs, outputs=self._outputs, sequence_id=req.sequence_id,
+            result = self.client.infer(self.model, inputs, outputs=outputs, sequence_id=req.sequence_id,
                                        sequence_start=req.start, sequence_end=req.end,
                                        client_timeout=self.timeout_s,
                                        headers={**(self.headers or {}), SESSION_HEADER: str(req.sequence_id)})
         except InferenceServerException as e:
             raise _translate(e) from None
-        return reply_from_outputs({name: result.as_numpy(name) for name in OUTPUTS})
+        return reply_from_outputs({name: result.as_numpy(name) for name in names})
 
     def ready(self, timeout_s: float = 2.0) -> bool:
         """Whether the server answers and its model is ready (never raises)."""
@@ -59,10 +62,11 @@ class TritonLink:
 
 
 def _translate(e: InferenceServerException) -> Exception:
-    """The error's code (plugin/protocol/errors.py) decides the exception: CloudUnreachable for a link that is
-    down, SequenceNeedsStart when a re-sync helps, else ProtocolError carrying the code."""
+    """The error's code (plugin/protocol/errors.py) decides the exception: CloudUnreachable while the cloud is
+    not serving (a link that is down, a model being healed: Recovery.WAIT), SequenceNeedsStart when a re-sync
+    helps, else ProtocolError carrying the code."""
     message, status = e.message() or str(e), e.status() or ""
     code = error_code(message, status)
-    if code is ErrorCode.UNREACHABLE:
+    if code.recovery is Recovery.WAIT:
         return CloudUnreachable(f"{status}: {message}")
     return error_for(code, message)

@@ -29,6 +29,10 @@ def test_fp32_is_lossless_and_fp16_int8_are_bounded():
     (EncodedRows("int8", np.zeros((2, 64), np.int8)), "scale"),
     (EncodedRows("int8", np.zeros((2, 64), np.int8), np.zeros((2, 1), np.float32)), "positive"),
     (EncodedRows("bf16", np.zeros((2, 64), np.float16)), "unknown codec"),
+    (EncodedRows("fp16s", np.full((2, 64), np.inf, np.float16), np.ones((2, 1), np.float32)), "NaN or Inf"),
+    (EncodedRows("fp16s", np.zeros((2, 64), np.float16), np.ones((2, 2), np.float32)), r"scale of shape \[2, 1\]"),
+    (EncodedRows("int8g", np.full((2, 64), 127, np.int8),  # 127 x 3e36 overflows float32 in the second group
+                 np.array([[1.0, 3e36], [1.0, 1.0]], np.float32)), "NaN or Inf"),
 ])
 def test_bad_rows_are_refused(rows, message):
     with pytest.raises(CodecError, match=message):

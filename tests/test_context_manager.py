@@ -12,12 +12,13 @@ from plugin.split.context import ContextManager
 from plugin.split.limits import Limits
 
 D = 16
+KEY = 0x5E55_10_4E7  # every session of these tests is bound to this SESSION_KEY
 
 
-def _req(sid, pos, n, want=False, start=False, end=False, split=None, codec="fp16"):
+def _req(sid, pos, n, want=False, start=False, end=False, split=None, codec="fp16", key=KEY):
     rows = encode(torch.arange(pos, pos + n, dtype=torch.float32)[:, None].expand(n, D), codec)
     return CloudRequest(sid, pos, want, rows=rows, split_layer=split if split else (3 if start else None),
-                        start=start, end=end)
+                        start=start, end=end, session_key=key)
 
 
 class Clock:
@@ -45,8 +46,9 @@ def test_uploads_accumulate_until_a_token_needs_them():
     (_req(2, 0, 1), SequenceNeedsStart, "START"),
     (_req(1, 4, 1, split=5), ProtocolError, "split layer"),
     (_req(1, 4, 0, want=False), None, None),  # an empty upload is fine
-    (CloudRequest(1, 4, False, rows=encode(torch.ones(1, D + 1), "fp16")), ProtocolError, "shape"),
-    (CloudRequest(1, 4, True, rows=encode(torch.full((1, D), float("nan")), "fp32")), ProtocolError, "NaN"),
+    (CloudRequest(1, 4, False, rows=encode(torch.ones(1, D + 1), "fp16"), session_key=KEY), ProtocolError, "shape"),
+    (CloudRequest(1, 4, True, rows=encode(torch.full((1, D), float("nan")), "fp32"), session_key=KEY), ProtocolError,
+     "NaN"),
     (_req(1, 4, 9), ProtocolError, "rows per request"),
     (_req(3, 0, 1, start=True, split=6), ProtocolError, "SPLIT_LAYER"),
 ])

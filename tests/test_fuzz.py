@@ -40,11 +40,13 @@ from tests.tiny_models import LAYERS, save_tiny
 pytestmark = pytest.mark.server
 SPLIT, EXITS = 4, (1, 3, 4)
 PROMPT = [5, 17, 33, 2, 71, 8]
-# fp16 rows of hidden 64 are 128 bytes: 16 rows (2 KiB) pass, 12 fp32 rows (3 KiB + 9) break the byte limit
+# fp16 rows of hidden 64 are 128 bytes: 16 rows (2 KiB) pass, 12 fp32 rows (3 KiB + 17) break the byte limit
 LIMITS = Limits(max_sessions=8, max_context=64, max_block_rows=16, ttl_s=600, max_request_bytes=3072,
                 max_requests_per_s=40)
 VICTIM = 0x0DDBA11_0001
+VICTIM_KEY = 0x0DDBA11_5EC2E7  # the victim's SESSION_KEY: requests aimed at it carry it, unless "bad_key"
 NORMAL = 0x0DDBA11_0002
+KEY = 0x5E55_10_4E7  # the SESSION_KEY of the other sessions these tests open by hand
 TRIED: collections.Counter = collections.Counter()
 
 
@@ -75,7 +77,7 @@ def _infer(client, inputs: dict[str, np.ndarray], sequence_id, start=False, end=
 FRESH_ONLY = ("no_start", "missing_split", "sid_zero", "sid_string", "empty_want")
 MUTATIONS = ("no_start", "bad_split", "missing_split", "huge_pos", "negative_pos", "bad_dtype", "bad_hidden",
              "nonfinite", "too_many_rows", "too_many_bytes", "empty_want", "sid_zero", "sid_string",
-             "missing_input", "unknown_input", "two_hidden", "batch", "int8_scale", "wrong_rank")
+             "missing_input", "unknown_input", "two_hidden", "batch", "int8_scale", "wrong_rank", "bad_key")
 HIDDEN = 64
 
 
@@ -108,7 +110,8 @@ def bad_requests(draw, victim_position: int):
         rows[0, r, c] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
     hidden_name = {"fp16": "HIDDEN_FP16", "fp32": "HIDDEN_FP32"}[codec]
     inputs = {hidden_name: rows.astype(np.float16 if codec == "fp16" else np.float32),
-              "START_POS": np.array([[pos]], np.int64), "WANT_TOKEN": np.array([[want]], np.bool_)}
+              "START_POS": np.array([[pos]], np.int64), "WANT_TOKEN": np.array([[want]], np.bool_),
+              "SESSION_KEY": np.array([[VICTIM_KEY if victim else draw(st.integers(1, 2**63 - 1))]], np.int64)}
     if start:
         inputs["SPLIT_LAYER"] = np.array([[SPLIT]], np.int32)
     if "bad_split" in mutations:
@@ -155,6 +158,9 @@ def bad_requests(draw, victim_position: int):
     if "batch" in mutations:
         b = draw(st.sampled_from([0, 2, 9]))
         inputs = {k: np.repeat(v[:1], b, axis=0) for k, v in inputs.items()}
+    if "bad_key" in mutations:  # missing, out of range, or (aimed at the victim) another session's
+        bad = draw(st.sampled_from([None, 0, -1, -2**63] + ([VICTIM_KEY + 1, VICTIM_KEY ^ 1 << 40] if victim else [])))
+        inputs.pop("SESSION_KEY") if bad is None else inputs.update(SESSION_KEY=np.array([[bad]], np.int64))
     if "sid_zero" in mutations:
         sid = 0
     if "sid_string" in mutations:
@@ -169,8 +175,9 @@ def _randn(seed: int, n: int, hidden: int):
 def _open_victim(link, edge):
     """The long-lived session: 6 rows uploaded, one token asked, 2 rows left pending."""
     rows = [_randn(i, k, edge.hidden_size) for i, k in enumerate((6, 1, 2))]
-    reqs = [CloudRequest(VICTIM, 0, False, rows=rows[0], split_layer=SPLIT, start=True),
-            CloudRequest(VICTIM, 6, True, rows=rows[1]), CloudRequest(VICTIM, 7, False, rows=rows[2])]
+    reqs = [CloudRequest(VICTIM, 0, False, rows=rows[0], split_layer=SPLIT, start=True, session_key=VICTIM_KEY),
+            CloudRequest(VICTIM, 6, True, rows=rows[1], session_key=VICTIM_KEY),
+            CloudRequest(VICTIM, 7, False, rows=rows[2], session_key=VICTIM_KEY)]
     return reqs, [link.send(r) for r in reqs]
 
 
@@ -211,7 +218,7 @@ def test_fuzzed_requests_get_errors_and_change_nothing(fz):
     reference = reference_cloud()
     expected = [reference.send(r) for r in victim_reqs]
     assert [r.token_id for r in victim_replies] == [r.token_id for r in expected]
-    last = CloudRequest(VICTIM, 9, True, rows=_randn(9, 1, edge.hidden_size), end=True)
+    last = CloudRequest(VICTIM, 9, True, rows=_randn(9, 1, edge.hidden_size), end=True, session_key=VICTIM_KEY)
     served = link.send(last)
     local = reference.send(last)
     assert (served.token_id, served.catchup_rows) == (local.token_id, local.catchup_rows) and served.catchup_rows == 3
@@ -230,14 +237,14 @@ def test_limits_reach_the_client_with_clear_errors(fz):
     idle = wait_for_gauges(server.metrics_url, gauges(server.metrics_url))
     live = [0x11_0000 + i for i in range(LIMITS.max_sessions)]
     for sid in live:
-        link.send(CloudRequest(sid, 0, False, rows=rows(1), split_layer=SPLIT, start=True))
+        link.send(CloudRequest(sid, 0, False, rows=rows(1), split_layer=SPLIT, start=True, session_key=KEY))
     checks = [
-        (CloudRequest(0x11_FFFF, 0, False, rows=rows(1), split_layer=SPLIT, start=True), r"too many live sessions \(8\)",
-         ErrorCode.TOO_MANY_SESSIONS),
-        (CloudRequest(live[0], 1, False, rows=rows(17)), r"block of 17 rows exceeds the limit of 16 rows per request",
-         ErrorCode.LIMIT_EXCEEDED),
-        (CloudRequest(live[0], 1, False, rows=rows(12, "fp32")), r"payload of 3081 bytes exceeds the limit of 3072 bytes",
-         ErrorCode.LIMIT_EXCEEDED),
+        (CloudRequest(0x11_FFFF, 0, False, rows=rows(1), split_layer=SPLIT, start=True, session_key=KEY),
+         r"too many live sessions \(8\)", ErrorCode.TOO_MANY_SESSIONS),
+        (CloudRequest(live[0], 1, False, rows=rows(17), session_key=KEY),
+         r"block of 17 rows exceeds the limit of 16 rows per request", ErrorCode.LIMIT_EXCEEDED),
+        (CloudRequest(live[0], 1, False, rows=rows(12, "fp32"), session_key=KEY),
+         r"payload of 3089 bytes exceeds the limit of 3072 bytes", ErrorCode.LIMIT_EXCEEDED),
     ]
     for req, message, code in checks:
         with pytest.raises(ProtocolError, match=message) as err:
@@ -245,23 +252,25 @@ def test_limits_reach_the_client_with_clear_errors(fz):
         assert err.value.code is code
     pos = 1
     while pos + 16 <= LIMITS.max_context:
-        link.send(CloudRequest(live[1], pos, False, rows=rows(16)))
+        link.send(CloudRequest(live[1], pos, False, rows=rows(16), session_key=KEY))
         pos += 16
     with pytest.raises(ProtocolError, match=r"context of 65 positions exceeds the limit of 64") as err:
-        link.send(CloudRequest(live[1], pos, False, rows=rows(16)))
+        link.send(CloudRequest(live[1], pos, False, rows=rows(16), session_key=KEY))
     assert err.value.code is ErrorCode.LIMIT_EXCEEDED
     # requests per second: empty uploads as fast as one client can send them, until the bucket runs dry
     sent, t0 = 0, time.monotonic()
     with pytest.raises(ProtocolError, match=r"rate limit: 40 requests/s per session") as err:
         while sent < 2000 and time.monotonic() - t0 < 30:
-            link.send(CloudRequest(live[2], 1, False, rows=rows(0)))
+            link.send(CloudRequest(live[2], 1, False, rows=rows(0), session_key=KEY))
             sent += 1
     assert err.value.code is ErrorCode.RATE_LIMITED
     assert sent <= LIMITS.max_requests_per_s * (1 + time.monotonic() - t0) + 1
     time.sleep(0.2)
-    link.send(CloudRequest(live[2], 1, True, rows=rows(1)))  # the limited session still works, context intact
+    # the limited session still works, context intact
+    link.send(CloudRequest(live[2], 1, True, rows=rows(1), session_key=KEY))
     for sid in live:
-        link.send(CloudRequest(sid, {live[1]: pos, live[2]: 2}.get(sid, 1), False, rows=rows(0), end=True))
+        link.send(CloudRequest(sid, {live[1]: pos, live[2]: 2}.get(sid, 1), False, rows=rows(0), end=True,
+                               session_key=KEY))
     assert wait_for_gauges(server.metrics_url, idle) == idle
 
 
@@ -275,7 +284,8 @@ def test_refused_end_for_a_live_session_costs_a_resync_not_data(fz):
     stream = gen.stream(PROMPT, 12)
     records = [next(stream) for _ in range(4)]
     with pytest.raises(ProtocolError, match="position gap"):
-        link.send(CloudRequest(sid, 999, False, rows=_randn(0, 1, edge.hidden_size), end=True))
+        link.send(CloudRequest(sid, 999, False, rows=_randn(0, 1, edge.hidden_size), end=True,
+                               session_key=gen.sync.session_key))
     records += list(stream)
     reference = DecodingSession(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative", threshold=1.0,
                                 sequence_id=1).generate(PROMPT, 12)

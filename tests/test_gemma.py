@@ -17,9 +17,11 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from edge_runtime.decoding import Generator
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.session import DecodingSession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
+from edge_runtime.verified import DraftLength
 from plugin.model.checkpoint import load_model
 from plugin.model.gguf_import import default_out_dir, GEMMA_NOTICE, GGUFImportError, import_gguf, PLAN
 from plugin.split.edge import EdgePartition
@@ -86,13 +88,30 @@ def test_threshold_one_through_triton_and_cloud_only_equal_hf_greedy(gemma, edge
     plan, prompts, _, expected = gemma
     edge = EdgePartition(edge_runner, PartitionPlan(plan.checkpoint, SPLIT, (SPLIT,), threshold=1.0, codec="fp32"))
     for sid, (prompt, want) in enumerate(zip(prompts, expected), start=1):
-        collab = Generator(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, codec="fp32",
-                           sequence_id=sid, speculate=False).generate(prompt, len(want))
-        cloud_only = Generator(None, TritonLink(server.grpc_url, "cloud_only"), "cloud-only",
-                               sequence_id=100 + sid).generate(prompt, len(want))
+        collab = DecodingSession(edge, TritonLink(server.grpc_url), "collaborative", threshold=1.0, codec="fp32",
+                                 sequence_id=sid, speculate=False).generate(prompt, len(want))
+        cloud_only = CloudOnlySession(TritonLink(server.grpc_url, "cloud_only"),
+                                      sequence_id=100 + sid).generate(prompt, len(want))
         assert collab.token_ids == want
         assert cloud_only.token_ids == want
         assert set(collab.exits()) == {"cloud"}
+
+
+def test_verified_mode_equals_hf_greedy(gemma, edge_runner, server):
+    """Verified mode (edge_runtime/verified.py) on the real weights: drafts from the layer-12 exit (the model's
+    own head: it agrees with the last layer on about a fifth of tokens), two per request, the cloud's verdicts
+    and rollbacks through the server. The long prompt crosses the shrunk sliding window, so rollbacks reach
+    back past what the local layers would otherwise have forgotten. The output is Hugging Face's."""
+    plan, prompts, _, expected = gemma
+    edge = EdgePartition(edge_runner, PartitionPlan(plan.checkpoint, SPLIT, (SPLIT,), threshold=1.0, codec="fp32"))
+    want = expected[2][:12]
+    session = DecodingSession(edge, TritonLink(server.grpc_url), "collaborative", codec="fp32", sequence_id=31,
+                              verify=True, draft_length=DraftLength.fixed(2))
+    out = session.generate(prompts[2], len(want))
+    assert out.token_ids == want
+    assert 0 < session.stats.drafts_sent and session.stats.cloud_requests < len(want) + 1
+    print(f"\nverified on Gemma 3 270M: {session.stats.verified_summary(len(want))}, "
+          f"exits agreeing: {session.stats.exit_agreement()}")
 
 
 def test_kv_after_catch_up_with_forced_exits_equals_full_model(gemma, edge_runner):

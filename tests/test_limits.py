@@ -31,11 +31,13 @@ from plugin.split.plan import PartitionPlan
 from tests.tiny_models import LAYERS, save_tiny
 
 D = 16
+KEY = 0x5E55_10_4E7  # every session of these tests is bound to this SESSION_KEY
 
 
 def _req(sid, pos, n, want=False, start=False, end=False, codec="fp16"):
     rows = encode(torch.arange(pos, pos + n, dtype=torch.float32)[:, None].expand(n, D), codec)
-    return CloudRequest(sid, pos, want, rows=rows, split_layer=3 if start else None, start=start, end=end)
+    return CloudRequest(sid, pos, want, rows=rows, split_layer=3 if start else None, start=start, end=end,
+                        session_key=KEY)
 
 
 class Clock:
@@ -77,8 +79,8 @@ def test_rate_limit_is_per_session_and_loses_nothing():
 def test_payload_bytes_limit_is_checked_before_decoding():
     cm = ContextManager(D, 6, Limits(max_request_bytes=1000))
     cm.handle(_req(1, 0, 4, start=True, codec="fp32"))  # 4 x 16 x 4 = 256 bytes of rows
-    with pytest.raises(ProtocolError, match=r"payload of 1033 bytes exceeds the limit of 1000 bytes per request"):
-        cm.handle(_req(1, 4, 16, codec="fp32"))  # 1024 bytes of rows + START_POS + WANT_TOKEN
+    with pytest.raises(ProtocolError, match=r"payload of 1041 bytes exceeds the limit of 1000 bytes per request"):
+        cm.handle(_req(1, 4, 16, codec="fp32"))  # 1024 bytes of rows + START_POS + WANT_TOKEN + SESSION_KEY
     cm.handle(_req(1, 4, 16, codec="fp16"))  # the same rows in fp16 fit
     assert cm.handle(_req(1, 20, 1, want=True)).hidden.shape == (21, D)
 
@@ -152,12 +154,12 @@ def test_one_admission_rule_for_the_context_manager_and_the_cloud_partition(tiny
     rows = encode(torch.randn(2, cloud.partition.model.cfg.hidden_size), "fp16")
     for split in (None, 0, 3, LAYERS):  # missing, below the layers the partition holds, past the model
         with pytest.raises(ProtocolError) as err:
-            cloud.send(CloudRequest(1, 0, True, rows=rows, split_layer=split, start=True))
+            cloud.send(CloudRequest(1, 0, True, rows=rows, split_layer=split, start=True, session_key=KEY))
         assert err.value.code is ErrorCode.SPLIT_LAYER
         assert not cloud.context.sessions and not cloud.partition.sequences
-    cloud.send(CloudRequest(1, 0, True, rows=rows, split_layer=5, start=True))  # deeper than the partition's first
+    cloud.send(CloudRequest(1, 0, True, rows=rows, split_layer=5, start=True, session_key=KEY))  # deeper than the partition's first
     with pytest.raises(ProtocolError) as err:
-        cloud.send(CloudRequest(2, 0, True, rows=rows, split_layer=4, start=True))
+        cloud.send(CloudRequest(2, 0, True, rows=rows, split_layer=4, start=True, session_key=KEY))
     assert err.value.code is ErrorCode.TOO_MANY_SESSIONS
     assert list(cloud.context.sessions) == list(cloud.partition.sequences) == [1]
 
@@ -213,8 +215,9 @@ def test_reconnecting_link_loses_and_repeats_nothing(tiny):
     edge, cloud = _edge_and_cloud(tiny)
     expected = DecodingSession(edge, cloud, "collaborative", threshold=0.08, sequence_id=1).generate(PROMPT, 30)
     clock = Clock()
-    faults = {2: "before", 3: "before", 5: "after", 9: "after", 10: "before", 14: "after", 20: "after", 24: "busy",
-              25: "busy"}
+    # calls 5 and 9 are uploads: a retry replaces the lost one (no re-sync); 14, 17, 20 token requests: a re-sync each
+    faults = {2: "before", 3: "before", 5: "after", 9: "after", 10: "before", 14: "after", 17: "after", 20: "after",
+              24: "busy", 25: "busy"}
     link = ReconnectingLink(FlakyLink(cloud, faults), patience_s=5, retry_every_s=0.1, clock=clock, sleep=clock.sleep)
     got = DecodingSession(edge, link, "collaborative", threshold=0.08, sequence_id=2).generate(PROMPT, 30)
     assert got.token_ids == expected.token_ids

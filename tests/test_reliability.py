@@ -43,6 +43,7 @@ PROMPT = [5, 17, 33, 2, 71, 8]
 MIXED = 0.08  # edge exit threshold at which about half the tiny model's tokens exit on the edge
 TTL_S = 2.0
 LIMITS = Limits(max_sessions=32, max_context=256, max_block_rows=256, ttl_s=TTL_S)
+KEY = 0x5E55_10_4E7  # the SESSION_KEY of the sessions these tests open by hand
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,8 @@ def test_sessions_never_see_each_others_context(rel):
     sent = {a: [], b: []}
 
     def both(sid, pos, rows, want, start=False):
-        req = CloudRequest(sid, pos, want, rows=rows, split_layer=SPLIT if start else None, start=start)
+        req = CloudRequest(sid, pos, want, rows=rows, split_layer=SPLIT if start else None, start=start,
+                           session_key=KEY)
         served, local = link.send(req), reference.send(req)
         assert (served.token_id, served.catchup_rows) == (local.token_id, local.catchup_rows)
         sent[sid].append(served.token_id)
@@ -252,16 +254,18 @@ def test_sessions_never_see_each_others_context(rel):
     # a neighbouring id is not a way in: without START it is unknown, with bad input it changes nothing
     for sid in (a + 2, a - 1, b + 1):
         with pytest.raises(SequenceNeedsStart):
-            link.send(CloudRequest(sid, 9, True, rows=_rows(3, 1, hidden)))
-    for bad in (CloudRequest(a, 0, True, rows=_rows(4, 1, hidden), split_layer=LAYERS, start=True),  # re-START, bad split
-                CloudRequest(a, 5, True, rows=_rows(4, 1, hidden)),  # rewrite a stored position
-                CloudRequest(a, 9, True, rows=encode(torch.full((1, hidden), float("nan")), "fp32"))):
+            link.send(CloudRequest(sid, 9, True, rows=_rows(3, 1, hidden), session_key=KEY))
+    for bad in (CloudRequest(a, 0, True, rows=_rows(4, 1, hidden), split_layer=LAYERS, start=True,
+                             session_key=KEY),  # re-START, bad split
+                CloudRequest(a, 5, True, rows=_rows(4, 1, hidden), session_key=KEY),  # rewrite a stored position
+                CloudRequest(a, 9, True, rows=encode(torch.full((1, hidden), float("nan")), "fp32"), session_key=KEY),
+                CloudRequest(a, 9, True, rows=_rows(4, 1, hidden), session_key=KEY + 1)):  # another session's key
         with pytest.raises(ProtocolError):
             link.send(bad)
     both(a, 9, _rows(99, 1, hidden), True)  # a's context is whole: equal to the undisturbed reference
     both(b, 9, _rows(98, 1, hidden), True)
     for sid in (a, b):
-        link.send(CloudRequest(sid, 10, False, rows=_rows(0, 0, hidden), end=True))
+        link.send(CloudRequest(sid, 10, False, rows=_rows(0, 0, hidden), end=True, session_key=KEY))
 
 
 def test_short_soak_concurrent_equals_one_at_a_time(rel):

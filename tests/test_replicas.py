@@ -34,7 +34,7 @@ from plugin.cli import main as cli_main
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import ProtocolError
-from plugin.protocol.messages import CloudRequest
+from plugin.protocol.messages import CloudRequest, new_session_key
 from plugin.protocol.tensors import SESSION_HEADER
 from plugin.serving.fleet import Fleet
 from plugin.serving.front import FrontConfig, FrontError, NginxFront, find_nginx
@@ -281,7 +281,7 @@ def test_replica_killed_mid_generation_its_sessions_resync_on_the_survivor(fleet
 # -- the front's own limits -----------------------------------------------------------------------
 def _rows(n: int) -> CloudRequest:
     return CloudRequest(secrets.randbits(63) | 1, 0, False, rows=encode(torch.zeros(n, 64), "fp16"),
-                        split_layer=SPLIT, start=True)
+                        split_layer=SPLIT, start=True, session_key=new_session_key())
 
 
 def test_front_caps_request_size_and_passes_only_edge_methods(fleet, tmp_path):

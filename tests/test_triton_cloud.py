@@ -101,8 +101,11 @@ def test_interleaved_and_concurrent_sessions_never_mix(setup):
     assert concurrent == [alone[i % 4] for i in range(8)]
 
 
-def _raw(link, sid, pos, rows, want=False, start=False, end=False, split=None):
-    return link.send(CloudRequest(sid, pos, want, rows=rows, split_layer=split, start=start, end=end))
+KEY = 0x5E55_10_4E7  # the SESSION_KEY of every session these tests open by hand
+
+
+def _raw(link, sid, pos, rows, want=False, start=False, end=False, split=None, key=KEY):
+    return link.send(CloudRequest(sid, pos, want, rows=rows, split_layer=split, start=start, end=end, session_key=key))
 
 
 def test_bad_requests_get_errors_and_leave_context_intact(setup):
@@ -216,6 +219,15 @@ def test_a_refused_start_holds_no_session_in_either_model(setup):
             _raw(link, 1200 + want, 0, rows, want=want, start=True, split=SPLIT - 1)
         assert err.value.code is ErrorCode.SPLIT_LAYER
     assert {m: _metric(server, "ce_collm_sessions_live", m) or 0 for m in live} == live
+    # the attack of issue 18: more refused STARTs than the cloud has sessions, each followed by an upload
+    for sid in range(1300, 1300 + LIMITS.max_sessions + 16):
+        with pytest.raises(ProtocolError) as err:
+            _raw(link, sid, 0, rows, start=True, split=SPLIT - 1)
+        assert err.value.code is ErrorCode.SPLIT_LAYER
+        with pytest.raises(SequenceNeedsStart):  # nothing was stored for it: uploads find no session
+            _raw(link, sid, 2, rows)
+    assert {m: _metric(server, "ce_collm_sessions_live", m) or 0 for m in live} == live
+    assert _metric(server, "ce_collm_pending_bytes", "context_manager") == 0
     _raw(link, 1200, 0, rows, start=True, split=SPLIT)  # the id is free; a split the cloud holds is admitted
     assert _metric(server, "ce_collm_sessions_live", "context_manager") == live["context_manager"] + 1
     _raw(link, 1200, 2, rows, want=True, end=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import (
     Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-    MistralForCausalLM)
+    MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 VOCAB = 96
 LAYERS = 6
@@ -17,16 +17,21 @@ _LLAMA = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=LAYERS, num_at
               initializer_range=0.08, bos_token_id=None, eos_token_id=None)
 
 
-def save_tiny(kind: str, path: Path, seed: int = 0):
-    """Save a tiny random checkpoint of one of KINDS; a wider init gives peaked logits.
+def save_tiny(kind: str, path: Path, seed: int = 0, identity_from: int | None = None):
+    """Save a tiny random checkpoint of one of KINDS or `qwen2`; a wider init gives peaked logits.
 
     gemma3: local layers (window WINDOW) and global ones (1 in 3), linear rope scaling on the global
     ones, query_pre_attn_scalar != head_dim. llama3: Llama 3.1 rope scaling with every frequency band
     in use. The new kinds get random norm weights, so that a norm mapped to the wrong place shows.
+    identity_from (llama, qwen2): layers from this one on add nothing to the residual stream (their output
+    projections are zero), so the full model's logits are those of the final norm and head on the hidden
+    state entering that layer: an edge split there, with an exit at the split, guesses every token of it.
     """
     torch.manual_seed(seed)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**_LLAMA, tie_word_embeddings=True))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**_LLAMA, tie_word_embeddings=True))
     elif kind == "gpt2":
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=256,
                          initializer_range=0.08, bos_token_id=None, eos_token_id=None)
@@ -54,6 +59,13 @@ def save_tiny(kind: str, path: Path, seed: int = 0):
             for name, param in model.named_parameters():
                 if "norm" in name:
                     param.add_(torch.randn_like(param) * 0.2)
+    if identity_from is not None:
+        if kind not in ("llama", "qwen2"):
+            raise ValueError(f"identity_from is for llama and qwen2, not {kind}")
+        with torch.no_grad():
+            for layer in model.model.layers[identity_from:]:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     model.save_pretrained(path)

@@ -131,7 +131,9 @@ def read_llama_family(f: ConfigFields) -> ModelConfig:
     if mt == "mistral":  # one window on every layer (MistralConfig's default: 4096)
         windows = [_window(f, "sliding_window", 4096)] * layers
     elif mt == "qwen2":  # Qwen2Config: the window applies only with use_sliding_window, on sliding_attention layers
-        window = _window(f, "sliding_window", 4096) if f.take("use_sliding_window", False) else None
+        window = _window(f, "sliding_window", 4096)
+        if not f.take("use_sliding_window", False):
+            window = None  # transformers' Qwen2 applies sliding_window only with use_sliding_window
         first_local = f.take("max_window_layers", 28)
         types = f.take("layer_types", None) or [
             "sliding_attention" if window is not None and i >= first_local else "full_attention" for i in range(layers)]

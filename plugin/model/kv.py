@@ -6,7 +6,8 @@ The rules that keep early exit exact (DESIGN.md, "KV caches of skipped layers"):
 - rows that stopped at a boundary wait there as one contiguous block ("pending rows") and are
   carried, in front of the next block that passes the boundary, through the layers they skipped;
 - a local (sliding-window) layer forgets the keys no later query can see: a block starting at s
-  needs nothing before s - window + 1, so the layer can be rewound to s but not before.
+  needs nothing before s - window + 1, so the layer can be rewound to s but not before; a sequence
+  that may be rewound further back (verified drafts) says so with `keep_rewindable`.
 """
 from __future__ import annotations
 
@@ -36,16 +37,18 @@ class LayerKV:
         self.length = 0
         self.start = 0  # first position held; earlier ones were forgotten (local layers only)
         self._base = 0  # position held in buffer slot 0
+        self.keep_from: int | None = None  # a rewind may come back to this position: keep what a block there needs
 
     def append(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         # k, v: [Hkv, T, Dh]
         if start_pos != self.length:
             raise PositionError(f"block starts at position {start_pos} but this layer holds {self.length} positions")
-        if self.window is not None:
-            self._forget_before(start_pos - self.window + 1)  # the block's first query sees no further back
+        if self.window is not None:  # the block's first query (or a block at keep_from) sees no further back
+            first_query = start_pos if self.keep_from is None else min(start_pos, self.keep_from)
+            self._forget_before(first_query - self.window + 1)
         end = start_pos + k.shape[1]
         if end - self._base > self._k.shape[1]:
-            cap = max(end - self._base, 2 * self._k.shape[1])
+            cap = _capacity(self._k.shape[1], end - self._base)
             self._k = _grown(self._k, cap)
             self._v = _grown(self._v, cap)
         self._k[:, start_pos - self._base:end - self._base] = k
@@ -89,6 +92,16 @@ class LayerKV:
     @property
     def nbytes(self) -> int:
         return 2 * self._k.element_size() * self._k.numel()
+
+    def nbytes_after(self, length: int) -> int:
+        """What nbytes will be once the layer holds `length` positions (appending grows the capacity)."""
+        per_position = 2 * self._k.element_size() * self._k.shape[0] * self._k.shape[2]
+        return per_position * _capacity(self._k.shape[1], length - self._base)
+
+
+def _capacity(capacity: int, end: int) -> int:
+    """The capacity that holds `end` slots: at least doubled whenever it must grow."""
+    return capacity if end <= capacity else max(end, 2 * capacity)
 
 
 def _grown(t: torch.Tensor, cap: int) -> torch.Tensor:
@@ -152,6 +165,13 @@ class KVMark:
     pending: BoundaryRows
 
 
+def position_mark(layers, position: int) -> KVMark:
+    """The state in which every one of `layers` holds exactly positions [0, position) and no row waits at a
+    boundary: where to rewind a sequence whose rows before `position` all passed every layer (they were carried
+    to the split) when everything from `position` on is dropped (drafts the full model rejected)."""
+    return KVMark({layer: position for layer in layers}, BoundaryRows())
+
+
 class SequenceKV:
     """One sequence's caches for layers [first_layer, last_layer) and its pending rows."""
 
@@ -168,6 +188,12 @@ class SequenceKV:
     def mark(self) -> KVMark:
         return KVMark({i: self.length(i) for i in self.layers}, self.pending.copy())
 
+    def keep_rewindable(self, position: int) -> None:
+        """From now on a rewind may come back to `position` (no further): local layers keep the keys a block
+        starting there needs, however far later blocks go."""
+        for layer in self.layers.values():
+            layer.keep_from = position
+
     def rewind(self, mark: KVMark) -> None:
         """Back to `mark`: positions cached since are dropped, the pending rows are those held then.
         Every layer is checked before any changes: a refused rewind leaves the sequence as it was."""
@@ -181,6 +207,10 @@ class SequenceKV:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values()) + self.pending.nbytes
+
+    def nbytes_after(self, rows: int) -> int:
+        """What nbytes will be once every layer holds `rows` more positions."""
+        return sum(layer.nbytes_after(layer.length + rows) for layer in self.layers.values()) + self.pending.nbytes
 
 
 def checked_rewind(mark: KVMark, length_of) -> list[tuple[int, int]]:

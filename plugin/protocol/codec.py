@@ -85,8 +85,9 @@ def _int8(x: np.ndarray, group: int, codec: str) -> EncodedRows:
     return EncodedRows(codec, np.ascontiguousarray(q), scale)
 
 
-def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """Wire arrays -> [n, D] tensor; every check that protects the stored context happens here."""
+def check(rows: EncodedRows, hidden_size: int) -> None:
+    """Every check that protects the stored context, without widening the block (a context manager keeps
+    the rows as they arrived): dtype, shape [n, hidden_size], scales, finite values once decoded."""
     data = rows.data
     expected = CODEC_DTYPES.get(rows.codec)
     if expected is None:
@@ -95,7 +96,7 @@ def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str 
         raise CodecError(f"codec {rows.codec} expects {np.dtype(expected).name} rows, got {data.dtype.name}")
     if data.ndim != 2 or data.shape[1] != hidden_size:
         raise CodecError(f"hidden rows must have shape [n, {hidden_size}], got {list(data.shape)}")
-    x = data.astype(np.float32)
+    finite = data.dtype == np.int8 or bool(np.isfinite(data).all())
     columns = scale_columns(rows.codec, hidden_size)
     if columns is not None:
         scale = rows.scale
@@ -103,7 +104,31 @@ def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str 
             raise CodecError(f"{rows.codec} rows need a float32 scale of shape [{data.shape[0]}, {columns}]")
         if not np.isfinite(scale).all() or (scale <= 0).any():
             raise CodecError(f"{rows.codec} scales must be finite and positive")
-        x = x * np.repeat(scale, _scale_group(rows.codec, hidden_size), axis=1)[:, :hidden_size]
-    if not np.isfinite(x).all():
+        if finite:
+            with np.errstate(over="ignore"):  # an overflow is what this looks for
+                finite = bool(np.isfinite(_group_absmax(data, _scale_group(rows.codec, hidden_size)) * scale).all())
+    if not finite:
         raise CodecError("hidden rows contain NaN or Inf")
+
+
+def _group_absmax(data: np.ndarray, group: int) -> np.ndarray:
+    """The largest magnitude of each group of `group` channels of each row, without widening the block:
+    [n, D] -> [n, ceil(D / group)] float32."""
+    starts = np.arange(0, data.shape[1], group)
+    top = np.maximum.reduceat(data, starts, axis=1).astype(np.float32)
+    return np.maximum(top, -np.minimum.reduceat(data, starts, axis=1).astype(np.float32))
+
+
+def to_tensor(rows: EncodedRows, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """Checked wire arrays -> [n, D] tensor."""
+    x = rows.data.astype(np.float32)
+    group = _scale_group(rows.codec, x.shape[1])
+    if group is not None:
+        x *= np.repeat(rows.scale, group, axis=1)[:, :x.shape[1]]
     return torch.from_numpy(x).to(device=device, dtype=dtype)
+
+
+def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    """Wire arrays -> [n, D] tensor, refusing anything `check` refuses."""
+    check(rows, hidden_size)
+    return to_tensor(rows, dtype, device)

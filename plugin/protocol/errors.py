@@ -9,6 +9,10 @@ from the sentence, which may be reworded freely.
 A few errors never pass through our models and cannot carry a code: Triton's own refusals and the
 transport's. Their wording is listed once, below (EXTERNAL_SIGNATURES), and read by `error_code`; a link
 that is down is told by its gRPC status (UNREACHABLE_STATUSES), except where Triton's words say better.
+
+An error kept after it was raised (a batch's answers are collected before they are sent) keeps its
+traceback, and with it every frame it passed through and their locals (the request's arrays), in a
+reference cycle that only the cyclic collector breaks: keep `detached()` errors.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ class Recovery(Enum):
 
     RESYNC = "re-send the session's whole context with START"
     RETRY = "send the same request again later: nothing changed"
+    WAIT = ("the cloud is not serving now: send the same request again once it is (latency-aware mode answers "
+            "on the edge meanwhile); a re-sync follows if the cloud lost the sequence")
     NONE = "give up on this request: sending it again cannot help"
 
 
@@ -29,27 +35,36 @@ class ErrorCode(Enum):
     """Every kind of error an edge can get: (recovery, meaning)."""
 
     NEEDS_START = (Recovery.RESYNC, "the cloud holds no context for this sequence: never started, ended, expired "
-                                    "(TTL) or lost in a server restart")
+                                    "(TTL), lost in a server restart or a crashed model, or dropped because the "
+                                    "ensemble's two steps disagree about it")
     POSITION_GAP = (Recovery.NONE, "START_POS is past the next position the cloud expects")
     POSITION_OVERLAP = (Recovery.NONE, "START_POS is before the next position the cloud expects (rows it already "
                                        "holds); right after a lost reply it means that request had landed")
+    ROLLBACK_REFUSED = (Recovery.NONE, "ROLLBACK_TO does not lie within the rows the session's last request "
+                                       "checked (stale, beyond what the cloud holds, no such request, a START), or "
+                                       "START_POS differs from it; right after a lost reply it means that request had "
+                                       "landed")
     SPLIT_LAYER = (Recovery.NONE, "SPLIT_LAYER missing with START, outside the layers this cloud serves, or not "
                                   "the split layer the session started with")
+    SESSION_KEY = (Recovery.NONE, "SESSION_KEY missing, or not the key the session started with: another edge "
+                                  "holds this sequence id (or the id was guessed); nothing changed")
     RATE_LIMITED = (Recovery.RETRY, "the session sent more requests per second than the cloud allows")
     TOO_MANY_SESSIONS = (Recovery.RETRY, "the cloud holds as many live sessions as it allows")
+    MEMORY_BUDGET = (Recovery.RETRY, "the model's session state (KV caches + pending rows) would pass its byte "
+                                     "budget (max_state_bytes); nothing changed")
     LIMIT_EXCEEDED = (Recovery.NONE, "the request or the session's context is larger than the cloud allows "
                                      "(rows per request, bytes per request, positions per session)")
     MALFORMED = (Recovery.NONE, "tensors missing or extra, of the wrong dtype or shape, values out of range "
                                 "(NaN/Inf, scales, token ids, negative START_POS), a token request with no rows, "
                                 "or a zero or string sequence id")
     NOT_FINITE = (Recovery.NONE, "the cloud's logits are not finite: the hidden rows are out of range")
-    STATE_MISMATCH = (Recovery.NONE, "the cloud partition's state disagrees with the block the context manager "
-                                     "handed it (a bug: the context manager checks positions first)")
     INTERNAL = (Recovery.NONE, "an unexpected exception in a model (a bug); its traceback is in the server log")
     RESTRICTED = (Recovery.NONE, "Triton's own: the endpoint is restricted to clients with a key "
                                  "(--grpc-restricted-protocol)")
-    UNREACHABLE = (Recovery.RETRY, "the transport's own: the server is down or the link is cut "
-                                   "(gRPC UNAVAILABLE, DEADLINE_EXCEEDED, or the connection closed mid-request)")
+    UNREACHABLE = (Recovery.WAIT, "the transport's own: the server is down or the link is cut "
+                                  "(gRPC UNAVAILABLE, DEADLINE_EXCEEDED, or the connection closed mid-request)")
+    MODEL_DOWN = (Recovery.WAIT, "Triton's own: a model of the ensemble is not serving (its stub died and the "
+                                 "server's healer reloads it, or it is being reloaded)")
     SERVER = (Recovery.NONE, "Triton refused the request before a model saw it, without a ce-collm code "
                              "(inputs the model config does not declare, wrong dtypes or batch size, an unhealthy "
                              "model)")
@@ -76,24 +91,38 @@ EXTERNAL_SIGNATURES = (
               "Triton, for an API behind --grpc-restricted-protocol; gRPC status UNAVAILABLE, yet retrying "
               "cannot help"),
     Signature("Socket closed", ErrorCode.UNREACHABLE, "grpcio, when the connection drops under a call"),
+    Signature("is not healthy", ErrorCode.MODEL_DOWN,
+              "Triton, for a request to a model whose Python-backend stub died (\"Stub process 'cloud_partition_0_0' "
+              "is not healthy.\"); gRPC status INTERNAL, and the model still reports READY"),
+    Signature("has no available versions", ErrorCode.MODEL_DOWN,
+              "Triton, for the ensemble while one of its steps is being unloaded and loaded again (\"Request for "
+              "unknown model: 'ce_collm' has no available versions\"); gRPC status NOT_FOUND"),
 )
 UNREACHABLE_STATUSES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")  # gRPC status codes of a link that is down
 
 
 class ProtocolError(ValueError):
     """A request the cloud refused or failed, with the code that says why. A refusal leaves the session's
-    stored context as it was; NOT_FINITE (computed, then refused) and INTERNAL are failures."""
+    stored context as it was; NOT_FINITE (computed, then refused) and INTERNAL are failures.
 
-    def __init__(self, code: ErrorCode, message: str):
+    details: what the server log should get beside the answer (the traceback of an unexpected exception)."""
+
+    def __init__(self, code: ErrorCode, message: str, details: str = ""):
         super().__init__(message)
-        self.code = code
+        self.code, self.details = code, details
+
+    def detached(self) -> "ProtocolError":
+        """This error without the traceback it was raised with (and the exception it was raised during), so
+        that keeping it keeps no frame alive."""
+        self.__traceback__ = self.__context__ = self.__cause__ = None
+        return self
 
 
 class SequenceNeedsStart(ProtocolError):
     """The cloud holds no context for this sequence: the edge must re-send it with START."""
 
-    def __init__(self, message: str):
-        super().__init__(ErrorCode.NEEDS_START, message)
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(ErrorCode.NEEDS_START, message, details)
 
 
 def tagged(code: ErrorCode, message: str) -> str:

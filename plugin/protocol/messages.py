@@ -7,6 +7,7 @@ converts between the two.
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +15,34 @@ import torch
 
 from plugin.protocol.codec import EncodedRows
 from plugin.protocol.tensors import TOP_K
+
+
+def new_session_key() -> int:
+    """A session's SESSION_KEY: random in [1, 2^63), so that it cannot be derived from the sequence id or guessed."""
+    return 1 + secrets.randbelow(2**63 - 1)
+
+
+@dataclass
+class Drafts:
+    """The edge's guess of the full model's next token after each of the last rows, and the exit it came from."""
+
+    tokens: np.ndarray  # [r] int64
+    exits: np.ndarray  # [r] int32
+
+    def __post_init__(self) -> None:
+        assert self.tokens.shape == self.exits.shape and self.tokens.ndim == 1, (self.tokens.shape, self.exits.shape)
+
+    @classmethod
+    def of(cls, pairs: list[tuple[int, int]]) -> "Drafts":
+        """From (token, exit layer) pairs, oldest row first."""
+        return cls(np.array([t for t, _ in pairs], np.int64), np.array([e for _, e in pairs], np.int32))
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.nbytes + self.exits.nbytes
 
 
 @dataclass
@@ -26,6 +55,9 @@ class CloudRequest:
     split_layer: int | None = None  # required when start is set
     start: bool = False
     end: bool = False
+    session_key: int = 0  # the session's key (new_session_key), on every request; 0: none sent
+    drafts: Drafts | None = None  # the edge's guesses after the last rows: the cloud checks them
+    rollback_to: int | None = None  # drop positions >= this before the rows (rejected drafts)
 
     @property
     def num_rows(self) -> int:
@@ -35,9 +67,25 @@ class CloudRequest:
 
     @property
     def nbytes(self) -> int:
-        """Tensor payload on the wire: rows (or ids) + START_POS + WANT_TOKEN (+ SPLIT_LAYER)."""
+        """Tensor payload on the wire: rows (or ids) + START_POS + WANT_TOKEN (+ SPLIT_LAYER, SESSION_KEY, drafts,
+        ROLLBACK_TO)."""
         body = self.rows.nbytes if self.rows is not None else (0 if self.token_ids is None else self.token_ids.nbytes)
-        return body + 8 + 1 + (4 if self.split_layer is not None else 0)
+        extra = (4 if self.split_layer is not None else 0) + (8 if self.rollback_to is not None else 0)
+        extra += 8 if self.session_key else 0
+        return body + 8 + 1 + extra + (self.drafts.nbytes if self.drafts is not None else 0)
+
+
+@dataclass
+class RowVerdict:
+    """The full model's K best tokens after one drafted row, best first, with their log-probabilities."""
+
+    ids: list[int]
+    logprobs: list[float]
+
+    @property
+    def token(self) -> int:
+        """The full model's greedy token."""
+        return self.ids[0]
 
 
 @dataclass
@@ -47,11 +95,12 @@ class CloudReply:
     topk_ids: list[int] = field(default_factory=list)
     topk_logprobs: list[float] = field(default_factory=list)
     catchup_rows: int = 0
+    rows: list[RowVerdict] = field(default_factory=list)  # one per draft of the request, oldest first
 
     @property
     def nbytes(self) -> int:
-        """TOKEN_ID + CONFIDENCE + TOPK_IDS + TOPK_LOGPROBS (always TOP_K wide) + CATCHUP_ROWS."""
-        return 8 + 4 + 12 * TOP_K + 4
+        """TOKEN_ID + CONFIDENCE + TOPK_IDS + TOPK_LOGPROBS (always TOP_K wide) + CATCHUP_ROWS + ROW_TOPK_*."""
+        return 8 + 4 + 12 * TOP_K + 4 + 12 * TOP_K * len(self.rows)
 
 
 @dataclass
@@ -66,6 +115,9 @@ class PendingBlock:
     start: bool = False
     end: bool = False
     token_ids: torch.Tensor | None = None  # [n] int64 instead of hidden, for the cloud-only baseline (split 0)
+    session_key: int = 0  # cloud-only blocks carry the client's key; the ensemble's context manager checked it
+    drafts: Drafts | None = None  # validated by the context manager: at most num_rows of them
+    rollback_to: int | None = None  # validated by the context manager; the partition re-checks its own KV
 
     @property
     def num_rows(self) -> int:

@@ -5,9 +5,14 @@ Everything else derives from TENSORS: the config.pbtxt inputs, outputs and ensem
 tables of docs/protocol.md (plugin/protocol/docs.py writes them; tests/test_protocol.py compares).
 
 Dims leave out the batch dimension (every request is a batch of one row): ROWS is the number of
-rows of a block (ragged: it differs between the requests of a batch; -1 in config.pbtxt), HIDDEN the
-model's hidden size, TOP_K_DIM the width of the top-k outputs, GROUPS_DIM the number of int8g scale
-groups per row (ceil(D / codec.GROUP)).
+rows of a block (ragged: it differs between the requests of a batch; -1 in config.pbtxt), DRAFTS the
+number of drafted rows a request asks the cloud to check (also -1), HIDDEN the model's hidden size,
+TOP_K_DIM the width of the top-k outputs, GROUPS_DIM the number of int8g scale groups per row
+(ceil(D / codec.GROUP)).
+
+The tensors marked `verification` carry verified mode and live exit fidelity (drafts checked by the
+full model, rollbacks of rejected drafts): the TensorRT variant of cloud_partition computes the head
+on the last row only, so its repository leaves them out (plugin/serving/trt_repository.py).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import numpy as np
 from plugin.protocol.codec import CODEC_DTYPES, scale_columns
 
 TOP_K = 8
-ROWS, HIDDEN, TOP_K_DIM, GROUPS_DIM = "n", "D", "K", "G"
+ROWS, DRAFTS, HIDDEN, TOP_K_DIM, GROUPS_DIM = "n", "r", "D", "K", "G"
 
 # the models of the repository that carry protocol tensors
 ENSEMBLE, CONTEXT_MANAGER, CLOUD_PARTITION, CLOUD_ONLY = "ce_collm", "context_manager", "cloud_partition", "cloud_only"
@@ -38,6 +43,7 @@ class TensorSpec:
     optional: bool = False  # an input a request may leave out
     ragged: bool = False  # an input whose ROWS differ between the requests of one batch (allow_ragged_batch)
     meaning: str = ""
+    verification: bool = False  # verified mode / exit fidelity: drafts, rollbacks, per-row verdicts
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -50,7 +56,8 @@ class TensorSpec:
 
     def config_dims(self, hidden_size: int) -> list[int]:
         """Dims for config.pbtxt."""
-        sizes = {ROWS: -1, HIDDEN: hidden_size, TOP_K_DIM: TOP_K, GROUPS_DIM: scale_columns("int8g", hidden_size)}
+        sizes = {ROWS: -1, DRAFTS: -1, HIDDEN: hidden_size, TOP_K_DIM: TOP_K,
+                 GROUPS_DIM: scale_columns("int8g", hidden_size)}
         return [sizes.get(d, d) for d in self.dims]
 
 
@@ -83,6 +90,21 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                meaning="false: upload only, the cloud stores the rows and computes nothing"),
     TensorSpec("SPLIT_LAYER", "int32", (1,), _EDGE_FACING, optional=True,
                meaning="required with START: the edge's split layer k (edges may differ)"),
+    TensorSpec("SESSION_KEY", "int64", (1,), (*_EDGE_FACING, CLOUD_ONLY), optional=True,
+               meaning="the session's random key in [1, 2^63), drawn by the edge: sent with START and every later "
+                       "request; missing or not the session's: refused with SESSION_KEY (optional for Triton only, "
+                       "so that the model answers with that code)"),
+    TensorSpec("DRAFT_TOKENS", "int64", (DRAFTS,), _EDGE_FACING, optional=True, ragged=True, verification=True,
+               meaning="the edge's guess of the next token after each of the last r rows of the context once this "
+                       "request's rows are in (1 <= r <= rows this request computes; needs WANT_TOKEN): the reply "
+                       "gives the full model's top-K after each of them (ROW_TOPK_*)"),
+    TensorSpec("DRAFT_EXITS", "int32", (DRAFTS,), _EDGE_FACING, optional=True, ragged=True, verification=True,
+               meaning="with DRAFT_TOKENS, same width: the edge exit layer each guess came from, in [1, split layer] "
+                       "(the per-exit agreement counters)"),
+    TensorSpec("ROLLBACK_TO", "int64", (1,), _EDGE_FACING, optional=True, verification=True,
+               meaning="before this request's rows, drop every position >= ROLLBACK_TO (rows of rejected drafts); "
+                       "valid only in the request right after one with DRAFT_TOKENS, between its first drafted row + 1 "
+                       "and the next position, and START_POS must equal it"),
     # between the ensemble's two steps (context_manager -> cloud_partition); edges never see them
     TensorSpec("PENDING_HIDDEN", "float32", (ROWS, HIDDEN), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
                meaning="the session's pending rows (every row not computed yet); 0 rows for an upload"),
@@ -92,6 +114,12 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                meaning="the session's split layer"),
     TensorSpec("PENDING_WANT", "bool", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
                meaning="WANT_TOKEN of the request"),
+    TensorSpec("PENDING_DRAFTS", "int64", (DRAFTS,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
+               verification=True, meaning="DRAFT_TOKENS of the request, validated; 0 wide without"),
+    TensorSpec("PENDING_DRAFT_EXITS", "int32", (DRAFTS,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
+               verification=True, meaning="DRAFT_EXITS of the request, validated; 0 wide without"),
+    TensorSpec("PENDING_ROLLBACK", "int64", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), verification=True,
+               meaning="ROLLBACK_TO of the request, validated (the partition drops its KV from there first); -1 without"),
     TensorSpec("TOKEN_ID", "int64", (1,), outputs_of=_TOKEN_MODELS,
                meaning="the full model's greedy token, or -1 for an upload-only request"),
     TensorSpec("CONFIDENCE", "float32", (1,), outputs_of=_TOKEN_MODELS, meaning="its softmax probability"),
@@ -101,6 +129,11 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                meaning="their log-probabilities, padded with -inf"),
     TensorSpec("CATCHUP_ROWS", "int32", (1,), outputs_of=_TOKEN_MODELS,
                meaning="rows the cloud computed for this request (the pending block, catch-up included)"),
+    TensorSpec("ROW_TOPK_IDS", "int64", (DRAFTS, TOP_K_DIM), outputs_of=(ENSEMBLE, CLOUD_PARTITION), verification=True,
+               meaning="the full model's K best tokens after each row DRAFT_TOKENS named (its greedy token first), "
+                       "padded with -1; 0 rows without DRAFT_TOKENS"),
+    TensorSpec("ROW_TOPK_LOGPROBS", "float32", (DRAFTS, TOP_K_DIM), outputs_of=(ENSEMBLE, CLOUD_PARTITION),
+               verification=True, meaning="their log-probabilities, padded with -inf"),
 ]}
 
 
@@ -120,9 +153,14 @@ TOKEN_IDS = "TOKEN_IDS"
 START_POS = "START_POS"
 WANT_TOKEN = "WANT_TOKEN"
 SPLIT_LAYER = "SPLIT_LAYER"
-PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = (t.name for t in outputs_of(CONTEXT_MANAGER))
-OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE))  # what an edge asks for
+SESSION_KEY = "SESSION_KEY"
+DRAFT_TOKENS, DRAFT_EXITS, ROLLBACK_TO = "DRAFT_TOKENS", "DRAFT_EXITS", "ROLLBACK_TO"
+PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = "PENDING_HIDDEN", "PENDING_START", "PENDING_SPLIT", "PENDING_WANT"
+PENDING_DRAFTS, PENDING_DRAFT_EXITS, PENDING_ROLLBACK = "PENDING_DRAFTS", "PENDING_DRAFT_EXITS", "PENDING_ROLLBACK"
+OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE) if not t.verification)  # what every token request asks for
 TOKEN_ID, CONFIDENCE, TOPK_IDS, TOPK_LOGPROBS, CATCHUP_ROWS = OUTPUTS
+ROW_OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE) if t.verification)  # ... and a request with drafts too
+ROW_TOPK_IDS, ROW_TOPK_LOGPROBS = ROW_OUTPUTS
 
 # gRPC metadata key in which the edge sends its sequence id on every request: a front that routes
 # sessions to replicas hashes on it (plugin/serving/front.py, docs/scaling.md).

@@ -10,10 +10,12 @@ import torch
 
 from plugin.protocol.codec import EncodedRows
 from plugin.protocol.errors import ErrorCode, ProtocolError
-from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
+from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import (
-    CATCHUP_ROWS, CONFIDENCE, HIDDEN_INPUTS, PENDING_HIDDEN, PENDING_SPLIT, PENDING_START, PENDING_WANT,
-    SCALE_INPUTS, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
+    CATCHUP_ROWS, CONFIDENCE, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_INPUTS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
+    PENDING_HIDDEN, PENDING_ROLLBACK, PENDING_SPLIT, PENDING_START, PENDING_WANT, ROLLBACK_TO, ROW_TOPK_IDS,
+    ROW_TOPK_LOGPROBS, SCALE_INPUTS, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS,
+    TOPK_LOGPROBS, WANT_TOKEN)
 
 
 Tensors = dict[str, np.ndarray]
@@ -35,6 +37,12 @@ def request_inputs(req: CloudRequest) -> Tensors:
         out[TOKEN_IDS] = req.token_ids[None]
     if req.split_layer is not None:
         out[SPLIT_LAYER] = _one(SPLIT_LAYER, req.split_layer)
+    if req.session_key:
+        out[SESSION_KEY] = _one(SESSION_KEY, req.session_key)
+    if req.drafts is not None:
+        out[DRAFT_TOKENS], out[DRAFT_EXITS] = req.drafts.tokens[None], req.drafts.exits[None]
+    if req.rollback_to is not None:
+        out[ROLLBACK_TO] = _one(ROLLBACK_TO, req.rollback_to)
     return out
 
 
@@ -72,8 +80,11 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
     start_pos = _scalar(inputs, START_POS)
     if start_pos < 0:
         raise ProtocolError(ErrorCode.MALFORMED, f"START_POS must be >= 0, got {start_pos}")
+    key = _scalar(inputs, SESSION_KEY)
+    if key is not None and key <= 0:
+        raise ProtocolError(ErrorCode.MALFORMED, f"SESSION_KEY must be in [1, 2^63), got {key}")
     req = CloudRequest(sequence_id, start_pos, bool(_scalar(inputs, WANT_TOKEN)),
-                       split_layer=_scalar(inputs, SPLIT_LAYER), start=start, end=end)
+                       split_layer=_scalar(inputs, SPLIT_LAYER), start=start, end=end, session_key=key or 0)
     if hidden:
         codec, name = hidden[0]
         scale_name = SCALE_INPUTS.get(codec)
@@ -82,7 +93,28 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
                                _unbatched(scale, scale_name) if scale is not None else None)
     else:
         req.token_ids = _unbatched(inputs[TOKEN_IDS], TOKEN_IDS)
+    req.drafts = _drafts(inputs)
+    req.rollback_to = _scalar(inputs, ROLLBACK_TO)
+    if req.rollback_to is not None and req.rollback_to < 0:
+        raise ProtocolError(ErrorCode.MALFORMED, f"ROLLBACK_TO must be >= 0, got {req.rollback_to}")
     return req
+
+
+def _drafts(inputs: Tensors) -> Drafts | None:
+    """DRAFT_TOKENS and DRAFT_EXITS, both or neither, of one width and their table's dtypes."""
+    given = [name for name in (DRAFT_TOKENS, DRAFT_EXITS) if name in inputs]
+    if not given:
+        return None
+    if len(given) == 1:
+        raise ProtocolError(ErrorCode.MALFORMED, f"send {DRAFT_TOKENS} and {DRAFT_EXITS} together, got only {given[0]}")
+    tokens, exits = (_unbatched(inputs[name], name) for name in (DRAFT_TOKENS, DRAFT_EXITS))
+    for name, value in ((DRAFT_TOKENS, tokens), (DRAFT_EXITS, exits)):
+        if value.dtype != TENSORS[name].np_dtype:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{name} must be {TENSORS[name].dtype}, got {value.dtype.name}")
+    if tokens.shape != exits.shape:
+        raise ProtocolError(ErrorCode.MALFORMED, f"{DRAFT_TOKENS} has {tokens.shape[0]} drafts but {DRAFT_EXITS} "
+                                                 f"{exits.shape[0]}: one exit per draft")
+    return Drafts(tokens, exits)
 
 
 def block_outputs(block: PendingBlock) -> Tensors:
@@ -92,33 +124,63 @@ def block_outputs(block: PendingBlock) -> Tensors:
         PENDING_START: _one(PENDING_START, block.start_pos),
         PENDING_SPLIT: _one(PENDING_SPLIT, block.split_layer),
         PENDING_WANT: _one(PENDING_WANT, block.want_token),
+        **_pending_verification(block),
     }
 
 
+def _pending_verification(block: PendingBlock) -> Tensors:
+    """The drafts (0 wide without) and the rollback (-1 without) of a pending block."""
+    drafts = block.drafts or Drafts(np.zeros(0, np.int64), np.zeros(0, np.int32))
+    rollback = -1 if block.rollback_to is None else block.rollback_to
+    return {PENDING_DRAFTS: drafts.tokens[None], PENDING_DRAFT_EXITS: drafts.exits[None],
+            PENDING_ROLLBACK: _one(PENDING_ROLLBACK, rollback)}
+
+
 def block_from_inputs(inputs: Tensors, sequence_id: int, start: bool, end: bool) -> PendingBlock:
-    hidden = inputs[PENDING_HIDDEN][0]  # [n, D]; the context manager already validated it
+    hidden = inputs[PENDING_HIDDEN][0]  # [n, D]; the context manager already validated it and the drafts
+    drafts = Drafts(inputs[PENDING_DRAFTS][0], inputs[PENDING_DRAFT_EXITS][0])
+    rollback = int(inputs[PENDING_ROLLBACK][0, 0])
     return PendingBlock(sequence_id, int(inputs[PENDING_SPLIT][0, 0]), int(inputs[PENDING_START][0, 0]),
                         torch.from_numpy(np.ascontiguousarray(hidden)), bool(inputs[PENDING_WANT][0, 0]),
-                        start, end)
+                        start, end, drafts=drafts if len(drafts) else None, rollback_to=None if rollback < 0 else rollback)
 
 
-def reply_outputs(reply: CloudReply, top_k: int = TOP_K) -> Tensors:
-    """Upload-only replies carry TOKEN_ID -1 and padded top-k (-1 ids, -inf log-probs)."""
-    ids = np.full((1, top_k), -1, TENSORS[TOPK_IDS].np_dtype)
-    logprobs = np.full((1, top_k), -np.inf, TENSORS[TOPK_LOGPROBS].np_dtype)
-    ids[0, : len(reply.topk_ids)] = reply.topk_ids
-    logprobs[0, : len(reply.topk_logprobs)] = reply.topk_logprobs
-    return {
+def _padded_topk(pairs: list[tuple[list[int], list[float]]], top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """[len(pairs), top_k] ids and log-probs, padded with -1 and -inf."""
+    ids = np.full((len(pairs), top_k), -1, TENSORS[TOPK_IDS].np_dtype)
+    logprobs = np.full((len(pairs), top_k), -np.inf, TENSORS[TOPK_LOGPROBS].np_dtype)
+    for i, (row_ids, row_logprobs) in enumerate(pairs):
+        ids[i, : len(row_ids)], logprobs[i, : len(row_logprobs)] = row_ids, row_logprobs
+    return ids, logprobs
+
+
+def reply_outputs(reply: CloudReply, top_k: int = TOP_K, rows: bool = True) -> Tensors:
+    """Upload-only replies carry TOKEN_ID -1 and padded top-k (-1 ids, -inf log-probs). rows: also ROW_TOPK_*
+    (one row per draft; the models that declare them)."""
+    ids, logprobs = _padded_topk([(reply.topk_ids, reply.topk_logprobs)], top_k)
+    out = {
         TOKEN_ID: _one(TOKEN_ID, reply.token_id),
         CONFIDENCE: _one(CONFIDENCE, reply.confidence),
         TOPK_IDS: ids,
         TOPK_LOGPROBS: logprobs,
         CATCHUP_ROWS: _one(CATCHUP_ROWS, reply.catchup_rows),
     }
+    if rows:
+        row_ids, row_logprobs = _padded_topk([(r.ids, r.logprobs) for r in reply.rows], top_k)
+        out[ROW_TOPK_IDS], out[ROW_TOPK_LOGPROBS] = row_ids[None], row_logprobs[None]  # [1, r, K]
+    return out
+
+
+def _unpadded(ids: np.ndarray, logprobs: np.ndarray) -> tuple[list[int], list[float]]:
+    valid = ids >= 0
+    return ids[valid].tolist(), logprobs[valid].tolist()
 
 
 def reply_from_outputs(outputs: Tensors) -> CloudReply:
-    ids, logprobs = outputs[TOPK_IDS][0], outputs[TOPK_LOGPROBS][0]
-    valid = ids >= 0
-    return CloudReply(int(outputs[TOKEN_ID][0, 0]), float(outputs[CONFIDENCE][0, 0]), ids[valid].tolist(),
-                      logprobs[valid].tolist(), int(outputs[CATCHUP_ROWS][0, 0]))
+    """ROW_TOPK_* are read when present (a request with drafts asked for them)."""
+    reply = CloudReply(int(outputs[TOKEN_ID][0, 0]), float(outputs[CONFIDENCE][0, 0]),
+                       *_unpadded(outputs[TOPK_IDS][0], outputs[TOPK_LOGPROBS][0]), int(outputs[CATCHUP_ROWS][0, 0]))
+    if ROW_TOPK_IDS in outputs:
+        reply.rows = [RowVerdict(*_unpadded(ids, logprobs))
+                      for ids, logprobs in zip(outputs[ROW_TOPK_IDS][0], outputs[ROW_TOPK_LOGPROBS][0])]
+    return reply

@@ -1,12 +1,12 @@
 """Bring back a python model whose backend stub died.
 
 Triton 2.51 never restarts a dead Python-backend stub (SIGKILL, out of memory): every later request
-to that model fails with INTERNAL "Stub process ... is not healthy" while the server and the model
-still report READY (ENVIRONMENT.md). Measured here: a plain `load` of the unchanged model is a no-op,
-while `unload` then `load` (model-control mode explicit) starts a fresh stub and the model answers
-again. The healer watches the server's stub processes and does exactly that for the model whose
-stub died. The sessions that model held are gone; the edge's next request for them is answered
-"needs START" and it re-syncs, as after a server restart.
+to that model fails (Triton's words: the MODEL_DOWN signatures in plugin/protocol/errors.py) while
+the server and the model still report READY (ENVIRONMENT.md). Measured here: a plain `load` of the
+unchanged model is a no-op, while `unload` then `load` (model-control mode explicit) starts a fresh
+stub and the model answers again. The healer watches the server's stub processes and does exactly
+that for the model whose stub died. The sessions that model held are gone; the edge's next request
+for them is answered "needs START" and it re-syncs, as after a server restart.
 """
 from __future__ import annotations
 

@@ -51,14 +51,20 @@ def tensor_rows(specs: list[TensorSpec], hidden_size: int, as_input: bool) -> li
                           t.ragged and as_input) for t in specs]
 
 
-def edge_inputs(hidden_size: int) -> list[str]:
-    """What an edge sends: the ensemble's inputs."""
-    return tensor_rows(inputs_of(ENSEMBLE), hidden_size, as_input=True)
+def edge_inputs(hidden_size: int, verification: bool = True) -> list[str]:
+    """What an edge sends: the ensemble's inputs (verification=False: without drafts and rollbacks)."""
+    return tensor_rows(with_verification(inputs_of(ENSEMBLE), verification), hidden_size, as_input=True)
 
 
-def token_outputs(hidden_size: int) -> list[str]:
-    """What an edge gets back: the ensemble's outputs."""
-    return tensor_rows(outputs_of(ENSEMBLE), hidden_size, as_input=False)
+def token_outputs(hidden_size: int, verification: bool = True) -> list[str]:
+    """What an edge gets back: the ensemble's outputs (verification=False: without the verdicts on drafts)."""
+    return tensor_rows(with_verification(outputs_of(ENSEMBLE), verification), hidden_size, as_input=False)
+
+
+def with_verification(specs: list[TensorSpec], verification: bool) -> list[TensorSpec]:
+    """`specs`, less those of verified mode unless `verification` (a model that cannot check drafts declares none,
+    so Triton itself refuses them)."""
+    return [t for t in specs if verification or not t.verification]
 
 
 def maps(kind: str, names: list[str], internal: bool = False) -> str:
@@ -98,11 +104,12 @@ def ensemble_step(model: str, input_map: str, output_map: str) -> str:
     return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{input_map}\n{output_map}\n    }}'
 
 
-def render_ensemble(hidden_size: int, max_batch_size: int, steps: list[str]) -> str:
+def render_ensemble(hidden_size: int, max_batch_size: int, steps: list[str], verification: bool = True) -> str:
     """ce_collm: the edge-facing inputs and outputs, and its steps."""
     return (
         f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
-        + block("input", edge_inputs(hidden_size)) + block("output", token_outputs(hidden_size))
+        + block("input", edge_inputs(hidden_size, verification))
+        + block("output", token_outputs(hidden_size, verification))
         + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )
 

@@ -5,6 +5,7 @@ tests drive them directly.
 """
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -12,12 +13,12 @@ from typing import Callable, Protocol
 import torch
 
 from plugin.model.checkpoint import load_model, read_config
-from plugin.protocol.errors import ProtocolError
+from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import PendingBlock
 from plugin.protocol.wire import block_from_inputs, block_outputs, reply_outputs, request_from_inputs, Tensors
 from plugin.split.cloud import CloudPartition, token_block
 from plugin.split.context import ContextManager
-from plugin.split.limits import Limits
+from plugin.split.limits import Limits, MemoryBudget
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -45,19 +46,34 @@ class Service(Protocol):
     def sweep(self) -> list[int]:
         """Expire idle sessions now; the adapter calls it periodically, between requests."""
 
-    def metrics(self) -> dict[str, float]:
-        """Counters (names ending in _total) and gauges, reported after every execute()."""
+    def metrics(self) -> dict[str, float | dict[int, float]]:
+        """Counters (names ending in _total) and gauges, reported after every execute(); a dict holds one value
+        per value of the metric's label (triton_adapter.METRIC_LABELS)."""
+
+
+def error_answer(error: Exception, where: str = "") -> ProtocolError:
+    """What a request that raised `error` is answered, kept without the traceback (which would keep every frame
+    it passed through alive, request arrays included): a refusal as it is; anything else, a bug, INTERNAL with
+    its traceback as text for the server log."""
+    if isinstance(error, ProtocolError):
+        return error.detached()
+    return ProtocolError(ErrorCode.INTERNAL, f"{where}internal error: {type(error).__name__}: {error}",
+                         "".join(traceback.format_exception(error)))
 
 
 def one_by_one(batch: list[RequestData], answer: Callable[[RequestData], Tensors]) -> list[Result]:
-    """Each request answered on its own; a refused one fails alone."""
+    """Each request answered on its own; a refused or failing one fails alone."""
     results: list[Result] = []
     for r in batch:
         try:
             results.append(answer(r))
-        except ProtocolError as e:
-            results.append(e)
+        except Exception as e:  # refused, or a bug met by this request alone
+            results.append(error_answer(e))
     return results
+
+
+def budget_metrics(budget: MemoryBudget) -> dict[str, float]:
+    return {"state_budget_bytes": budget.limit_bytes, "memory_refusals_total": budget.refusals}
 
 
 def limits_from(params: dict[str, str]) -> Limits:
@@ -81,7 +97,7 @@ class ContextManagerService:
         cfg = read_config(checkpoint_path(params, repository_root))
         self.limits = limits_from(params)
         self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits,
-                                      min_split_layer=min_split_layer(params))
+                                      min_split_layer=min_split_layer(params), vocab_size=cfg.vocab_size)  # rows stay in RAM
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
         return one_by_one(batch, self._answer)
@@ -93,12 +109,15 @@ class ContextManagerService:
         return self.manager.expire()
 
     def metrics(self) -> dict[str, float]:
-        return {"sessions_live": len(self.manager.sessions), "rows_uploaded_total": self.manager.rows_uploaded,
-                "pending_bytes": self.manager.pending_bytes}
+        m = self.manager
+        return {"sessions_live": len(m.sessions), "rows_uploaded_total": m.rows_uploaded,
+                "pending_bytes": m.pending_bytes, **budget_metrics(m.budget)}
 
 
 class CloudPartitionService:
     """The cloud partition: layers [min_split_layer, N) over the blocks the context manager hands it."""
+
+    row_outputs = True  # its config declares ROW_TOPK_* (the verdicts on drafts)
 
     def __init__(self, params: dict[str, str], repository_root: Path, device: str = "cpu"):
         checkpoint = checkpoint_path(params, repository_root)
@@ -121,23 +140,27 @@ class CloudPartitionService:
             try:
                 blocks.append(self._block(r))
                 where.append(i)
-            except ProtocolError as e:
-                results[i] = e
+            except Exception as e:  # refused, or a bug met by this request alone
+                results[i] = error_answer(e)
         for i, reply in zip(where, self.partition.step(blocks)):
-            results[i] = reply if isinstance(reply, ProtocolError) else reply_outputs(reply, self.partition.top_k)
+            results[i] = reply if isinstance(reply, ProtocolError) else reply_outputs(reply, self.partition.top_k,
+                                                                                      self.row_outputs)
         return results
 
     def sweep(self) -> list[int]:
         return self.partition.expire()
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, float | dict[int, float]]:
         p = self.partition
         return {"sessions_live": len(p.sequences), "tokens_served_total": p.tokens_served,
-                "layer_rows_computed_total": p.rows_computed, "kv_bytes": p.kv_bytes}
+                "layer_rows_computed_total": p.rows_computed, "kv_bytes": p.kv_bytes, **budget_metrics(p.budget),
+                "verified_rows_total": dict(p.drafts_checked), "draft_agreements_total": dict(p.drafts_agreed)}
 
 
 class CloudOnlyService(CloudPartitionService):
     """The cloud-only baseline: token ids straight from the client into the whole model (no context manager)."""
+
+    row_outputs = False
 
     def _first_layer(self, params: dict[str, str]) -> int:
         return 0

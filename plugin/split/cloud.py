@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
 from plugin.model.decoder import DecoderModel
-from plugin.model.kv import PositionError, SequenceKV
+from plugin.model.kv import position_mark, SequenceKV
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
-from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
+from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
-from plugin.split.limits import Admission, Limits
+from plugin.split.context import drafted_rows, window_text
+from plugin.split.limits import Admission, check_session_key, Limits, MemoryBudget, require_session_key
 
 
 @dataclass
@@ -21,13 +24,16 @@ class _Sequence:
     split_layer: int
     kv: SequenceKV
     last_seen: float
+    key: int = 0  # SESSION_KEY of a cloud-only session; 0 for the ensemble's (its context manager checks keys)
+    rollback_window: range = field(default_factory=lambda: range(0))  # as the context manager keeps it
 
 
 class CloudPartition:
     """Resumes each session at its split layer; batches the blocks of many sessions in one pass.
 
     A block with split layer 0 holds token ids (the cloud-only baseline); otherwise it holds the
-    layer-k hidden states that the context manager handed over.
+    layer-k hidden states that the context manager handed over. Each block is answered on its own:
+    one that is refused or fails leaves the others of its batch as if it had not been there.
     """
 
     def __init__(self, model: DecoderModel, limits: Limits | None = None, top_k: int = TOP_K,
@@ -35,9 +41,12 @@ class CloudPartition:
         self.model, self.limits, self.top_k, self.clock = model, limits or Limits(), top_k, clock
         # the context manager in front admits sessions by the same rule, with this partition's first layer
         self.admission = Admission(self.limits, model.cfg.num_layers, model.layer_range.start)
+        self.budget = MemoryBudget(self.limits, str(model.device))
         self.sequences: dict[int, _Sequence] = {}
         self.rows_computed = 0
         self.tokens_served = 0
+        self.drafts_checked: Counter[int] = Counter()  # exit layer -> drafts the full model checked
+        self.drafts_agreed: Counter[int] = Counter()  # exit layer -> ... that were its greedy token
 
     @torch.inference_mode()
     def step(self, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
@@ -46,40 +55,112 @@ class CloudPartition:
         self.expire(now)
         replies: list[CloudReply | ProtocolError] = [CloudReply() for _ in blocks]
         ready: dict[int, list[int]] = {}  # split layer -> indices of blocks to compute
+        held = self.kv_bytes  # and what the blocks admitted so far will add
         for i, block in enumerate(blocks):
             try:
-                seq = self._sequence_for(block, now)
+                seq, more = self._admit(block, now, held)
             except ProtocolError as e:
-                replies[i] = e
+                replies[i] = e.detached()
                 continue
+            except Exception as e:  # a bug: this sequence alone fails
+                replies[i] = self._lost(block, e)
+                continue
+            held += more
             if block.want_token:
                 ready.setdefault(seq.split_layer, []).append(i)
         for split, indices in ready.items():
-            for i, reply in zip(indices, self._run(split, [blocks[i] for i in indices])):
+            for i, reply in zip(indices, self._compute(split, [blocks[i] for i in indices])):
                 replies[i] = reply
+        for block, reply in zip(blocks, replies):
+            if not isinstance(reply, ProtocolError):
+                self.sequences[block.sequence_id].rollback_window = drafted_rows(block.start_pos + block.num_rows,
+                                                                                 block.drafts)
         for block in blocks:
             if block.end:
                 self.sequences.pop(block.sequence_id, None)
         return replies
 
-    def _sequence_for(self, block: PendingBlock, now: float) -> _Sequence:
+    def _admit(self, block: PendingBlock, now: float, held: int) -> tuple[_Sequence, int]:
+        """The block's sequence once every check passed, and the bytes its state will grow by; nothing
+        changes before, except a sequence found out of step with its context manager, which is dropped."""
+        old = self.sequences.get(block.sequence_id)
+        if block.want_token and block.num_rows == 0:
+            raise ProtocolError(ErrorCode.MALFORMED, "token request with no rows: the cloud has nothing to compute "
+                                                     "a token from")
         if block.start:
             self.admission.check_start(block.sequence_id, block.split_layer, self.sequences)
-            kv = self.model.new_sequence(block.split_layer, self.model.cfg.num_layers)
-            self.sequences[block.sequence_id] = _Sequence(block.split_layer, kv, now)
-        seq = self.sequences.get(block.sequence_id)
-        if seq is None:
+            if old is not None:
+                check_session_key(block.sequence_id, block.session_key, old.key)
+            seq = _Sequence(block.split_layer, self.model.new_sequence(block.split_layer, self.model.cfg.num_layers),
+                            now, block.session_key)
+        elif old is None:
             raise SequenceNeedsStart(f"sequence {block.sequence_id} has no cloud state: re-send its context with START")
-        held = seq.kv.length(seq.split_layer)
-        if block.want_token and block.start_pos != held:
-            raise ProtocolError(ErrorCode.STATE_MISMATCH, f"sequence {block.sequence_id}: block starts at "
-                                                          f"{block.start_pos}, cloud state holds {held} positions; "
-                                                          "re-send with START")
-        if block.want_token and held + block.num_rows > self.limits.max_context:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {held + block.num_rows} positions exceeds "
+        else:
+            check_session_key(block.sequence_id, block.session_key, old.key)
+            seq = old
+        positions = self._held_after_rollback(block, seq)
+        if block.want_token and block.start_pos != positions:
+            self._out_of_step(block, positions)
+        if block.want_token and positions + block.num_rows > self.limits.max_context:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {positions + block.num_rows} positions exceeds "
                                                           f"the limit of {self.limits.max_context}")
+        more = seq.kv.nbytes_after(block.num_rows if block.want_token else 0) - (old.kv.nbytes if old else 0)
+        self.budget.check(held, more)
+        self.sequences[block.sequence_id] = seq
         seq.last_seen = now
-        return seq
+        if block.rollback_to is not None:
+            seq.kv.rewind(position_mark(seq.kv.layers, block.rollback_to))
+        return seq, more
+
+    def _out_of_step(self, block: PendingBlock, positions: int) -> None:
+        """A block that does not start where the sequence's KV ends. From a cloud-only client it is the
+        client's mistake, refused; from the context manager it means the two steps of the ensemble disagree
+        (a step failed after the other had applied the request, a stub was reloaded): the sequence is
+        dropped and the edge re-syncs both."""
+        if block.token_ids is not None:
+            gap = block.start_pos > positions
+            raise ProtocolError(ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
+                                f"position {'gap' if gap else 'overlap'}: sequence {block.sequence_id} expects its "
+                                f"next token at position {positions}, the request starts at {block.start_pos}")
+        del self.sequences[block.sequence_id]
+        raise SequenceNeedsStart(f"sequence {block.sequence_id}: the context manager's block starts at "
+                                 f"{block.start_pos}, the cloud partition holds {positions} positions; state dropped, "
+                                 "re-send the context with START")
+
+    def _compute(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
+        """The blocks as one batch; when that fails, each alone (rewound first), so that one failing block
+        fails alone and the others are computed as if it had not been there."""
+        marks = [self.sequences[block.sequence_id].kv.mark() for block in blocks]
+        try:
+            return self._run(split, blocks)
+        except Exception as e:
+            for block, mark in zip(blocks, marks):
+                self.sequences[block.sequence_id].kv.rewind(mark)
+            if len(blocks) == 1:
+                return [self._lost(blocks[0], e)]
+        return [self._compute(split, [block])[0] for block in blocks]
+
+    def _lost(self, block: PendingBlock, error: Exception) -> SequenceNeedsStart:
+        """An unexpected failure on one sequence: its state cannot be vouched for, so it is dropped and the
+        edge re-syncs it (a failure that repeats fails the re-sync too, and the edge gives up)."""
+        self.sequences.pop(block.sequence_id, None)
+        return SequenceNeedsStart(f"sequence {block.sequence_id}: the cloud partition failed on it "
+                                  f"({type(error).__name__}: {error}) and dropped its state; re-send its context with "
+                                  "START", details="".join(traceback.format_exception(error)))
+
+    def _held_after_rollback(self, block: PendingBlock, seq: _Sequence) -> int:
+        """Positions the KV holds once the block's rollback (checked by the context manager) is applied. A rollback
+        this partition cannot apply means the two halves of the ensemble disagree: this sequence is dropped and the
+        edge re-syncs both (needs START), rather than going on with a half-applied rollback."""
+        held = seq.kv.length(seq.split_layer)
+        if block.rollback_to is None:
+            return held
+        if block.rollback_to not in seq.rollback_window or block.rollback_to > held:
+            self.sequences.pop(block.sequence_id, None)
+            raise SequenceNeedsStart(f"sequence {block.sequence_id}: the cloud partition cannot roll back to "
+                                     f"{block.rollback_to} (it holds {held} positions; its last drafts allow "
+                                     f"{window_text(seq.rollback_window)}): re-send the context with START")
+        return block.rollback_to
 
     def _run(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
         model = self.model
@@ -101,25 +182,38 @@ class CloudPartition:
             for b, block in enumerate(blocks):
                 h[b, : lengths[b]] = block.hidden.to(model.device, model.dtype)
         kvs = [self.sequences[block.sequence_id].kv for block in blocks]
-        try:
-            h = model.run_layers(h, positions, split, model.cfg.num_layers, kvs, lengths)
-        except PositionError as e:  # cannot happen after the checks above; reported, never half-applied silently
-            return [ProtocolError(ErrorCode.STATE_MISMATCH, str(e)) for _ in blocks]
-        last = h[torch.arange(len(blocks)), torch.tensor(lengths) - 1]  # [B, D]
-        logprobs = torch.log_softmax(model.exit_logits(last, model.cfg.num_layers).float(), dim=-1)
-        finite = torch.isfinite(logprobs).all(dim=-1)  # [B]; rows are per sequence, so one bad block spoils no other
+        h = model.run_layers(h, positions, split, model.cfg.num_layers, kvs, lengths)
+        # the head runs on each block's last row, or on every row its drafts name (the last row among them)
+        heads = [len(b.drafts) if b.drafts is not None else 1 for b in blocks]
+        owner = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(heads))  # [H]
+        row = torch.cat([torch.arange(n - r, n) for n, r in zip(lengths, heads)])  # [H]
+        logprobs = torch.log_softmax(model.exit_logits(h[owner, row], model.cfg.num_layers).float(), dim=-1)  # [H, V]
+        finite = torch.isfinite(logprobs).all(dim=-1)  # [H]; rows are per sequence, so one bad block spoils no other
         top = logprobs.topk(self.top_k, dim=-1)
+        ids, values = top.indices.tolist(), top.values.tolist()
         self.rows_computed += sum(lengths) * (model.cfg.num_layers - split)
-        self.tokens_served += int(finite.sum())
-        return [
-            CloudReply(
-                token_id=int(top.indices[b, 0]), confidence=float(top.values[b, 0].exp()),
-                topk_ids=top.indices[b].tolist(), topk_logprobs=top.values[b].tolist(), catchup_rows=lengths[b],
-            ) if finite[b] else ProtocolError(
-                ErrorCode.NOT_FINITE, f"sequence {blocks[b].sequence_id}: the cloud's logits are not finite; its hidden rows are out of range"
-            )
-            for b in range(len(blocks))
-        ]
+        replies: list[CloudReply | ProtocolError] = []
+        for b, (block, end) in enumerate(zip(blocks, torch.tensor(heads).cumsum(0).tolist())):
+            span = range(end - heads[b], end)
+            if not bool(finite[span.start: span.stop].all()):
+                replies.append(ProtocolError(ErrorCode.NOT_FINITE, f"sequence {block.sequence_id}: the cloud's logits "
+                                                                   "are not finite; its hidden rows are out of range"))
+                continue
+            last = span.stop - 1
+            reply = CloudReply(token_id=ids[last][0], confidence=float(np.exp(values[last][0])), topk_ids=ids[last],
+                               topk_logprobs=values[last], catchup_rows=lengths[b])
+            if block.drafts is not None:
+                reply.rows = [RowVerdict(ids[i], values[i]) for i in span]
+                self._count_agreement(block, reply.rows)
+            self.tokens_served += 1
+            replies.append(reply)
+        return replies
+
+    def _count_agreement(self, block: PendingBlock, rows: list[RowVerdict]) -> None:
+        """Live exit fidelity: how often each edge exit's guess was the full model's greedy token."""
+        for token, exit_layer, verdict in zip(block.drafts.tokens.tolist(), block.drafts.exits.tolist(), rows):
+            self.drafts_checked[exit_layer] += 1
+            self.drafts_agreed[exit_layer] += int(token == verdict.token)
 
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sequences idle longer than the TTL (called on every step and by a periodic sweep)."""
@@ -140,6 +234,8 @@ def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None
     ids = req.token_ids
     if ids is None or ids.ndim != 1 or ids.dtype != np.int64:
         raise ProtocolError(ErrorCode.MALFORMED, "TOKEN_IDS must be int64 of shape [1, n]")
+    if req.start:
+        require_session_key(req.session_key)
     if req.nbytes > limits.max_request_bytes:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"request payload of {req.nbytes} bytes exceeds the limit of "
                                                       f"{limits.max_request_bytes} bytes per request")
@@ -150,7 +246,9 @@ def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None
         raise ProtocolError(ErrorCode.MALFORMED, f"token ids must lie in [0, {vocab_size})")
     if ids.size and not req.want_token:  # no context manager in front of cloud_only: nothing would keep them
         raise ProtocolError(ErrorCode.MALFORMED, "cloud_only keeps no pending tokens: send TOKEN_IDS with WANT_TOKEN true")
+    if req.drafts is not None or req.rollback_to is not None:
+        raise ProtocolError(ErrorCode.MALFORMED, "cloud_only checks no drafts and rolls nothing back: send those "
+                                                 "to the ce_collm ensemble")
     return PendingBlock(req.sequence_id, 0, req.start_pos, torch.empty(0, 0), req.want_token, req.start, req.end,
-                        token_ids=torch.from_numpy(ids.copy()))
-
+                        token_ids=torch.from_numpy(ids.copy()), session_key=req.session_key)
 

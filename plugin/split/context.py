@@ -2,43 +2,86 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
-from plugin.protocol.codec import decode
+from plugin.protocol.codec import check, EncodedRows, to_tensor
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
-from plugin.protocol.messages import CloudRequest, PendingBlock
-from plugin.split.limits import Admission, Limits, RateLimiter
+from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
+from plugin.split.limits import (
+    Admission, check_session_key, Limits, MemoryBudget, RateLimiter, require_session_key)
 
 
-@dataclass
-class _Session:
-    split_layer: int
-    requests: RateLimiter  # this session's request rate; kept across a re-START
-    next_position: int = 0  # the position the next uploaded row must have
+@dataclass(frozen=True)
+class _Context:
+    """What a session holds: positions [0, next_position) arrived; rows [first_pending, next_position) wait
+    for a token request, as they arrived (fp16/int8 stay fp16/int8)."""
+
+    next_position: int = 0
     first_pending: int = 0
-    pending: list[torch.Tensor] = field(default_factory=list)  # [n_i, D] blocks, contiguous
-    last_seen: float = 0.0
+    pending: tuple[EncodedRows, ...] = ()
+    # where ROLLBACK_TO may point in the next request: the drafted rows of the last request, if it had drafts
+    rollback_window: range = range(0)
 
     @property
     def pending_rows(self) -> int:
         return self.next_position - self.first_pending
 
 
+@dataclass
+class _Session:
+    split_layer: int
+    key: int  # SESSION_KEY of its START: every later request must carry it
+    requests: RateLimiter  # this session's request rate; kept across a re-START
+    context: _Context = _Context()
+    # A request that starts where the last one started is that request sent again: its reply was an error,
+    # or was lost, and the context manager cannot tell whether the cloud partition behind it applied it.
+    # An upload never reaches the partition, so it is replaced (`before_last` is the context before it); a
+    # token request may have been computed there, so its retry is answered NEEDS_START and the edge re-syncs
+    # both steps. A request with ROLLBACK_TO sent again is refused ROLLBACK_REFUSED (the window it used is
+    # closed), which the edge's ReconnectingLink also turns into a re-sync. Either way the two steps of the
+    # ensemble never drift apart.
+    before_last: _Context | None = None  # the context before the last request, if that request only uploaded
+    last_start: int = -1
+    last_seen: float = 0.0
+
+    @property
+    def next_position(self) -> int:
+        return self.context.next_position
+
+    @property
+    def pending(self) -> tuple[EncodedRows, ...]:
+        """The rows waiting for a token request."""
+        return self.context.pending
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rows it holds (`before_last` holds a prefix of them)."""
+        return _held_bytes(self.context)
+
+
+def _held_bytes(context: _Context) -> int:
+    return sum(rows.nbytes for rows in context.pending)
+
+
 class ContextManager:
-    """Validates every upload before it touches stored state, so a bad request loses nothing."""
+    """Checks every request before it touches stored state, so a refused request changes nothing."""
 
     def __init__(self, hidden_size: int, num_layers: int, limits: Limits | None = None,
-                 clock: Callable[[], float] = time.monotonic, min_split_layer: int = 1):
-        """min_split_layer: the first layer the cloud partition behind this manager holds."""
+                 clock: Callable[[], float] = time.monotonic, min_split_layer: int = 1, device: str = "cpu",
+                 vocab_size: int | None = None):
+        """min_split_layer: the first layer the cloud partition behind this manager holds; vocab_size bounds draft
+        tokens (None: only >= 0 is checked)."""
         if min_split_layer < 1:  # the rows are layer-k hidden states; split 0 (token ids) is cloud_only's
             raise ValueError(f"the context manager keeps hidden rows: min_split_layer must be >= 1, "
                              f"got {min_split_layer}")
-        self.hidden_size, self.num_layers = hidden_size, num_layers
+        self.hidden_size, self.num_layers, self.vocab_size = hidden_size, num_layers, vocab_size
         self.limits = limits or Limits()
         self.admission = Admission(self.limits, num_layers, min_split_layer)
+        self.budget = MemoryBudget(self.limits, device)
         self.clock = clock
         self.sessions: dict[int, _Session] = {}
         self.rows_uploaded = 0
@@ -47,10 +90,74 @@ class ContextManager:
         now = self.clock()
         self.expire(now)
         session = self._session_for(req, now)
-        if not session.requests.allow(now):  # every request counts, the ones refused below too
+        if not session.requests.allow(now):  # every request with the session's key counts, refused ones too
             raise ProtocolError(ErrorCode.RATE_LIMITED,
                                 f"rate limit: {self.limits.max_requests_per_s:g} requests/s per session "
                                 f"(sequence {req.sequence_id}); slow down and retry")
+        n = self._check_size(req)
+        check(req.rows, self.hidden_size)  # dtype, shape, scales, NaN/Inf: CodecError is MALFORMED
+        base = self._after_rollback(req, self._base(session, req))
+        if req.start_pos != base.next_position:
+            gap = req.start_pos > base.next_position
+            raise ProtocolError(
+                ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
+                f"position {'gap' if gap else 'overlap'}: sequence {req.sequence_id} expects its next row at position "
+                f"{base.next_position}, the request starts at {req.start_pos}"
+            )
+        if base.next_position + n > self.limits.max_context:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {base.next_position + n} positions exceeds "
+                                                          f"the limit of {self.limits.max_context}")
+        if req.want_token and base.pending_rows + n == 0:
+            raise ProtocolError(ErrorCode.MALFORMED,
+                                "token request with no rows: the cloud has nothing to compute a token from")
+        self._check_drafts(req, session, base.pending_rows + n)
+        keep = n > 0 and not req.want_token  # rows stored; a token request hands them on at once
+        live = self.sessions.get(req.sequence_id)
+        self.budget.check(self.pending_bytes, (0 if req.want_token else _held_bytes(base))
+                          + (req.rows.nbytes if keep else 0) - (live.nbytes if live is not None else 0))
+        # Every check passed: only now does stored state change.
+        rows = (_owned(req.rows) if keep else req.rows,) if n else ()
+        after = _Context(base.next_position + n, base.first_pending, base.pending + rows)
+        handed: tuple[EncodedRows, ...] = ()
+        if req.want_token:
+            window = drafted_rows(after.next_position, req.drafts)
+            handed, after = after.pending, _Context(after.next_position, after.next_position, rollback_window=window)
+        if req.start:
+            self.sessions[req.sequence_id] = session
+        session.context, session.last_start = after, req.start_pos
+        session.before_last = None if req.start or req.want_token else base
+        session.last_seen = now
+        self.rows_uploaded += n
+        hidden = torch.cat([to_tensor(block, torch.float32, "cpu") for block in handed]) if handed \
+            else torch.empty(0, self.hidden_size)  # [pending rows, D], widened only now
+        if req.end:
+            self.sessions.pop(req.sequence_id, None)
+        return PendingBlock(req.sequence_id, session.split_layer, base.first_pending, hidden, req.want_token,
+                            req.start, req.end, drafts=req.drafts, rollback_to=req.rollback_to)
+
+    def _session_for(self, req: CloudRequest, now: float) -> _Session:
+        """The session a request applies to: a new one for START (not stored yet), else the live one; both
+        only with the session's key."""
+        live = self.sessions.get(req.sequence_id)
+        if req.start:
+            require_session_key(req.session_key)
+            self.admission.check_start(req.sequence_id, req.split_layer, self.sessions)
+            if live is not None:
+                check_session_key(req.sequence_id, req.session_key, live.key)
+            # a re-START (re-sync) replaces the context once every check passes, not the rate budget
+            requests = live.requests if live is not None else RateLimiter(self.limits.max_requests_per_s, now)
+            return _Session(req.split_layer, req.session_key, requests)
+        if live is None:
+            raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): "
+                                     "re-send its context with START")
+        check_session_key(req.sequence_id, req.session_key, live.key)
+        if req.split_layer is not None and req.split_layer != live.split_layer:
+            raise ProtocolError(ErrorCode.SPLIT_LAYER, f"sequence {req.sequence_id} started with split layer "
+                                                       f"{live.split_layer}, not {req.split_layer}")
+        return live
+
+    def _check_size(self, req: CloudRequest) -> int:
+        """The request's row count, once it carries rows within the per-request limits."""
         if req.rows is None:
             raise ProtocolError(ErrorCode.MALFORMED,
                                 "request carries no hidden rows (HIDDEN_FP32, HIDDEN_FP16 or HIDDEN_INT8)")
@@ -61,52 +168,57 @@ class ContextManager:
         if n > self.limits.max_block_rows:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
                                 f"block of {n} rows exceeds the limit of {self.limits.max_block_rows} rows per request")
-        rows = decode(req.rows, self.hidden_size, torch.float32, "cpu")  # [n, D]; CodecError is MALFORMED
-        if req.start_pos != session.next_position:
-            gap = req.start_pos > session.next_position
-            raise ProtocolError(
-                ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
-                f"position {'gap' if gap else 'overlap'}: sequence {req.sequence_id} expects its next row at position "
-                f"{session.next_position}, the request starts at {req.start_pos}"
-            )
-        if session.next_position + n > self.limits.max_context:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {session.next_position + n} positions exceeds "
-                                                          f"the limit of {self.limits.max_context}")
-        if req.want_token and session.pending_rows + n == 0:
-            raise ProtocolError(ErrorCode.MALFORMED,
-                                "token request with no rows: the cloud has nothing to compute a token from")
-        # Every check passed: only now does stored state change.
-        if req.start:
-            self.sessions[req.sequence_id] = session
-        session.last_seen = now
-        if n:
-            session.pending.append(rows)
-        session.next_position += n
-        self.rows_uploaded += n
-        block = PendingBlock(req.sequence_id, session.split_layer, session.first_pending,
-                             rows[:0], req.want_token, req.start, req.end)
-        if req.want_token:
-            block.hidden = torch.cat(session.pending) if len(session.pending) > 1 else session.pending[0]
-            session.pending, session.first_pending = [], session.next_position
-        if req.end:
-            self.sessions.pop(req.sequence_id, None)
-        return block
+        return n
 
-    def _session_for(self, req: CloudRequest, now: float) -> _Session:
+    @staticmethod
+    def _base(session: _Session, req: CloudRequest) -> _Context:
+        """The context the request applies to: the one before the last request when it sends that upload
+        again; a token request sent again cannot be (see _Session)."""
+        if req.start or req.rollback_to is not None or req.start_pos != session.last_start \
+                or req.start_pos >= session.context.next_position:
+            return session.context  # a rollback is never a replacement: sent again, it finds its window closed
+        if session.before_last is None:
+            raise SequenceNeedsStart(f"sequence {req.sequence_id}: this request starts where the last one started "
+                                     f"(position {req.start_pos}), which asked for a token the cloud may have "
+                                     "computed already: re-send the context with START")
+        return session.before_last
+
+    @staticmethod
+    def _after_rollback(req: CloudRequest, base: _Context) -> _Context:
+        """The context once the request's ROLLBACK_TO is applied (the rows of rejected drafts dropped; none were
+        pending after a token request); a rollback outside the rows the previous request had checked (stale,
+        beyond what is held, none checked, a START) or not at START_POS is refused here, before anything changes."""
+        to = req.rollback_to
+        if to is None:
+            return base
+        where = f"sequence {req.sequence_id}: ROLLBACK_TO {to}"
         if req.start:
-            self.admission.check_start(req.sequence_id, req.split_layer, self.sessions)
-            live = self.sessions.get(req.sequence_id)
-            # a re-START (re-sync) replaces the context once every check passes, not the rate budget
-            requests = live.requests if live is not None else RateLimiter(self.limits.max_requests_per_s, now)
-            return _Session(req.split_layer, requests)
-        session = self.sessions.get(req.sequence_id)
-        if session is None:
-            raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): "
-                                     "re-send its context with START")
-        if req.split_layer is not None and req.split_layer != session.split_layer:
-            raise ProtocolError(ErrorCode.SPLIT_LAYER, f"sequence {req.sequence_id} started with split layer "
-                                                       f"{session.split_layer}, not {req.split_layer}")
-        return session
+            raise ProtocolError(ErrorCode.ROLLBACK_REFUSED, f"{where} with START: a new context holds nothing to roll back")
+        if to not in base.rollback_window:
+            raise ProtocolError(ErrorCode.ROLLBACK_REFUSED, f"{where} is stale or out of range: the last request's "
+                                                            f"drafts allow {window_text(base.rollback_window)}")
+        if req.start_pos != to:
+            raise ProtocolError(ErrorCode.ROLLBACK_REFUSED, f"{where} but START_POS {req.start_pos}: the rows after a "
+                                                            "rollback start where it cut")
+        return _Context(to, to)
+
+    def _check_drafts(self, req: CloudRequest, session: _Session, computed: int) -> None:
+        """Drafts name rows this request computes (the cloud has their final hidden states only then)."""
+        drafts = req.drafts
+        if drafts is None:
+            return
+        if not req.want_token:
+            raise ProtocolError(ErrorCode.MALFORMED, "DRAFT_TOKENS need WANT_TOKEN: an upload computes nothing to "
+                                                     "check them against")
+        if not 1 <= len(drafts) <= computed:
+            raise ProtocolError(ErrorCode.MALFORMED, f"{len(drafts)} drafts, but this request computes {computed} rows: "
+                                                     f"send between 1 and {computed}")
+        top = self.vocab_size if self.vocab_size is not None else np.iinfo(np.int64).max
+        if drafts.tokens.min() < 0 or drafts.tokens.max() >= top:
+            raise ProtocolError(ErrorCode.MALFORMED, f"DRAFT_TOKENS must lie in [0, {top})")
+        if drafts.exits.min() < 1 or drafts.exits.max() > session.split_layer:
+            raise ProtocolError(ErrorCode.MALFORMED, f"DRAFT_EXITS must lie in [1, {session.split_layer}] (edge exits "
+                                                     "of the session's split)")
 
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sessions idle longer than the TTL (called on every request and by a periodic sweep)."""
@@ -118,4 +230,24 @@ class ContextManager:
 
     @property
     def pending_bytes(self) -> int:
-        return sum(t.element_size() * t.numel() for s in self.sessions.values() for t in s.pending)
+        """Bytes of rows held for all sessions (the budget's measure)."""
+        return sum(s.nbytes for s in self.sessions.values())
+
+
+def _owned(rows: EncodedRows) -> EncodedRows:
+    """The rows in arrays of their own, as they arrived: the request's arrays may live in a buffer that
+    the server reuses once the request is answered."""
+    scale = None if rows.scale is None else np.array(rows.scale, copy=True)
+    return EncodedRows(rows.codec, np.array(rows.data, copy=True), scale)
+
+
+def window_text(window: range) -> str:
+    return f"[{window.start}, {window.stop - 1}]" if window else "none (that request carried no drafts)"
+
+
+def drafted_rows(next_position: int, drafts: Drafts | None) -> range:
+    """Where the next request's ROLLBACK_TO may point once a block with `drafts` ends at `next_position`: after
+    the first drafted row (its input was already accepted) up to the end (a no-op)."""
+    if drafts is None:
+        return range(0)
+    return range(next_position - len(drafts) + 1, next_position + 1)

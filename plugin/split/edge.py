@@ -7,11 +7,11 @@ when a token exits, the rows that reach the split) lives here once. What compute
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 
-from plugin.model.kv import BoundaryRows, KVMark, PendingRows
+from plugin.model.kv import BoundaryRows, KVMark, PendingRows, position_mark
 from plugin.model.sampling import Sampler
 from plugin.split.plan import PartitionPlan
 
@@ -25,6 +25,9 @@ class SequenceState(Protocol):
         """Positions the KV cache of `layer` holds: the next block entering it must start there."""
 
     def mark(self) -> KVMark: ...
+
+    def keep_rewindable(self, position: int) -> None:
+        """From now on a rewind may come back to `position`: keep what a block starting there needs."""
 
     def rewind(self, mark: KVMark) -> None:
         """Undo every step since `mark` (a speculative step whose guessed token was wrong)."""
@@ -122,18 +125,11 @@ class EdgePartition:
         At every boundary the rows waiting there are put in front of the block, so the layers
         they skipped are filled before any later token attends to them.
         """
-        runner, out = self.runner, EdgeStep()
+        out, last_exit = EdgeStep(), self.plan.exit_layers[-1]
         x = torch.tensor(token_ids, dtype=torch.long)  # [T] token ids, then [T, D] hidden rows
-        start, layer, last_exit = start_pos, 0, self.plan.exit_layers[-1]
-        for boundary in self.plan.boundaries:
-            waiting = seq.pending.take(layer)
-            if waiting is not None:  # never at layer 0: no boundary lies there
-                x, start = torch.cat([waiting.hidden, x]), waiting.start
-            exit_layer = boundary if boundary in self.plan.exit_layers else None
-            segment = runner.run(layer, boundary, x, start, seq, exit_layer)
+        for layer, boundary, start, segment in self._segments(seq, x, start_pos, with_exits=True):
             h = segment.hidden  # [T, D]
             out.rows_by_layer.update({i: h.shape[0] for i in range(layer, boundary)})
-            x, layer = h, boundary
             if boundary == self.plan.split_layer:
                 out.split_rows = PendingRows(start, h)
             if segment.exit is None:
@@ -147,3 +143,35 @@ class EdgePartition:
                     seq.pending.add(boundary, start, h)
                 return out
         return out
+
+    @torch.inference_mode()
+    def carry_to_split(self, seq: SequenceState) -> PendingRows | None:
+        """Carry every row waiting at a boundary up to the split, with no new token (no exit heads run): the
+        rows the cloud needs for positions whose drafts exited early. None when no row was waiting."""
+        carried = None
+        for _, boundary, start, segment in self._segments(seq, None, 0, with_exits=False):
+            if boundary == self.plan.split_layer:
+                carried = PendingRows(start, segment.hidden)
+        return carried
+
+    def rewind_to(self, seq: SequenceState, position: int) -> None:
+        """Drop positions >= `position` from every edge layer, and every waiting row: valid once all rows before
+        `position` reached the split (carry_to_split), as before a verification request leaves."""
+        seq.rewind(position_mark(range(self.plan.split_layer), position))
+
+    def _segments(self, seq: SequenceState, x: torch.Tensor | None, start: int,
+                  with_exits: bool) -> Iterator[tuple[int, int, int, SegmentOutput]]:
+        """Run the segments in order, each with the rows waiting at its first layer in front of the block; yields
+        (first layer, boundary, position of the first row, output). x None: start at the first waiting rows.
+        The caller stops where the token exits (the later segments then do not run)."""
+        layer = 0
+        for boundary in self.plan.boundaries:
+            waiting = seq.pending.take(layer)
+            if waiting is not None:  # never at layer 0: no boundary lies there
+                x, start = (waiting.hidden if x is None else torch.cat([waiting.hidden, x])), waiting.start
+            if x is not None:
+                exit_layer = boundary if with_exits and boundary in self.plan.exit_layers else None
+                segment = self.runner.run(layer, boundary, x, start, seq, exit_layer)
+                yield layer, boundary, start, segment
+                x = segment.hidden
+            layer = boundary

@@ -1,6 +1,8 @@
-"""What one session, and one request, may hold or ask of the cloud; and who may START a session."""
+"""What one session, and one request, may hold or ask of the cloud; who may START a session; how many
+bytes of session state one model may hold."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Mapping
 
@@ -27,6 +29,9 @@ class Limits:
     max_request_bytes: int = _limit(64 << 20, "N", "tensor payload bytes per request")
     max_requests_per_s: float = _limit(1000.0, "R", "requests per second per session, a token bucket one second "
                                                     "deep; 0 turns it off")
+    # what one model's sessions may hold together: its KV caches and pending rows
+    max_state_bytes: int = _limit(0, "N", "bytes of session state (KV caches + pending rows) per model; 0: a fifth "
+                                          "of the memory of the model's device (RAM, or the GPU's)")
 
     def params(self) -> dict[str, str]:
         """The fields as config.pbtxt parameters (strings that read back to the same values)."""
@@ -64,6 +69,22 @@ class Admission:
                                 f"too many live sessions ({self.limits.max_sessions}); retry later")
 
 
+def require_session_key(given: int) -> None:
+    """A START must carry the SESSION_KEY its session will be bound to."""
+    if not given:
+        raise ProtocolError(ErrorCode.SESSION_KEY, "START needs a SESSION_KEY: a random key the client keeps and "
+                                                   "sends with every request of the session")
+
+
+def check_session_key(sequence_id: int, given: int, held: int) -> None:
+    """Raise unless `given` is the key the live session of `sequence_id` started with (`held`)."""
+    if given != held:
+        raise ProtocolError(ErrorCode.SESSION_KEY,
+                            f"sequence {sequence_id} belongs to another session key: "
+                            + ("this request carries none" if not given else "not this request's")
+                            + " (two clients on one sequence id, or a guessed id); nothing changed")
+
+
 class RateLimiter:
     """A token bucket: `rate` requests per second on average, bursts of up to one second's worth."""
 
@@ -80,3 +101,34 @@ class RateLimiter:
             return False
         self.tokens -= 1.0
         return True
+
+
+STATE_SHARE = 5  # the default byte budget is 1/STATE_SHARE of the device's memory, for each stateful model
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of `device`: the machine's RAM for "cpu", the GPU's own for "cuda:N"."""
+    if device.startswith("cuda"):
+        import torch  # only a model on a GPU needs it here
+
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryBudget:
+    """The byte budget of one model's session state: work that would take the state past it is refused
+    before anything is stored (MEMORY_BUDGET, retried later by the edge), so the process never grows
+    into the out-of-memory killer. Three stateful models share a machine, each with a fifth of it by
+    default, leaving the rest to weights, Triton and the requests in flight."""
+
+    def __init__(self, limits: Limits, device: str = "cpu"):
+        self.limit_bytes = limits.max_state_bytes or device_memory_bytes(device) // STATE_SHARE
+        self.refusals = 0
+
+    def check(self, held: int, more: int) -> None:
+        """Raise unless `more` bytes may be added to the `held` bytes of session state."""
+        if held + more > self.limit_bytes:
+            self.refusals += 1
+            raise ProtocolError(ErrorCode.MEMORY_BUDGET,
+                                f"memory budget: this request needs {more} more bytes of session state, the model "
+                                f"holds {held} of its {self.limit_bytes} (max_state_bytes); retry later")

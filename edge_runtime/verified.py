@@ -1,0 +1,296 @@
+"""Verified mode: the edge's exits draft, the full model checks the drafts in one request, and the output
+is the full model's (speculative decoding across the network, with the edge's own layers as the draft).
+
+Positions: the edge step whose input token sits at position q computes the layer-k row of q and
+guesses the token of q + 1 (the first confident exit's argmax, else the last exit's). A request
+carries the rows the cloud has not seen and the guesses of its last m + 1 rows: the m drafts d_1..d_m
+after the last accepted token, and d_{m+1}, the guess of the token the cloud adds after them. One
+round (`Verifier._round`):
+
+  1. while the request is out, the edge drafts ahead as if every guess were kept;
+  2. `accept`: each guess while the full model keeps it, then its correction (greedy: its argmax;
+     sampling: speculative sampling, `Sampler.verify`);
+  3. all kept: the steps drafted ahead are the next request's. Else the edge cuts its caches back to
+     the correction's position (`EdgePartition.rewind_to`) and forgets the rows from there
+     (`ContextSync.rewind`), so the next request rolls the cloud back (ROLLBACK_TO) in passing;
+  4. the next request leaves at once, with gamma + 1 guesses (`DraftLength`).
+
+Rows of drafts that exited early wait at their exit; they are carried to the split before a request
+leaves (`EdgePartition.carry_to_split`). In a mode that falls back (verified-latency-aware), drafts
+become the output, marked unverified, while the cloud is unreachable or over the latency budget;
+their rows reach the cloud with the next request.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Collection
+
+from edge_runtime.context_sync import ContextSync
+from edge_runtime.generation import SessionStats, TokenRecord
+from edge_runtime.link import CloudUnreachable
+from edge_runtime.policy import ExitDecider
+from plugin.model.kv import PendingRows
+from plugin.model.sampling import Greedy, Sampler
+from plugin.protocol.messages import CloudReply, Drafts, RowVerdict
+from plugin.split.edge import EdgePartition, ExitPolicy, SequenceState
+
+
+def accept(drafts: list[int], rows: list[RowVerdict], sampler: Sampler) -> list[int]:
+    """The tokens one verification gives: each draft while the full model keeps it, then the full model's own
+    token where it first does not. With every draft kept the tokens are the drafts."""
+    tokens = []
+    for draft, row in zip(drafts, rows, strict=True):
+        tokens.append(sampler.verify(draft, row.ids, row.logprobs))
+        if tokens[-1] != draft:
+            break
+    return tokens
+
+
+@dataclass
+class DraftLength:
+    """gamma: drafts per request, beyond the guess of the cloud's own token, chosen before each request.
+
+    a = the chance that a draft is kept when the ones before it were (counts of kept and rejected drafts,
+    decayed by `decay` per round, from a prior of `prior` over 2 drafts). A request with g drafts yields
+    E(g) = 1 + a + ... + a^g tokens, makes the cloud compute g + 1 rows, and takes a round trip plus, when a
+    guess fails (1 - a^(g+1)), g + 1 edge steps before the next request can leave. gamma = the g <= max_gamma
+    with the most tokens per second, E(g) / (rtt + (1 - a^(g+1)) (g + 1) step_s), among those whose rows per
+    token (g + 1) / E(g) stay within max_rows_per_token (the cloud's wasted work), and at least min_gamma
+    (min_gamma = max_gamma fixes it).
+    """
+
+    max_gamma: int = 8
+    min_gamma: int = 0
+    max_rows_per_token: float = 1.3
+    decay: float = 0.8
+    prior: float = 0.8
+    kept: float = 0.0
+    rejected: float = 0.0
+    rtt_s: float | None = None  # moving estimates, weight `alpha` on the newest
+    step_s: float | None = None
+    alpha: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_gamma <= self.max_gamma:
+            raise ValueError(f"need 0 <= gamma <= max gamma, got {self.min_gamma} and {self.max_gamma}")
+
+    @property
+    def acceptance(self) -> float:
+        return (self.kept + 2 * self.prior) / (self.kept + self.rejected + 2)
+
+    def observe(self, kept: int, rejected: bool) -> None:
+        self.kept = self.decay * self.kept + kept
+        self.rejected = self.decay * self.rejected + rejected
+
+    def time_round_trip(self, seconds: float) -> None:
+        self.rtt_s = self._moving(self.rtt_s, seconds)
+
+    def time_step(self, seconds: float) -> None:
+        self.step_s = self._moving(self.step_s, seconds)
+
+    def _moving(self, estimate: float | None, seconds: float) -> float:
+        return seconds if estimate is None else (1 - self.alpha) * estimate + self.alpha * seconds
+
+    def choose(self, tokens_left: int) -> int:
+        """gamma for a request that may yield at most `tokens_left` tokens (>= 1)."""
+        a, best, best_rate = self.acceptance, 0, 0.0
+        for g in range(min(self.max_gamma, tokens_left - 1) + 1):
+            tokens = sum(a ** i for i in range(g + 1))
+            if g and (g + 1) / tokens > self.max_rows_per_token:
+                break  # rows per token only grow with g
+            redraft = (1 - a ** (g + 1)) * (g + 1) * (self.step_s or 0.0)
+            seconds = (self.rtt_s if self.rtt_s is not None else 1.0) + redraft
+            if tokens / seconds > best_rate:
+                best, best_rate = g, tokens / seconds
+        return max(best, min(self.min_gamma, tokens_left - 1))
+
+    @classmethod
+    def fixed(cls, gamma: int) -> "DraftLength":
+        return cls(max_gamma=gamma, min_gamma=gamma)
+
+
+@dataclass
+class Draft:
+    """One edge step: the position of its input token (its row) and its guess of the next token."""
+
+    position: int
+    token: int
+    exit_layer: int
+    confidences: list[tuple[int, float]]
+    rows_by_layer: dict[int, int]
+
+    def record(self, token: int) -> TokenRecord:
+        """The record of the token emitted after this step's row: this step's draft (named by its exit), or the
+        cloud's correction."""
+        exit_name = f"edge:{self.exit_layer}" if token == self.token else "cloud"
+        return TokenRecord(token, exit_name, self.confidences, self.rows_by_layer)
+
+
+@dataclass
+class _Flight:
+    """A verification request on the wire: the drafts it checks, the reply to come, how long it took."""
+
+    drafts: list[Draft]
+    ahead_limit: int  # edge steps to draft ahead meanwhile
+    reply: Future | None = None
+    round_trip_s: list[float] = field(default_factory=list)  # filled by the request thread
+
+
+class Verifier:
+    """Verified decoding for one DecodingSession: rounds of drafts checked by the cloud, one record per call."""
+
+    def __init__(self, edge: EdgePartition, seq: SequenceState, sync: ContextSync, sampler: Sampler,
+                 decider: ExitDecider, stats: SessionStats, tokens_left: Callable[[], int], falls_back: bool,
+                 lengths: DraftLength | None = None, eos: Collection[int] = ()):
+        """tokens_left: tokens the generation still wants (0: no limit known); eos: tokens that end it."""
+        self.edge, self.seq, self.sync, self.sampler = edge, seq, sync, sampler
+        self.decider, self.stats, self.tokens_left, self.falls_back = decider, stats, tokens_left, falls_back
+        self.eos = set(eos)
+        self.lengths = lengths or DraftLength()
+        self.queue: deque[TokenRecord] = deque()  # tokens known, not yet handed out
+        self.drafts: list[Draft] = []  # steps since the last request left (or since the cut), in order
+        self.rows: list[PendingRows] = []  # rows they brought to the split, not yet in the sync's log
+        self.next_input: tuple[list[int], int] | None = None  # (tokens, position) of the next edge step
+        self.flight: _Flight | None = None
+        self._requests = ThreadPoolExecutor(1, thread_name_prefix="ce-collm-verify")
+
+    def next_record(self, block: list[int], pos: int) -> TokenRecord:
+        """The record of the token after `block` (at positions [pos, pos + len(block))), as the token loop asks."""
+        if self.next_input is None:
+            self.next_input = (list(block), pos)  # the prompt
+            self.seq.keep_rewindable(pos + len(block) - 1)
+        if not self.queue:
+            self.queue.extend(self._round())
+        return self.queue.popleft()
+
+    # -- one round ------------------------------------------------------------------------------------------
+    def _round(self) -> list[TokenRecord]:
+        left = self.tokens_left() or self.lengths.max_gamma + 1
+        if self.flight is None:
+            if self.decider.next_policy().local_only:  # verified-latency-aware: the cloud is down or too slow
+                drafts, self.drafts = self._draft_until(min(self.lengths.choose(left) + 1, left)), []
+                return self._unverified(drafts)
+            self._send(left)
+        flight, self.flight = self.flight, None
+        reply = self._await(flight)
+        if reply is None:  # unreachable mid-request: its drafts become the output, the steps ahead go on
+            return self._unverified(flight.drafts, fallback=True)
+        guesses = [d.token for d in flight.drafts]
+        tokens = accept(guesses, reply.rows, self.sampler)
+        kept_all = tokens == guesses
+        self._count(flight, tokens, kept_all)
+        last = flight.drafts[0].position + len(tokens)  # the position of the last token accepted
+        if not kept_all:  # the correction's: every row from there was computed on a rejected token
+            self._cut(last, tokens[-1])
+        self.seq.keep_rewindable(last)  # no later rejection goes back before it
+        records = [d.record(t) for d, t in zip(flight.drafts, tokens)]
+        records[0].cloud_rows = reply.catchup_rows
+        wanted = left > len(records) and not self.eos.intersection(tokens)
+        if wanted and not self.decider.next_policy().local_only:
+            self._send(left - len(records))  # the next request leaves before these tokens are handed out
+        return records
+
+    def _send(self, left: int) -> None:
+        """Draft up to gamma + 1 steps (keeping those drafted ahead), carry waiting rows to the split, and send
+        every row the cloud has not seen with the guesses of these steps."""
+        drafts = self._draft_until(max(len(self.drafts), min(self.lengths.choose(left) + 1, left)))
+        t0 = time.perf_counter()
+        carried = self.edge.carry_to_split(self.seq)
+        self.stats.edge_s += time.perf_counter() - t0
+        for rows in self.rows + ([carried] if carried is not None else []):
+            assert rows.start == self.sync.log.length, (rows.start, self.sync.log.length)  # contiguous
+            self.sync.append(rows.hidden)
+        self.drafts, self.rows = [], []
+        after = left - len(drafts)  # tokens still wanted if every guess is kept
+        flight = _Flight(drafts, ahead_limit=min(self.lengths.choose(max(1, after)) + 1, after))
+        guesses = Drafts.of([(d.token, d.exit_layer) for d in drafts])
+        flight.reply = self._requests.submit(self._timed_request, guesses, flight.round_trip_s)
+        self.flight = flight
+
+    def _timed_request(self, guesses: Drafts, took: list[float]) -> CloudReply:
+        t0 = time.perf_counter()
+        reply = self.sync.request_token(guesses)
+        took.append(time.perf_counter() - t0)
+        return reply
+
+    def _await(self, flight: _Flight) -> CloudReply | None:
+        """The reply, drafting ahead (up to flight.ahead_limit steps) until it arrives; None when the cloud is
+        unreachable in a mode that falls back."""
+        t0 = time.perf_counter()
+        ahead = 0
+        while not flight.reply.done() and ahead < flight.ahead_limit:
+            self._draft()
+            ahead += 1
+        drafting = time.perf_counter() - t0
+        self.stats.speculated += ahead
+        self.stats.speculation_s += drafting
+        error = flight.reply.exception()  # waits
+        self.stats.cloud_wait_s += time.perf_counter() - t0 - drafting
+        if error is not None:
+            if not (self.falls_back and isinstance(error, CloudUnreachable)):
+                raise error
+            self.decider.cloud_unreachable()
+            return None
+        self.lengths.time_round_trip(flight.round_trip_s[0])
+        self.decider.round_trip(flight.round_trip_s[0])
+        return flight.reply.result()
+
+    def _cut(self, position: int, token: int) -> None:
+        """Drop every row from `position` on, on the edge and (with the next request) in the cloud; the next
+        edge step runs `token`, the full model's correction, at `position`."""
+        self.edge.rewind_to(self.seq, position)
+        self.sync.rewind(position)
+        self.drafts, self.rows = [], []
+        self.next_input = ([token], position)
+
+    def _count(self, flight: _Flight, tokens: list[int], kept_all: bool) -> None:
+        kept = len(tokens) if kept_all else len(tokens) - 1
+        self.stats.drafts_sent += len(flight.drafts)
+        self.stats.drafts_accepted += kept
+        self.stats.speculation_hits += len(self.drafts) if kept_all else 0
+        self.lengths.observe(kept, rejected=not kept_all)
+
+    def _unverified(self, drafts: list[Draft], fallback: bool = False) -> list[TokenRecord]:
+        """The drafts as the output, unchecked (their rows reach the cloud with the next request); fallback:
+        the cloud was asked and did not answer."""
+        self.stats.unverified += len(drafts)
+        self.stats.fallbacks += len(drafts) if fallback else 0
+        self.seq.keep_rewindable(drafts[-1].position + 1)
+        records = [d.record(d.token) for d in drafts]
+        for record in records:
+            record.unverified, record.fallback = True, fallback
+        return records
+
+    # -- edge steps ------------------------------------------------------------------------------------------
+    def _draft_until(self, steps: int) -> list[Draft]:
+        """Draft until `steps` steps are waiting to be checked; returns them."""
+        while len(self.drafts) < steps:
+            t0 = time.perf_counter()
+            self._draft()
+            self.stats.edge_s += time.perf_counter() - t0
+        return list(self.drafts)
+
+    def _draft(self) -> Draft:
+        """One edge step on the next input; the first confident exit answers, else the last one."""
+        block, pos = self.next_input
+        t0 = time.perf_counter()
+        step = self.edge.step(self.seq, block, pos, ExitPolicy(self.decider.threshold, local_only=True), Greedy())
+        if len(block) == 1:  # a prompt's step says nothing about a draft's
+            self.lengths.time_step(time.perf_counter() - t0)
+        if step.split_rows is not None:
+            self.rows.append(step.split_rows)
+        draft = Draft(pos + len(block) - 1, step.token_id, step.exit_layer, step.confidences, step.rows_by_layer)
+        self.drafts.append(draft)
+        self.next_input = ([draft.token], draft.position + 1)
+        return draft
+
+    def close(self) -> None:
+        """Wait for a request still out (the generation no longer needs its tokens; its failure changes nothing
+        here: END follows and says whether the cloud is there)."""
+        if self.flight is not None:
+            self.flight.reply.exception()
+            self.flight = None
+        self._requests.shutdown()
