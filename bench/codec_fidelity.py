@@ -22,6 +22,7 @@ import torch
 
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import CODEC_DTYPES, decode, encode
+from plugin.paths import REPO_ROOT
 from plugin.split.plan import PartitionPlan
 from plugin.training import continuations as cont
 from plugin.training.exit_heads import layer_states
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             skipped[c] = str(e)
             codecs.remove(c)
-    out = {"plan": plan.to_dict(plan.checkpoint), "split_layer": split, "tokens_per_generation": args.tokens,
+    out = {"plan": plan.to_dict(REPO_ROOT), "split_layer": split, "tokens_per_generation": args.tokens,
            "codecs": fidelity(model, records, split, codecs, args.tokens), "refused": skipped}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

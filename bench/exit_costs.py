@@ -37,6 +37,7 @@ from plugin.export.parity import ort_session
 from plugin.model.checkpoint import load_model
 from plugin.model.decoder import DecoderModel, exit_decision, Shortlist
 from plugin.model.gguf_import import default_out_dir, PLAN
+from plugin.paths import REPO_ROOT
 from plugin.split.plan import PartitionPlan
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "exit_costs.json"
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
             "full_head": model.cfg.hidden_size * model.cfg.vocab_size,
             **{f"shortlist_{s}": model.cfg.hidden_size * (s + 1) for s in shortlists},
             f"pruned_{args.prune}": model.cfg.hidden_size * args.prune}
-    out = {"plan": plan.to_dict(plan.checkpoint), "context": args.context, "threads": args.threads,
+    out = {"plan": plan.to_dict(REPO_ROOT), "context": args.context, "threads": args.threads,
            "repeats": args.repeats, "macs_per_token": macs, "load_average_before": os.getloadavg()[0]}
     runners = args.runners.split(",")
     if "torch" in runners:

@@ -32,7 +32,7 @@ def test_fp32_is_lossless_and_fp16_int8_are_bounded():
     (EncodedRows("fp16s", np.full((2, 64), np.inf, np.float16), np.ones((2, 1), np.float32)), "NaN or Inf"),
     (EncodedRows("fp16s", np.zeros((2, 64), np.float16), np.ones((2, 2), np.float32)), r"scale of shape \[2, 1\]"),
     (EncodedRows("int8g", np.full((2, 64), 127, np.int8),  # 127 x 3e36 overflows float32 in the second group
-                 np.array([[1.0, 3e36], [1.0, 1.0]], np.float32)), "NaN or Inf"),
+                 np.array([[1.0, 3e36, 1.0, 1.0], [1.0] * 4], np.float32)), "NaN or Inf"),
 ])
 def test_bad_rows_are_refused(rows, message):
     with pytest.raises(CodecError, match=message):
@@ -55,15 +55,15 @@ def test_fp16s_keeps_fp16_precision_beyond_its_range():
 
 
 def test_int8g_confines_an_outlier_channel_to_its_group():
-    """One channel 200x the others: per-row absmax loses every other channel, groups of 32 keep them."""
+    """One channel 200x the others: per-row absmax loses every other channel, groups of 16 keep them."""
     x = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
     x[:, 5] = 200.0
     row_err = (decode(encode(x, "int8"), 100, torch.float32, "cpu") - x).abs()
     enc = encode(x, "int8g")
-    assert enc.scale.shape == (3, 4) and enc.nbytes == 3 * 100 + 3 * 4 * 4  # ceil(100 / 32) groups
+    assert enc.scale.shape == (3, 7) and enc.nbytes == 3 * 100 + 3 * 7 * 4  # ceil(100 / 16) groups
     group_err = (decode(enc, 100, torch.float32, "cpu") - x).abs()
-    steps = x.abs().reshape(3, -1)[:, :96].reshape(3, 3, 32).amax(-1) / 127  # the first three groups
-    assert (group_err[:, :96].reshape(3, 3, 32) <= steps[..., None] / 2 + 1e-6).all()  # half a step per group
-    assert group_err[:, 32:].max() < row_err[:, 32:].max() / 10
-    with pytest.raises(CodecError, match=r"scale of shape \[3, 4\]"):
+    steps = x[:, :96].abs().reshape(3, 6, 16).amax(-1) / 127  # the six full groups
+    assert (group_err[:, :96].reshape(3, 6, 16) <= steps[..., None] / 2 + 1e-6).all()  # half a step per group
+    assert group_err[:, 16:].max() < row_err[:, 16:].max() / 10
+    with pytest.raises(CodecError, match=r"scale of shape \[3, 7\]"):
         decode(EncodedRows("int8g", enc.data, enc.scale[:, :1]), 100, torch.float32, "cpu")

@@ -66,6 +66,6 @@ def test_codec_fidelity_counts_flips_and_bytes(plan_path, tmp_path):
     assert fp32["token_agreement"] == 1.0 and fp32["generations_with_a_flip"] == 0 and fp32["relative_error_mean"] == 0
     assert fp32["tokens"] == 3 * 16 and fp32["generations"] == 3
     assert {c: r["bytes_per_row"] for c, r in codecs.items()} == {
-        "fp32": 4 * HIDDEN, "fp16": 2 * HIDDEN, "fp16s": 2 * HIDDEN + 4, "int8": HIDDEN + 4, "int8g": HIDDEN + 4 * 2}
+        "fp32": 4 * HIDDEN, "fp16": 2 * HIDDEN, "fp16s": 2 * HIDDEN + 4, "int8": HIDDEN + 4, "int8g": HIDDEN + 4 * 4}
     assert 0 < codecs["int8g"]["relative_error_mean"] < codecs["int8"]["relative_error_mean"]
     assert codecs["fp16s"]["relative_error_mean"] < codecs["int8g"]["relative_error_mean"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plugin.protocol.codec import CODEC_DTYPES, scale_columns
+from plugin.protocol.codec import CODEC_DTYPES, GROUP, scale_columns
 
 TOP_K = 8
 ROWS, DRAFTS, HIDDEN, TOP_K_DIM, GROUPS_DIM = "n", "r", "D", "K", "G"
@@ -66,7 +66,7 @@ _HIDDEN_MEANINGS = {
     "fp16": "the same rows as fp16 (rows beyond fp16's range are refused: use HIDDEN_FP16S)",
     "fp16s": "the same rows divided by HIDDEN_SCALE (a power of two per row), as fp16: any magnitude",
     "int8": "the same rows as int8, with HIDDEN_SCALE (per-row absmax)",
-    "int8g": "the same rows as int8, with HIDDEN_GROUP_SCALE (absmax per group of 32 channels)",
+    "int8g": f"the same rows as int8, with HIDDEN_GROUP_SCALE (absmax per group of {GROUP} channels)",
 }
 
 
@@ -81,7 +81,7 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
     TensorSpec("HIDDEN_SCALE", "float32", (ROWS, 1), _EDGE_FACING, optional=True, ragged=True,
                meaning="float32 scale of each HIDDEN_INT8 or HIDDEN_FP16S row"),
     TensorSpec("HIDDEN_GROUP_SCALE", "float32", (ROWS, GROUPS_DIM), _EDGE_FACING, optional=True, ragged=True,
-               meaning="float32 scale of each group of 32 channels of each HIDDEN_INT8G row"),
+               meaning=f"float32 scale of each group of {GROUP} channels of each HIDDEN_INT8G row"),
     TensorSpec("TOKEN_IDS", "int64", (ROWS,), (CLOUD_ONLY,), ragged=True,
                meaning="token ids of positions [START_POS, START_POS + n), for the cloud-only baseline"),
     TensorSpec("START_POS", "int64", (1,), (*_EDGE_FACING, CLOUD_ONLY),
