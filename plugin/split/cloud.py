@@ -16,7 +16,7 @@ from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
 from plugin.split.context import drafted_rows, window_text
-from plugin.split.limits import Admission, check_session_key, Limits, MemoryBudget, require_session_key
+from plugin.split.limits import Admission, check_session_key, drop_idle, Limits, MemoryBudget, require_session_key
 
 
 @dataclass
@@ -218,10 +218,7 @@ class CloudPartition:
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sequences idle longer than the TTL (called on every step and by a periodic sweep)."""
         now = self.clock() if now is None else now
-        idle = [s for s, seq in self.sequences.items() if now - seq.last_seen > self.limits.ttl_s]
-        for sid in idle:
-            del self.sequences[sid]
-        return idle
+        return drop_idle(self.sequences, now, self.limits.ttl_s)
 
     @property
     def kv_bytes(self) -> int:

@@ -12,7 +12,7 @@ from plugin.protocol.codec import check, EncodedRows, to_tensor
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
 from plugin.split.limits import (
-    Admission, check_session_key, Limits, MemoryBudget, RateLimiter, require_session_key)
+    Admission, check_session_key, drop_idle, Limits, MemoryBudget, RateLimiter, require_session_key)
 
 
 @dataclass(frozen=True)
@@ -223,10 +223,7 @@ class ContextManager:
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sessions idle longer than the TTL (called on every request and by a periodic sweep)."""
         now = self.clock() if now is None else now
-        idle = [sid for sid, s in self.sessions.items() if now - s.last_seen > self.limits.ttl_s]
-        for sid in idle:
-            del self.sessions[sid]
-        return idle
+        return drop_idle(self.sessions, now, self.limits.ttl_s)
 
     @property
     def pending_bytes(self) -> int:

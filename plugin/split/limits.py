@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import Mapping
+from typing import Mapping, Protocol
 
 from plugin.protocol.errors import ErrorCode, ProtocolError
 
@@ -83,6 +83,18 @@ def check_session_key(sequence_id: int, given: int, held: int) -> None:
                             f"sequence {sequence_id} belongs to another session key: "
                             + ("this request carries none" if not given else "not this request's")
                             + " (two clients on one sequence id, or a guessed id); nothing changed")
+
+
+class _Idle(Protocol):
+    last_seen: float
+
+
+def drop_idle(held: dict[int, _Idle], now: float, ttl_s: float) -> list[int]:
+    """Forget the sessions of `held` idle longer than the TTL; their ids."""
+    idle = [sid for sid, state in held.items() if now - state.last_seen > ttl_s]
+    for sid in idle:
+        del held[sid]
+    return idle
 
 
 class RateLimiter:
