@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from plugin.protocol.codec import check, EncodedRows, to_tensor
-from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import error_for, ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
 from plugin.split.limits import (
     Admission, check_session_key, drop_idle, Limits, MemoryBudget, RateLimiter, require_session_key)
@@ -99,7 +99,7 @@ class ContextManager:
         base = self._after_rollback(req, self._base(session, req))
         if req.start_pos != base.next_position:
             gap = req.start_pos > base.next_position
-            raise ProtocolError(
+            raise error_for(
                 ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
                 f"position {'gap' if gap else 'overlap'}: sequence {req.sequence_id} expects its next row at position "
                 f"{base.next_position}, the request starts at {req.start_pos}"
