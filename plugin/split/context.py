@@ -72,15 +72,16 @@ class ContextManager:
 
     def __init__(self, hidden_size: int, num_layers: int, limits: Limits | None = None,
                  clock: Callable[[], float] = time.monotonic, min_split_layer: int = 1, device: str = "cpu",
-                 vocab_size: int | None = None):
-        """min_split_layer: the first layer the cloud partition behind this manager holds; vocab_size bounds draft
-        tokens (None: only >= 0 is checked)."""
+                 vocab_size: int | None = None, max_split_layer: int | None = None):
+        """min_split_layer: the first layer the cloud partition behind this manager holds; max_split_layer: the
+        last split it resumes at (None: any it holds; a TensorRT engine serves its own only); vocab_size bounds
+        draft tokens (None: only >= 0 is checked)."""
         if min_split_layer < 1:  # the rows are layer-k hidden states; split 0 (token ids) is cloud_only's
             raise ValueError(f"the context manager keeps hidden rows: min_split_layer must be >= 1, "
                              f"got {min_split_layer}")
         self.hidden_size, self.num_layers, self.vocab_size = hidden_size, num_layers, vocab_size
         self.limits = limits or Limits()
-        self.admission = Admission(self.limits, num_layers, min_split_layer)
+        self.admission = Admission(self.limits, num_layers, min_split_layer, max_split_layer)
         self.budget = MemoryBudget(self.limits, device)
         self.clock = clock
         self.sessions: dict[int, _Session] = {}

@@ -56,14 +56,17 @@ class Admission:
     limits: Limits
     num_layers: int
     min_split_layer: int  # the first layer the cloud partition holds: edges must run every layer before it
+    max_split_layer: int | None = None  # the last split it serves (None: any it holds; an engine: its own only)
 
     def check_start(self, sequence_id: int, split_layer: int | None, live: Mapping[int, object]) -> None:
         """Raise unless a START of `sequence_id` at `split_layer` may begin (or restart) with `live` sessions held."""
-        if split_layer is None or not self.min_split_layer <= split_layer < self.num_layers:
+        last = self.num_layers - 1 if self.max_split_layer is None else self.max_split_layer
+        if split_layer is None or not self.min_split_layer <= split_layer <= last:
+            resumes = "" if self.max_split_layer is None else f", resuming at layer {last} at the latest"
             raise ProtocolError(ErrorCode.SPLIT_LAYER,
-                                f"START needs SPLIT_LAYER in [{self.min_split_layer}, {self.num_layers - 1}] "
+                                f"START needs SPLIT_LAYER in [{self.min_split_layer}, {last}] "
                                 f"(this cloud serves layers {self.min_split_layer} to {self.num_layers - 1} of "
-                                f"{self.num_layers}), got {split_layer}")
+                                f"{self.num_layers}{resumes}), got {split_layer}")
         if sequence_id not in live and len(live) >= self.limits.max_sessions:
             raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
                                 f"too many live sessions ({self.limits.max_sessions}); retry later")
