@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from plugin.protocol.codec import encode
-from plugin.protocol.errors import ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest
 from plugin.split.context import ContextManager
 from plugin.split.limits import Limits
@@ -74,6 +74,16 @@ def test_limits_on_sessions_and_context():
         cm.handle(_req(1, 8, 3))
     cm.handle(_req(2, 1, 0, end=True))  # END frees a slot
     cm.handle(_req(3, 0, 1, start=True))
+
+
+def test_a_cloud_of_one_split_admits_that_split_only():
+    """The TensorRT variant's context manager: its engine resumes at the plan's split layer and no other."""
+    cm = ContextManager(D, 6, Limits(), min_split_layer=3, max_split_layer=3)
+    for split in (2, 4, 5):
+        with pytest.raises(ProtocolError, match=r"SPLIT_LAYER in \[3, 3\].*at layer 3 at the latest") as refused:
+            cm.handle(_req(1, 0, 1, start=True, split=split))
+        assert refused.value.code is ErrorCode.SPLIT_LAYER and not cm.sessions
+    assert cm.handle(_req(1, 0, 1, start=True, split=3)).split_layer == 3
 
 
 def test_ttl_expires_idle_sessions_and_restart_resets():

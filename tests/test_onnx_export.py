@@ -193,6 +193,9 @@ def test_tensorrt_plan_variant_parses_and_matches_the_cloud_graph(exported, tmp_
     assert list(config.instance_group[0].profile) == ["0", "1"]
     for name in ("context_manager", "cloud_only"):
         assert (tmp_path / name / "1" / "model.py").is_file()
+    # the context manager admits the engine's split layer only (the python repository: any the cloud holds)
+    admitted = parse_config(tmp_path / "context_manager" / "config.pbtxt").parameters
+    assert admitted["min_split_layer"].string_value == admitted["max_split_layer"].string_value == str(plan.split_layer)
     # a config that drifted from the graph is reported
     path = tmp_path / "cloud_partition" / "config.pbtxt"
     path.write_text(path.read_text().replace(f"dims: [-1, {manifest.hidden_size}]", "dims: [-1, 7]"))

@@ -14,11 +14,13 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 
 from bench.link_emulator import LinkEmulator
+from edge_runtime.generation import TokenRecord
 from edge_runtime.policy import LatencyPolicy
 from edge_runtime.session import DecodingSession
 from edge_runtime.reconnect import ReconnectingLink
@@ -178,19 +180,24 @@ def test_reply_lost_with_the_link_costs_a_resync_not_a_token(rel):
           f"{gen.stats.resyncs} re-syncs")
 
 
+def stream_across_a_cut(em: LinkEmulator, stream: Iterator[TokenRecord], before: int, during: int,
+                        policy: LatencyPolicy) -> tuple[list[TokenRecord], list[TokenRecord], list[TokenRecord]]:
+    """The records of a latency-aware stream before a cut of the link, while it is cut, and after."""
+    first = [next(stream) for _ in range(before)]
+    em.cut()
+    cut = [next(stream) for _ in range(during)]
+    em.restore()
+    time.sleep(policy.retry_after_s + 0.6)  # past the edge's retry time and gRPC's reconnect backoff
+    return first, cut, list(stream)
+
+
 def test_latency_aware_session_answers_locally_while_the_link_is_cut(rel):
     server, edge, _, hf = rel
     policy = LatencyPolicy(budget_s=30.0, retry_after_s=0.3)
     with LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=5) as em:
         link = ReconnectingLink(TritonLink(em.address, timeout_s=10), patience_s=0)
         gen = DecodingSession(edge, link, "latency-aware", threshold=1.0, sequence_id=0x5EED_0003, latency=policy)
-        stream = gen.stream(PROMPT, 40)
-        before = [next(stream) for _ in range(8)]
-        em.cut()
-        during = [next(stream) for _ in range(8)]
-        em.restore()
-        time.sleep(policy.retry_after_s + 0.6)  # past the edge's retry time and gRPC's reconnect backoff
-        after = list(stream)
+        before, during, after = stream_across_a_cut(em, gen.stream(PROMPT, 40), 8, 8, policy)
     records = before + during + after
     assert len(records) == 40
     assert all(r.exit == "cloud" for r in before) and all(r.exit.startswith("edge") for r in during)

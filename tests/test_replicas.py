@@ -242,6 +242,31 @@ def test_reload_with_a_replica_removed_moves_only_its_sessions(fleet, session_pr
           f"all {len(runs)} x {TOKENS} tokens equal to one server's")
 
 
+def test_a_session_routed_back_to_a_replica_holding_its_old_context_resyncs(fleet, session_prompts,
+                                                                           one_server_tokens):
+    """A replica leaves the list and comes back without restarting: it still holds the context a session had
+    there before it moved. The session's next request there starts past that context (POSITION_GAP, whose
+    recovery is a re-sync), so the edge re-syncs once more and loses nothing."""
+    ids, home = pick_ids(fleet)
+    kept, removed = (r.grpc_url for r in fleet.replicas)
+    index, sid = next((i, sid) for i, sid in enumerate(ids) if home[sid] == removed)
+    link = ReconnectingLink(TritonLink(fleet.grpc_url, timeout_s=30), patience_s=30, retry_every_s=0.1)
+    session = DecodingSession(fleet.edge, link, "collaborative", threshold=MIXED, sequence_id=sid)
+    stream = session.stream(session_prompts[index], TOKENS)
+    try:
+        tokens = [next(stream).token_id for _ in range(TOKENS // 3)]
+        fleet.front.reload([kept])  # moves to `kept` and re-syncs there
+        tokens += [next(stream).token_id for _ in range(TOKENS // 3)]
+        fleet.front.reload([kept, removed])  # back home, where the first third's context still lives
+        tokens += [record.token_id for record in stream]
+    finally:
+        fleet.front.reload([kept, removed])
+        link.close()
+    upstreams = [rec["upstream"] for rec in requests_of(fleet, [sid])[sid]]
+    assert tokens == one_server_tokens[index]
+    assert session.stats.resyncs == 2 and upstreams[0] == upstreams[-1] == removed and kept in upstreams
+
+
 def test_replica_killed_mid_generation_its_sessions_resync_on_the_survivor(fleet, session_prompts,
                                                                              one_server_tokens):
     ids, home = pick_ids(fleet)

@@ -22,7 +22,7 @@ from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode, EncodedRows
-from plugin.protocol.errors import error_code, ErrorCode, ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import error_code, ErrorCode, ProtocolError, Recovery, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest
 from plugin.serving.repository import ServeOptions, write_repository
 from plugin.split.edge import EdgePartition
@@ -187,7 +187,7 @@ def test_every_error_kind_reaches_the_edge_by_its_code(setup):
         with pytest.raises(ProtocolError) as err:
             _raw(link, **kwargs)
         assert err.value.code is code, (kwargs, str(err.value))
-        assert isinstance(err.value, SequenceNeedsStart) == (code is ErrorCode.NEEDS_START)
+        assert isinstance(err.value, SequenceNeedsStart) == (code.recovery is Recovery.RESYNC)  # the edge re-syncs
     assert _raw(link, sid, 3, rows(1), want=True, end=True).catchup_rows == 4  # the refusals changed nothing
 
 

@@ -54,6 +54,7 @@ from plugin.split.edge import EdgePartition, ExitOutput, ExitPolicy, SegmentOutp
 from plugin.split.limits import Limits
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
+from tests.test_reliability import stream_across_a_cut
 from tests.tiny_models import LAYERS, save_tiny
 
 SPLIT, EXITS = 4, (1, 3, 4)
@@ -496,13 +497,7 @@ def test_verified_latency_aware_emits_unverified_drafts_while_the_link_is_cut(se
         link = ReconnectingLink(TritonLink(em.address, f"{ENSEMBLE}_llama", timeout_s=10), patience_s=0)
         session = DecodingSession(_edge(plan), link, "latency-aware", sequence_id=6000, verify=True, latency=policy,
                                   draft_length=DraftLength.fixed(2))
-        stream = session.stream(PROMPTS[0], 40)
-        before = [next(stream) for _ in range(8)]
-        em.cut()
-        during = [next(stream) for _ in range(6)]
-        em.restore()
-        time.sleep(policy.retry_after_s + 0.6)  # past the edge's retry time and gRPC's reconnect backoff
-        after = list(stream)
+        before, during, after = stream_across_a_cut(em, session.stream(PROMPTS[0], 40), 8, 6, policy)
     records = before + during + after
     assert len(records) == 40 and not any(r.unverified for r in before)
     assert any(r.unverified and r.fallback for r in during)  # (the first may still be tokens verified before the cut)

@@ -37,7 +37,9 @@ class ErrorCode(Enum):
     NEEDS_START = (Recovery.RESYNC, "the cloud holds no context for this sequence: never started, ended, expired "
                                     "(TTL), lost in a server restart or a crashed model, or dropped because the "
                                     "ensemble's two steps disagree about it")
-    POSITION_GAP = (Recovery.NONE, "START_POS is past the next position the cloud expects")
+    POSITION_GAP = (Recovery.RESYNC, "START_POS is past the next position the cloud expects: it holds an older copy "
+                                     "of the session (a replica the session was moved back to while its old context "
+                                     "lived on) or lost rows; nothing changed")
     POSITION_OVERLAP = (Recovery.NONE, "START_POS is before the next position the cloud expects (rows it already "
                                        "holds); right after a lost reply it means that request had landed")
     ROLLBACK_REFUSED = (Recovery.NONE, "ROLLBACK_TO does not lie within the rows the session's last request "
@@ -119,10 +121,12 @@ class ProtocolError(ValueError):
 
 
 class SequenceNeedsStart(ProtocolError):
-    """The cloud holds no context for this sequence: the edge must re-send it with START."""
+    """The cloud holds no usable context for this sequence (code: any whose recovery is RESYNC): the edge must
+    re-send it with START."""
 
-    def __init__(self, message: str, details: str = ""):
-        super().__init__(ErrorCode.NEEDS_START, message, details)
+    def __init__(self, message: str, details: str = "", code: ErrorCode = ErrorCode.NEEDS_START):
+        assert code.recovery is Recovery.RESYNC, code
+        super().__init__(code, message, details)
 
 
 def tagged(code: ErrorCode, message: str) -> str:
@@ -146,4 +150,4 @@ def error_code(message: str, grpc_status: str = "") -> ErrorCode:
 
 def error_for(code: ErrorCode, message: str) -> ProtocolError:
     """The exception an edge raises for a refusal: SequenceNeedsStart when the cure is a re-sync."""
-    return SequenceNeedsStart(message) if code.recovery is Recovery.RESYNC else ProtocolError(code, message)
+    return SequenceNeedsStart(message, code=code) if code.recovery is Recovery.RESYNC else ProtocolError(code, message)

@@ -114,13 +114,16 @@ def render_ensemble(hidden_size: int, max_batch_size: int, steps: list[str], ver
     )
 
 
-def render_configs(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions = ServeOptions()) -> dict[str, str]:
-    """config.pbtxt text per model; the checkpoint path is written relative to repository_dir."""
+def render_configs(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions = ServeOptions(),
+                   only_plan_split: bool = False) -> dict[str, str]:
+    """config.pbtxt text per model; the checkpoint path is written relative to repository_dir.
+    only_plan_split: the cloud partition resumes at the plan's split layer only (a TensorRT engine)."""
     cfg = read_config(plan.checkpoint)
     plan.check_depth(cfg.num_layers)
     params = {"checkpoint": os.path.relpath(plan.checkpoint, repository_dir), **opts.limits.params()}
     # both steps of the ensemble admit a session by one rule, which needs the first layer the cloud holds
     min_split = {"min_split_layer": str(plan.split_layer)}
+    admitted = {**min_split, **({"max_split_layer": str(plan.split_layer)} if only_plan_split else {})}
     pending = [t.name for t in outputs_of(CONTEXT_MANAGER)]
     ensemble = render_ensemble(cfg.hidden_size, opts.max_batch_size, [
         ensemble_step(CONTEXT_MANAGER, maps("input_map", [t.name for t in inputs_of(CONTEXT_MANAGER)]),
@@ -133,7 +136,7 @@ def render_configs(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions
     stateful = {name: header + _stateful(name, opts, cfg.hidden_size) for name in MODEL_DIRS}
     return {
         ENSEMBLE: header + ensemble,
-        CONTEXT_MANAGER: stateful[CONTEXT_MANAGER] + parameters({**params, **min_split}),
+        CONTEXT_MANAGER: stateful[CONTEXT_MANAGER] + parameters({**params, **admitted}),
         CLOUD_PARTITION: stateful[CLOUD_PARTITION] + parameters({**params, "dtype": opts.dtype, **min_split}),
         CLOUD_ONLY: stateful[CLOUD_ONLY] + parameters({**params, "dtype": opts.dtype}),
     }

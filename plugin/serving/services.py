@@ -85,6 +85,11 @@ def min_split_layer(params: dict[str, str]) -> int:
     return int(params.get("min_split_layer", 1))
 
 
+def max_split_layer(params: dict[str, str]) -> int | None:
+    """The last split the cloud partition resumes at, when it is not every layer it holds (an engine's)."""
+    return int(params["max_split_layer"]) if "max_split_layer" in params else None
+
+
 def checkpoint_path(params: dict[str, str], repository_root: Path) -> Path:
     """The `checkpoint` parameter is relative to the model repository's root folder."""
     if "checkpoint" not in params:
@@ -97,7 +102,8 @@ class ContextManagerService:
         cfg = read_config(checkpoint_path(params, repository_root))
         self.limits = limits_from(params)
         self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits,
-                                      min_split_layer=min_split_layer(params), vocab_size=cfg.vocab_size)  # rows stay in RAM
+                                      min_split_layer=min_split_layer(params), vocab_size=cfg.vocab_size,
+                                      max_split_layer=max_split_layer(params))  # rows stay in RAM
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
         return one_by_one(batch, self._answer)

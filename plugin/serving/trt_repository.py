@@ -9,7 +9,8 @@ KV cache is Triton implicit state, beside the python-backend repository of `repo
                    empty (zero rows) when a sequence STARTs
   cloud_only       python, as in the python repository (the baseline)
 
-The engine serves exactly the plan's split layer. Its implicit-state KV differs in length from one
+The engine serves exactly the plan's split layer, so its context manager admits STARTs at that layer
+only (parameter max_split_layer). Its implicit-state KV differs in length from one
 sequence to the next, so one sequence runs per execution (max_batch_size 1; scale with instances).
 An upload-only request reaches the engine as a block of 0 rows and leaves the KV as it was (the
 graph returns TOKEN_ID -1). The graph computes the head on the last row only and its implicit-state
@@ -136,7 +137,7 @@ def render_trt_repository(plan: PartitionPlan, onnx_dir: Path, repository_dir: P
     manifest.check_plan(plan)
     cfg = read_config(plan.checkpoint)
     spec = cloud_spec(manifest)
-    python = render_configs(plan, repository_dir, opts.python)
+    python = render_configs(plan, repository_dir, opts.python, only_plan_split=True)  # the engine's split only
     return {
         "ce_collm": render_trt_ensemble(plan, cfg.hidden_size),
         "context_manager": python["context_manager"],

@@ -12,11 +12,11 @@ import torch
 
 from plugin.model.decoder import DecoderModel
 from plugin.model.kv import position_mark, SequenceKV
-from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import error_for, ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
 from plugin.split.context import drafted_rows, window_text
-from plugin.split.limits import Admission, check_session_key, Limits, MemoryBudget, require_session_key
+from plugin.split.limits import Admission, check_session_key, drop_idle, Limits, MemoryBudget, require_session_key
 
 
 @dataclass
@@ -119,9 +119,9 @@ class CloudPartition:
         dropped and the edge re-syncs both."""
         if block.token_ids is not None:
             gap = block.start_pos > positions
-            raise ProtocolError(ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
-                                f"position {'gap' if gap else 'overlap'}: sequence {block.sequence_id} expects its "
-                                f"next token at position {positions}, the request starts at {block.start_pos}")
+            raise error_for(ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
+                            f"position {'gap' if gap else 'overlap'}: sequence {block.sequence_id} expects its "
+                            f"next token at position {positions}, the request starts at {block.start_pos}")
         del self.sequences[block.sequence_id]
         raise SequenceNeedsStart(f"sequence {block.sequence_id}: the context manager's block starts at "
                                  f"{block.start_pos}, the cloud partition holds {positions} positions; state dropped, "
@@ -218,10 +218,7 @@ class CloudPartition:
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sequences idle longer than the TTL (called on every step and by a periodic sweep)."""
         now = self.clock() if now is None else now
-        idle = [s for s, seq in self.sequences.items() if now - seq.last_seen > self.limits.ttl_s]
-        for sid in idle:
-            del self.sequences[sid]
-        return idle
+        return drop_idle(self.sequences, now, self.limits.ttl_s)
 
     @property
     def kv_bytes(self) -> int:

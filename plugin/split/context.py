@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 from plugin.protocol.codec import check, EncodedRows, to_tensor
-from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import error_for, ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
 from plugin.split.limits import (
-    Admission, check_session_key, Limits, MemoryBudget, RateLimiter, require_session_key)
+    Admission, check_session_key, drop_idle, Limits, MemoryBudget, RateLimiter, require_session_key)
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,16 @@ class ContextManager:
 
     def __init__(self, hidden_size: int, num_layers: int, limits: Limits | None = None,
                  clock: Callable[[], float] = time.monotonic, min_split_layer: int = 1, device: str = "cpu",
-                 vocab_size: int | None = None):
-        """min_split_layer: the first layer the cloud partition behind this manager holds; vocab_size bounds draft
-        tokens (None: only >= 0 is checked)."""
+                 vocab_size: int | None = None, max_split_layer: int | None = None):
+        """min_split_layer: the first layer the cloud partition behind this manager holds; max_split_layer: the
+        last split it resumes at (None: any it holds; a TensorRT engine serves its own only); vocab_size bounds
+        draft tokens (None: only >= 0 is checked)."""
         if min_split_layer < 1:  # the rows are layer-k hidden states; split 0 (token ids) is cloud_only's
             raise ValueError(f"the context manager keeps hidden rows: min_split_layer must be >= 1, "
                              f"got {min_split_layer}")
         self.hidden_size, self.num_layers, self.vocab_size = hidden_size, num_layers, vocab_size
         self.limits = limits or Limits()
-        self.admission = Admission(self.limits, num_layers, min_split_layer)
+        self.admission = Admission(self.limits, num_layers, min_split_layer, max_split_layer)
         self.budget = MemoryBudget(self.limits, device)
         self.clock = clock
         self.sessions: dict[int, _Session] = {}
@@ -99,7 +100,7 @@ class ContextManager:
         base = self._after_rollback(req, self._base(session, req))
         if req.start_pos != base.next_position:
             gap = req.start_pos > base.next_position
-            raise ProtocolError(
+            raise error_for(
                 ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
                 f"position {'gap' if gap else 'overlap'}: sequence {req.sequence_id} expects its next row at position "
                 f"{base.next_position}, the request starts at {req.start_pos}"
@@ -223,10 +224,7 @@ class ContextManager:
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sessions idle longer than the TTL (called on every request and by a periodic sweep)."""
         now = self.clock() if now is None else now
-        idle = [sid for sid, s in self.sessions.items() if now - s.last_seen > self.limits.ttl_s]
-        for sid in idle:
-            del self.sessions[sid]
-        return idle
+        return drop_idle(self.sessions, now, self.limits.ttl_s)
 
     @property
     def pending_bytes(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
-from typing import Mapping
+from typing import Mapping, Protocol
 
 from plugin.protocol.errors import ErrorCode, ProtocolError
 
@@ -56,14 +56,17 @@ class Admission:
     limits: Limits
     num_layers: int
     min_split_layer: int  # the first layer the cloud partition holds: edges must run every layer before it
+    max_split_layer: int | None = None  # the last split it serves (None: any it holds; an engine: its own only)
 
     def check_start(self, sequence_id: int, split_layer: int | None, live: Mapping[int, object]) -> None:
         """Raise unless a START of `sequence_id` at `split_layer` may begin (or restart) with `live` sessions held."""
-        if split_layer is None or not self.min_split_layer <= split_layer < self.num_layers:
+        last = self.num_layers - 1 if self.max_split_layer is None else self.max_split_layer
+        if split_layer is None or not self.min_split_layer <= split_layer <= last:
+            resumes = "" if self.max_split_layer is None else f", resuming at layer {last} at the latest"
             raise ProtocolError(ErrorCode.SPLIT_LAYER,
-                                f"START needs SPLIT_LAYER in [{self.min_split_layer}, {self.num_layers - 1}] "
+                                f"START needs SPLIT_LAYER in [{self.min_split_layer}, {last}] "
                                 f"(this cloud serves layers {self.min_split_layer} to {self.num_layers - 1} of "
-                                f"{self.num_layers}), got {split_layer}")
+                                f"{self.num_layers}{resumes}), got {split_layer}")
         if sequence_id not in live and len(live) >= self.limits.max_sessions:
             raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
                                 f"too many live sessions ({self.limits.max_sessions}); retry later")
@@ -83,6 +86,18 @@ def check_session_key(sequence_id: int, given: int, held: int) -> None:
                             f"sequence {sequence_id} belongs to another session key: "
                             + ("this request carries none" if not given else "not this request's")
                             + " (two clients on one sequence id, or a guessed id); nothing changed")
+
+
+class _Idle(Protocol):
+    last_seen: float
+
+
+def drop_idle(held: dict[int, _Idle], now: float, ttl_s: float) -> list[int]:
+    """Forget the sessions of `held` idle longer than the TTL; their ids."""
+    idle = [sid for sid, state in held.items() if now - state.last_seen > ttl_s]
+    for sid in idle:
+        del held[sid]
+    return idle
 
 
 class RateLimiter:
