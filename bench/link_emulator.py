@@ -61,8 +61,8 @@ class LinkSettings:
 
 @dataclass(frozen=True)
 class LinkCounters:
-    bytes_up: int = 0  # client -> server, as delivered to the server
-    bytes_down: int = 0  # server -> client, as delivered to the client
+    bytes_up: int = 0  # client -> server, as handed to the server's connection
+    bytes_down: int = 0  # server -> client, as handed to the client's connection
     connections: int = 0  # connections accepted and forwarded
     refused: int = 0  # connections reset because the link was cut
 
@@ -133,9 +133,9 @@ class _Direction:
                 if self.writer.can_write_eof():
                     self.writer.write_eof()
                 return
+            self.emulator._count(self.counter, len(data))  # before the write: a peer never holds uncounted bytes
             self.writer.write(data)
             await self.writer.drain()
-            self.emulator._count(self.counter, len(data))
 
 
 class LinkEmulator:
