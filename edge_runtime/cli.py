@@ -17,6 +17,7 @@ from edge_runtime.runners import RUNNERS
 from plugin.export.engines import TensorRTUnavailable
 from plugin.export.manifest import ExportError
 from plugin.paths import DEMO_PLAN
+from plugin.protocol.codec import CODEC_DTYPES
 from plugin.protocol.errors import ProtocolError
 from plugin.split.plan import PlanError
 
@@ -45,7 +46,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=SESSION_MODES, default="collaborative", help="(default: %(default)s)")
     p.add_argument("--threshold", type=float, metavar="T",
                    help="exit when max softmax probability >= T; 1.0 never exits (default: the plan's)")
-    p.add_argument("--codec", choices=["fp16", "int8", "fp32"], help="how layer-k hidden states travel (default: the plan's)")
+    p.add_argument("--codec", choices=sorted(CODEC_DTYPES), help="how layer-k hidden states travel (default: the plan's)")
     p.add_argument("--runner", choices=RUNNERS, default="torch",
                    help="edge segment runner: torch (PyTorch layer loop), onnx (ONNX Runtime over the files of "
                         "build/export_onnx.py), tensorrt (engines of build/build_engines.py) (default: %(default)s)")

@@ -45,7 +45,7 @@ class Lookahead:
         `step` under `policy`. Returns the reply; a failed request rewinds the guess and raises."""
         pending = self._requests.submit(send)
         try:
-            self._compute(int(step.last_exit_logits.argmax()), next_pos, policy)
+            self._compute(step.last_exit.token, next_pos, policy)
         finally:
             error = pending.exception()  # waits for the reply
         if error is not None:

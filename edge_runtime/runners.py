@@ -17,8 +17,8 @@ import torch
 
 from plugin.export.engines import ENGINE_MANIFEST, import_tensorrt, load_engine_manifest, TensorRTUnavailable
 from plugin.export.manifest import NP_DTYPES, default_onnx_dir, ExportError, graph_path, GraphSpec, kv_names, Manifest
-from plugin.model.checkpoint import load_model
-from plugin.model.decoder import confidence, DecoderModel
+from plugin.model.checkpoint import load_model, read_exit_shortlists
+from plugin.model.decoder import DecoderModel, exit_decision
 from plugin.model.kv import BoundaryRows, checked_rewind, KVMark, PositionError, SequenceKV
 from plugin.split.edge import ExitOutput, SegmentOutput
 from plugin.split.plan import PartitionPlan
@@ -53,13 +53,18 @@ class TorchRunner:
         h = model.run_layers(h, positions, first_layer, last_layer, [state])[0]  # [T, D]
         if exit_layer is None:
             return SegmentOutput(h, None)
-        logits = model.exit_logits(h[-1], exit_layer).float()  # [V]
-        conf, token = confidence(logits)
-        return SegmentOutput(h, ExitOutput(logits, float(conf), int(token)))
+        logits = model.exit_logits(h[-1], exit_layer).float()  # [V], or [S + 1] for a shortlist head
+        return SegmentOutput(h, exit_output(logits, model.exit_token_ids(exit_layer)))
 
     @torch.inference_mode()
     def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
         return self.model.exit_logits(hidden_row, layer)
+
+
+def exit_output(logits: torch.Tensor, token_ids: torch.Tensor | None) -> ExitOutput:
+    """The seam's ExitOutput from an exit head's logits ([V], or a shortlist head's [S + 1])."""
+    conf, token = exit_decision(logits, token_ids)
+    return ExitOutput(logits if token_ids is None else logits[:-1], float(conf), int(token), token_ids)
 
 
 class GraphSequenceKV:
@@ -105,6 +110,7 @@ class _GraphRunner:
         specs = manifest.specs()
         self.segments = {(s.first_layer, s.last_layer): s for s in specs if s.kind == "edge"}
         self.heads = {s.exit_layer: s for s in specs if s.kind == "exit_head"}
+        self.exit_token_ids = read_exit_shortlists(plan.exit_adapters)  # shortlist exits: layer -> ids [S]
 
     def new_sequence(self) -> GraphSequenceKV:
         return GraphSequenceKV(self.layers, self._empty_kv)
@@ -136,8 +142,10 @@ class _GraphRunner:
         hidden = _cpu_tensor(out["hidden_out"])[0]  # [T, D] fp32
         if exit_layer is None:
             return SegmentOutput(hidden, None)
-        head = ExitOutput(_cpu_tensor(out["exit_logits"])[0], float(out["exit_confidence"][0, 0]),
-                          int(out["exit_token"][0, 0]))
+        logits = _cpu_tensor(out["exit_logits"])[0]
+        token_ids = self.exit_token_ids.get(exit_layer)
+        head = ExitOutput(logits if token_ids is None else logits[:-1], float(out["exit_confidence"][0, 0]),
+                          int(out["exit_token"][0, 0]), token_ids)
         return SegmentOutput(hidden, head)
 
     def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:

@@ -99,7 +99,7 @@ class DecodingSession(TokenLoop):
                 raise
             self.decider.cloud_unreachable()
             last_exit = self.edge.plan.exit_layers[-1]
-            record.token_id = self.sampler.pick(step.last_exit_logits)
+            record.token_id = step.last_exit.pick(self.sampler)
             record.exit, record.fallback = f"edge:{last_exit}", True
             self._unchecked(record.token_id, last_exit)
             self.stats.fallbacks += 1
@@ -118,7 +118,7 @@ class DecodingSession(TokenLoop):
         t0 = time.perf_counter()
         drafts = None
         if self.fidelity:  # the edge's tokens since the last cloud token, and its guess of this one
-            guess = (int(step.last_exit_logits.argmax()), self.edge.plan.exit_layers[-1])
+            guess = (step.last_exit.token, self.edge.plan.exit_layers[-1])
             drafts = Drafts.of(self.unchecked + [guess])
         request = lambda: self.sync.request_token(drafts)  # noqa: E731
         if self.lookahead is None:

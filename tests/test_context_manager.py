@@ -100,8 +100,10 @@ def test_ttl_expires_idle_sessions_and_restart_resets():
     assert cm.handle(_req(2, 2, 1, want=True)).hidden.shape[0] == 3
 
 
-def test_int8_rows_round_trip_through_the_manager():
+@pytest.mark.parametrize("codec", ["int8", "int8g", "fp16s"])
+def test_int8_rows_round_trip_through_the_manager(codec):
+    """The scaled codecs: rows kept as they arrived, widened with their scales when handed on."""
     cm = ContextManager(D, 6)
-    block = cm.handle(_req(1, 0, 3, want=True, start=True, codec="int8"))
+    block = cm.handle(_req(1, 0, 3, want=True, start=True, codec=codec))
     torch.testing.assert_close(block.hidden[:, 0], torch.tensor([0.0, 1.0, 2.0]), atol=0.02, rtol=0)
     assert block.hidden.dtype == torch.float32 and np.isfinite(block.hidden.numpy()).all()

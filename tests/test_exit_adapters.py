@@ -177,3 +177,57 @@ def test_scripts_have_help(capsys):
             _script(name).main(["--help"])
         assert done.value.code == 0
         assert "--plan" in capsys.readouterr().out
+
+
+def test_cached_shortlist_heads_train_save_and_load(tiny, tmp_path):
+    """--cache: the backbone runs once; shortlist heads (S tokens + "other") learn, save, and load into
+    the layer loop with the same logits; an exit never emits a token outside its shortlist."""
+    from safetensors import safe_open
+
+    from plugin.model.decoder import exit_decision
+    from plugin.training.continuations import Continuation, save
+
+    plan_src, text = tiny
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps({**json.loads(plan_src.read_text()), "checkpoint": str(plan_src.parent)}))
+    g = torch.Generator().manual_seed(1)
+    conts = tmp_path / "continuations.json"
+    save([Continuation("p", [1] + torch.randint(3, VOCAB, (5,), generator=g).tolist(),
+                       torch.randint(3, VOCAB, (20,), generator=g).tolist(), "greedy") for _ in range(6)], conts)
+    out, shortlist = tmp_path / "heads.safetensors", 24
+    args = ["--plan", str(plan_path), "--continuations", str(conts), "--text", str(text), "--text-tokens", "512",
+            "--seq-len", "32", "--cache", str(tmp_path / "cache"), "--cache-layers", "1,2,3,4", "--shortlist",
+            str(shortlist), "--rank", "8", "--steps", "30", "--tokens-per-step", "64", "--lr", "1e-2",
+            "--val-tokens", "64"]
+    script = _script("train_exit_adapters")
+    assert script.main(args + ["--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["layers"] == [1, 2, 3, 4] and meta["tokens"] == 6 * 25 + 16 * 31  # all but each bos row
+    with safe_open(out, "pt") as f:
+        info = f.metadata()
+        assert f.get_tensor("shortlist.token_ids").shape == (shortlist,)
+    assert info["adapter_input"] == "rms"
+    before, after = json.loads(info["validation_before"]), json.loads(info["validation_after"])
+    for e in EXITS:
+        assert after[str(e)]["kl"] < 0.8 * before[str(e)]["kl"], (e, before[str(e)], after[str(e)])
+    stamp = (tmp_path / "cache" / "z.npy").stat().st_mtime_ns
+    assert script.main(args + ["--out", str(tmp_path / "again.safetensors"), "--steps", "1"]) == 0
+    assert (tmp_path / "cache" / "z.npy").stat().st_mtime_ns == stamp  # the same data: the cache is reused
+
+    plan = PartitionPlan.load(plan_path)
+    model = load_model(plan.checkpoint, exit_adapters=out)
+    ids = model.shortlist.token_ids
+    h = torch.randn(200, model.cfg.hidden_size) * 30
+    heads = ExitHeads(load_model(plan.checkpoint), EXITS, rank=8, shortlist=ids, normalize_input=True)
+    from safetensors.torch import load_file
+
+    heads.load_adapters(load_file(out))
+    with torch.no_grad():
+        for e in EXITS:
+            logits = model.exit_logits(h, e)
+            assert logits.shape == (200, shortlist + 1)
+            torch.testing.assert_close(heads.logits(h, e), logits)
+            conf, token = exit_decision(logits, model.exit_token_ids(e))
+            assert set(token.tolist()) <= set(ids.tolist())
+            torch.testing.assert_close(conf, torch.softmax(logits, -1)[:, :-1].max(-1).values)
+    assert model.exit_logits(h, LAYERS).shape == (200, VOCAB)  # the final layer keeps the full head

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from plugin.model.gguf_import import default_out_dir, GEMMA_NOTICE, GGUFImportEr
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
+from plugin.training.exit_heads import layer_states
 from tests.test_core_exactness import _assert_kv_matches_full_model, _decode_then_flush
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -157,3 +159,36 @@ def test_import_refuses_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(GGUFImportError, match="did not write"):
         import_gguf(tmp_path)
+
+
+def test_committed_exit_heads_and_plan_exit_on_the_edge_and_agree_teacher_forced():
+    """models/gemma-3-270m-exits: the plan loads its shortlist heads into the edge; collaborative decoding
+    with them (in process, int8g uploads) resolves tokens at the edge, only ever from the shortlist; and,
+    teacher-forced on those texts, the exit's tokens at or above the plan's threshold are the full model's
+    (calibration on held-out continuations: 98.9%; asserted here: 80%)."""
+    from plugin.model.decoder import exit_decision
+
+    source = import_gguf(default_out_dir()).out_dir
+    plan = PartitionPlan.load(Path(__file__).resolve().parents[1] / "models" / "gemma-3-270m-exits" / PLAN)
+    assert plan.checkpoint == source.resolve() and plan.exit_layers == (SPLIT,) and plan.codec == "int8g"
+    full = load_model(plan.checkpoint, exit_adapters=plan.exit_adapters)
+    shortlist = set(full.exit_token_ids(SPLIT).tolist())
+    edge = EdgePartition(TorchRunner(load_model(plan.checkpoint, range(0, SPLIT), exit_adapters=plan.exit_adapters)),
+                         plan)
+    cloud = LocalCloud(load_model(plan.checkpoint, range(SPLIT, full.cfg.num_layers)))
+    tokenizer = Tokenizer.from_file(str(plan.checkpoint / "tokenizer.json"))
+    exits, agree = [], []
+    for sid, text in enumerate(PROMPTS, start=5):
+        prompt = tokenizer.encode(text).ids
+        out = DecodingSession(edge, cloud, "collaborative", sequence_id=sid).generate(prompt, 24)
+        exits += out.exits()
+        assert {t for t, e in zip(out.token_ids, out.exits()) if e != "cloud"} <= shortlist
+        ids = torch.tensor([prompt + out.token_ids])  # [1, T]
+        with torch.inference_mode():
+            states = layer_states(full, ids, (SPLIT, full.cfg.num_layers))
+            final = full.exit_logits(states[full.cfg.num_layers][0, len(prompt) - 1:], full.cfg.num_layers).argmax(-1)
+            conf, token = exit_decision(full.exit_logits(states[SPLIT][0, len(prompt) - 1:], SPLIT),
+                                        full.exit_token_ids(SPLIT))
+        agree += (token == final)[conf >= plan.threshold].tolist()
+    assert exits.count(f"edge:{SPLIT}") >= 4 and "cloud" in exits, exits
+    assert len(agree) >= 8 and sum(agree) / len(agree) >= 0.8, agree

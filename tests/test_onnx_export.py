@@ -229,3 +229,30 @@ def test_trt_configs_cli(exported_tiny, tmp_path, capsys):
     assert main(["trt-configs", "--plan", str(plan_file), "--onnx-dir", str(onnx_dir), "--out", str(out), "--check"]) == 0
     assert main(["trt-configs", "--plan", str(plan_file), "--onnx-dir", str(tmp_path / "none"), "--out", str(out)]) == 1
     assert "build/export_onnx.py" in capsys.readouterr().err
+
+
+def test_shortlist_exit_heads_export_match_and_run_on_onnx_runtime(tmp_path):
+    """Shortlist heads (S rows + "other", adapters on h / RMS(h)) in the exported exit graphs: parity with the
+    layer loop, and the ONNX runner maps its candidates back to vocabulary ids as the torch runner does."""
+    from plugin.training.exit_heads import ExitHeads, save_adapters
+
+    ckpt = tmp_path / "llama"
+    save_tiny("llama", ckpt)
+    torch.manual_seed(3)
+    shortlist = torch.randperm(read_config(ckpt).vocab_size)[:24]
+    heads = ExitHeads(load_model(ckpt), (1, 3, 4), rank=4, shortlist=shortlist, normalize_input=True)
+    for p in heads.trainable_parameters():  # away from the identity start, so that a head left out would show
+        torch.nn.init.normal_(p, std=0.3)
+    save_adapters(heads, ckpt / "heads.safetensors")
+    plan = PartitionPlan(ckpt.resolve(), 4, (1, 3, 4), threshold=0.0, codec="fp32",
+                         exit_adapters=ckpt.resolve() / "heads.safetensors")
+    export_plan(plan, tmp_path / "onnx")
+    results = check_parity(plan, tmp_path / "onnx", "fp32", threads=1)
+    assert parity_summary(results)[0], parity_table(results)
+    torch_edge = EdgePartition(TorchRunner(load_model(plan.checkpoint, range(0, 4), exit_adapters=plan.exit_adapters)),
+                               plan)
+    onnx_edge = EdgePartition(load_runner("onnx", plan, onnx_dir=tmp_path / "onnx", threads=1), plan)
+    ref = DecodingSession(torch_edge, None, "standalone", sequence_id=1).generate(PROMPT, 12)
+    got = DecodingSession(onnx_edge, None, "standalone", sequence_id=2).generate(PROMPT, 12)
+    assert got.token_ids == ref.token_ids and got.exits() == ref.exits()
+    assert set(got.token_ids) <= set(shortlist.tolist()) and set(got.exits()) == {"edge:1"}  # threshold 0: first exit

@@ -5,21 +5,25 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.protocol.codec import encode
+from plugin.protocol.codec import CODEC_DTYPES, encode
 from plugin.protocol.errors import ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
+from plugin.protocol.tensors import HIDDEN_INPUTS, SCALE_INPUTS, SESSION_KEY, SPLIT_LAYER, START_POS, WANT_TOKEN
 from plugin.protocol.wire import (
     block_from_inputs, block_outputs, reply_from_outputs, reply_outputs, request_from_inputs, request_inputs)
 
 
-@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+@pytest.mark.parametrize("codec", sorted(CODEC_DTYPES))
 def test_request_round_trip(codec):
-    req = CloudRequest(7, 12, True, rows=encode(torch.randn(3, 16), codec), split_layer=4, start=True)
-    back = request_from_inputs(request_inputs(req), 7, True, False)
+    req = CloudRequest(7, 12, True, rows=encode(torch.randn(3, 40), codec), split_layer=4, start=True)
+    inputs = request_inputs(req)
+    assert set(inputs) - {START_POS, WANT_TOKEN, SPLIT_LAYER, SESSION_KEY} == {HIDDEN_INPUTS[codec]} | (
+        {SCALE_INPUTS[codec]} if codec in SCALE_INPUTS else set())
+    back = request_from_inputs(inputs, 7, True, False)
     assert (back.sequence_id, back.start_pos, back.want_token, back.split_layer) == (7, 12, True, 4)
     assert back.rows.codec == codec and np.array_equal(back.rows.data, req.rows.data)
-    if codec == "int8":
-        assert np.array_equal(back.rows.scale, req.rows.scale)
+    if codec in SCALE_INPUTS:  # int8g: [3, ceil(40 / 16)] scales
+        assert np.array_equal(back.rows.scale, req.rows.scale) and back.rows.scale.shape[1] in (1, 3)
 
 
 def test_token_ids_round_trip():

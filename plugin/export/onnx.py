@@ -10,8 +10,9 @@ per exit head alone (for a row the runner did not just compute), and one for the
   past_key_LL, past_value_LL     fp32 | fp16    [B, Hkv, P, Dh]      one pair per layer LL, P = start_pos
   outputs
   hidden_out                     fp32           [B, T, D]            edge segments
-  exit_logits                    fp32           [B, V]               edge segments ending at an exit: last row
-  exit_confidence, exit_token    fp32, int64    [B, 1]               max softmax probability and its token
+  exit_logits                    fp32           [B, V] | [B, S + 1]  edge segments ending at an exit: last row
+                                                                     (a shortlist head: S tokens, then "other")
+  exit_confidence, exit_token    fp32, int64    [B, 1]               the best candidate's probability, its token id
   token_id, confidence           int64, fp32    [B, 1]               cloud: -1 and 0 for a block of 0 rows
   topk_ids, topk_logprobs        int64, fp32    [B, K]               cloud: -1 and -inf for a block of 0 rows
   catchup_rows                   int32          [B, 1]               cloud: T
@@ -46,7 +47,7 @@ from plugin.export.manifest import (
     NP_DTYPES, OPSET, PRECISIONS, dynamic_axes, graph_path, GraphSpec, Manifest, new_manifest)
 from plugin.model.checkpoint import load_model, read_config
 from plugin.model.config import ModelConfig
-from plugin.model.decoder import confidence, DecoderModel
+from plugin.model.decoder import DecoderModel, exit_decision
 from plugin.model.layers import causal_mask
 from plugin.protocol.tensors import TOP_K
 from plugin.split.plan import PartitionPlan
@@ -105,9 +106,9 @@ class ExitHeadGraph(nn.Module):
 
 
 def _exit_head(model: DecoderModel, row: torch.Tensor, layer: int) -> list[torch.Tensor]:
-    # row: [B, D] -> logits [B, V] fp32, confidence [B, 1] fp32, token [B, 1] int64
+    # row: [B, D] -> logits [B, V] (a shortlist head: [B, S + 1]) fp32, confidence [B, 1] fp32, token [B, 1] int64
     logits = model.exit_logits(row, layer).float()
-    conf, token = confidence(logits)
+    conf, token = exit_decision(logits, model.exit_token_ids(layer))
     return [logits, conf[:, None], token[:, None]]
 
 

@@ -9,7 +9,7 @@ import torch
 
 from plugin.export.manifest import NP_DTYPES, ExportError, graph_path, kv_names, Manifest
 from plugin.export.onnx import load_full_model
-from plugin.model.decoder import confidence, DecoderModel
+from plugin.model.decoder import DecoderModel, exit_decision
 from plugin.split.plan import PartitionPlan
 
 
@@ -157,11 +157,14 @@ def _token_mismatches(got: np.ndarray, ref_logits: torch.Tensor, ref_tokens: tor
 
 def _compare_head(model: DecoderModel, row: torch.Tensor, layer: int, got: dict, diffs: dict) -> None:
     with torch.inference_mode():
-        logits = model.exit_logits(row, layer).float()  # [B, V]
-    conf, token = confidence(logits)
+        logits = model.exit_logits(row, layer).float()  # [B, V], or [B, S + 1] for a shortlist head
+    token_ids = model.exit_token_ids(layer)
+    conf, token = exit_decision(logits, token_ids)
     _expect(diffs, "exit_logits", got["exit_logits"], logits)
     _expect(diffs, "exit_confidence", got["exit_confidence"], conf[:, None])
-    bad = _token_mismatches(got["exit_token"], logits, token, 2 * float(np.abs(got["exit_logits"] - logits.numpy()).max()))
+    candidates = logits if token_ids is None else logits[:, :-1]  # "other" is never a token
+    bad = _token_mismatches(got["exit_token"], candidates, token,
+                            2 * float(np.abs(got["exit_logits"] - logits.numpy()).max()))
     diffs.setdefault("exit_token", []).append((0.0, 0.0, bad, True))
 
 

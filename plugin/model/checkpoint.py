@@ -6,13 +6,15 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from plugin.model.architectures import (
     CheckpointError, config_from_dict, gemma3_layer_weights, llama_layer_weights)
 from plugin.model.config import ModelConfig
-from plugin.model.decoder import DecoderModel, ExitAdapter
+from plugin.model.decoder import DecoderModel, ExitAdapter, Shortlist
 
-__all__ = ["CheckpointError", "load_model", "read_config"]
+__all__ = ["CheckpointError", "load_model", "read_config", "SHORTLIST_IDS"]
+SHORTLIST_IDS = "shortlist.token_ids"  # in an exit heads file: the ids a shortlist head scores
 
 
 def read_config(checkpoint: str | Path) -> ModelConfig:
@@ -117,13 +119,42 @@ def load_model(checkpoint: str | Path, layer_range: range | None = None, dtype: 
 
 
 def _load_exit_adapters(model: DecoderModel, path: Path) -> None:
-    """Adapters are saved as `exit.<layer>.down.weight` / `exit.<layer>.up.weight`."""
-    from safetensors.torch import load_file
+    """Exit heads saved by plugin/training/exit_heads.py: per exit layer L an adapter
+    `exit.L.down.weight` / `exit.L.up.weight`, and for shortlist heads `exit.L.other.weight` / `.bias`
+    with the shared `shortlist.token_ids` (their LM-head rows are taken from the checkpoint).
+    The metadata key `adapter_input` says whether the adapters read h ("raw", the default) or h / RMS(h)."""
+    from safetensors import safe_open
 
-    tensors = load_file(path)
+    with safe_open(path, "pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+        normalize = (f.metadata() or {}).get("adapter_input", "raw") == "rms"
+    token_ids = tensors.pop(SHORTLIST_IDS, None)
+    if token_ids is not None:
+        if token_ids.ndim != 1 or token_ids.min() < 0 or token_ids.max() >= model.cfg.vocab_size:
+            raise CheckpointError(f"{path}: {SHORTLIST_IDS} must be ids in [0, {model.cfg.vocab_size})")
+        model.shortlist = Shortlist(token_ids, model.lm_head.weight.detach()[token_ids.long()].clone())
     layers = sorted({int(name.split(".")[1]) for name in tensors})
     for layer in layers:
         down = tensors[f"exit.{layer}.down.weight"]
-        adapter = ExitAdapter(model.cfg.hidden_size, down.shape[0])
+        adapter = ExitAdapter(model.cfg.hidden_size, down.shape[0], normalize_input=normalize)
         adapter.load_state_dict({"down.weight": down, "up.weight": tensors[f"exit.{layer}.up.weight"]})
         model.exit_adapters[str(layer)] = adapter
+        if f"exit.{layer}.other.weight" in tensors:
+            if token_ids is None:
+                raise CheckpointError(f"{path}: exit {layer} has an 'other' logit but the file has no {SHORTLIST_IDS}")
+            other = nn.Linear(model.cfg.hidden_size, 1)
+            other.load_state_dict({"weight": tensors[f"exit.{layer}.other.weight"],
+                                   "bias": tensors[f"exit.{layer}.other.bias"]})
+            model.exit_other[str(layer)] = other
+
+
+def read_exit_shortlists(path: str | Path | None) -> dict[int, torch.Tensor]:
+    """exit layer -> the token ids [S] its shortlist head scores, for every shortlist exit in an exit
+    heads file (graph runners map the exported heads' outputs back to vocabulary ids with it)."""
+    if path is None:
+        return {}
+    with safe_open(path, "pt") as f:
+        names = set(f.keys())
+        token_ids = f.get_tensor(SHORTLIST_IDS).long() if SHORTLIST_IDS in names else None
+    layers = {int(name.split(".")[1]) for name in names if name.endswith(".other.weight")}
+    return {layer: token_ids for layer in sorted(layers)} if token_ids is not None else {}

@@ -9,17 +9,49 @@ from plugin.model.kv import kv_gatherer, SequenceKV
 from plugin.model.layers import DecoderLayer, make_norm
 
 
-class ExitAdapter(nn.Module):
-    """Small residual bottleneck before an exit's norm; zero-initialised `up` starts as identity."""
+def rms_normalize(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """h / RMS(h) over the last dim, computed in at least fp32 (fp16 squares overflow)."""
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))
+    return (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
 
-    def __init__(self, hidden: int, rank: int):
+
+class ExitAdapter(nn.Module):
+    """Small residual bottleneck before an exit's norm; zero-initialised `up` starts as identity.
+
+    normalize_input: the bottleneck reads h / RMS(h) instead of h. The final norm after it is
+    scale-invariant, so the identity start is kept, and the adapter sees the same scale at every
+    position (Gemma's residual stream spans five orders of magnitude between positions).
+    """
+
+    def __init__(self, hidden: int, rank: int, normalize_input: bool = False):
         super().__init__()
         self.down = nn.Linear(hidden, rank, bias=False)
         self.up = nn.Linear(rank, hidden, bias=False)
+        self.normalize_input = normalize_input
         nn.init.zeros_(self.up.weight)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.normalize_input:
+            h = rms_normalize(h)
         return h + self.up(nn.functional.silu(self.down(h)))
+
+
+class Shortlist(nn.Module):
+    """The S tokens a shortlist exit head scores: their ids and a copy of their LM-head rows.
+
+    Scoring S of V rows is what makes an exit cheap on a large vocabulary (Gemma 3: 262,144 rows
+    cost more than its 18 layers together). Each shortlist exit adds one "other" logit standing for
+    every token outside the shortlist (`DecoderModel.exit_other`).
+    """
+
+    def __init__(self, token_ids: torch.Tensor, rows: torch.Tensor):
+        super().__init__()
+        # token_ids: [S] int64; rows: [S, D]
+        self.register_buffer("token_ids", token_ids.long())
+        self.weight = nn.Parameter(rows)
+
+    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(normed, self.weight)  # [..., S]
 
 
 class DecoderModel(nn.Module):
@@ -35,6 +67,8 @@ class DecoderModel(nn.Module):
         self.final_norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.exit_adapters = nn.ModuleDict()
+        self.shortlist: Shortlist | None = None  # set when the exit heads score a shortlist
+        self.exit_other = nn.ModuleDict()  # exit layer -> Linear(D, 1): its "other" logit (shortlist heads)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,11 +104,23 @@ class DecoderModel(nn.Module):
         return h
 
     def exit_logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits of the exit after `layer` layers; the last layer is the model's own head."""
+        """Logits of the exit after `layer` layers; the last layer is the model's own head.
+
+        A full head gives [..., V]; a shortlist head [..., S + 1]: the shortlisted tokens
+        (`exit_token_ids`), then the "other" logit.
+        """
         adapter = self.exit_adapters[str(layer)] if str(layer) in self.exit_adapters else None
         if adapter is not None:
             h = adapter(h)
-        return self.lm_head(self.final_norm(h))
+        normed = self.final_norm(h)
+        other = self.exit_other[str(layer)] if str(layer) in self.exit_other else None
+        if other is None:
+            return self.lm_head(normed)
+        return torch.cat([self.shortlist(normed), other(normed)], dim=-1)
+
+    def exit_token_ids(self, layer: int) -> torch.Tensor | None:
+        """The vocabulary ids [S] a shortlist exit scores, or None for a full head."""
+        return self.shortlist.token_ids if str(layer) in self.exit_other else None
 
 
 def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,3 +128,18 @@ def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     conf, token = probs.max(dim=-1)
     return conf, token
+
+
+def exit_decision(logits: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence, token id) of an exit head's logits; `token_ids` None for a full head.
+
+    A shortlist head's last logit stands for every token outside the shortlist: it takes part in
+    the softmax, so the mass the head gives outside lowers each shortlisted token's probability,
+    but it is never chosen. The confidence is the best shortlisted token's probability, so at a
+    threshold >= 0.5 an exit still emits only a token more likely than all others together.
+    """
+    if token_ids is None:
+        return confidence(logits)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [..., S + 1]
+    conf, index = probs[..., :-1].max(dim=-1)
+    return conf, token_ids[index]

@@ -7,7 +7,8 @@ tables of docs/protocol.md (plugin/protocol/docs.py writes them; tests/test_prot
 Dims leave out the batch dimension (every request is a batch of one row): ROWS is the number of
 rows of a block (ragged: it differs between the requests of a batch; -1 in config.pbtxt), DRAFTS the
 number of drafted rows a request asks the cloud to check (also -1), HIDDEN the model's hidden size,
-TOP_K_DIM the width of the top-k outputs.
+TOP_K_DIM the width of the top-k outputs, GROUPS_DIM the number of int8g scale groups per row
+(ceil(D / codec.GROUP)).
 
 The tensors marked `verification` carry verified mode and live exit fidelity (drafts checked by the
 full model, rollbacks of rejected drafts): the TensorRT variant of cloud_partition computes the head
@@ -19,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plugin.protocol.codec import CODEC_DTYPES
+from plugin.protocol.codec import CODEC_DTYPES, GROUP, scale_columns
 
 TOP_K = 8
-ROWS, DRAFTS, HIDDEN, TOP_K_DIM = "n", "r", "D", "K"
+ROWS, DRAFTS, HIDDEN, TOP_K_DIM, GROUPS_DIM = "n", "r", "D", "K", "G"
 
 # the models of the repository that carry protocol tensors
 ENSEMBLE, CONTEXT_MANAGER, CLOUD_PARTITION, CLOUD_ONLY = "ce_collm", "context_manager", "cloud_partition", "cloud_only"
@@ -55,13 +56,22 @@ class TensorSpec:
 
     def config_dims(self, hidden_size: int) -> list[int]:
         """Dims for config.pbtxt."""
-        sizes = {ROWS: -1, DRAFTS: -1, HIDDEN: hidden_size, TOP_K_DIM: TOP_K}
+        sizes = {ROWS: -1, DRAFTS: -1, HIDDEN: hidden_size, TOP_K_DIM: TOP_K,
+                 GROUPS_DIM: scale_columns("int8g", hidden_size)}
         return [sizes.get(d, d) for d in self.dims]
 
 
+_HIDDEN_MEANINGS = {
+    "fp32": "layer-k hidden states of positions [START_POS, START_POS + n); send exactly one HIDDEN_* input",
+    "fp16": "the same rows as fp16 (rows beyond fp16's range are refused: use HIDDEN_FP16S)",
+    "fp16s": "the same rows divided by HIDDEN_SCALE (a power of two per row), as fp16: any magnitude",
+    "int8": "the same rows as int8, with HIDDEN_SCALE (per-row absmax)",
+    "int8g": f"the same rows as int8, with HIDDEN_GROUP_SCALE (absmax per group of {GROUP} channels)",
+}
+
+
 def _hidden(codec: str) -> TensorSpec:
-    meaning = ("layer-k hidden states of positions [START_POS, START_POS + n); send exactly one HIDDEN_* input"
-               if codec != "int8" else "the same rows as int8, with HIDDEN_SCALE (per-row absmax)")
+    meaning = _HIDDEN_MEANINGS[codec]
     return TensorSpec(f"HIDDEN_{codec.upper()}", np.dtype(CODEC_DTYPES[codec]).name, (ROWS, HIDDEN), _EDGE_FACING,
                       optional=True, ragged=True, meaning=meaning)
 
@@ -69,7 +79,9 @@ def _hidden(codec: str) -> TensorSpec:
 TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
     *(_hidden(codec) for codec in CODEC_DTYPES),
     TensorSpec("HIDDEN_SCALE", "float32", (ROWS, 1), _EDGE_FACING, optional=True, ragged=True,
-               meaning="float32 scale of each HIDDEN_INT8 row"),
+               meaning="float32 scale of each HIDDEN_INT8 or HIDDEN_FP16S row"),
+    TensorSpec("HIDDEN_GROUP_SCALE", "float32", (ROWS, GROUPS_DIM), _EDGE_FACING, optional=True, ragged=True,
+               meaning=f"float32 scale of each group of {GROUP} channels of each HIDDEN_INT8G row"),
     TensorSpec("TOKEN_IDS", "int64", (ROWS,), (CLOUD_ONLY,), ragged=True,
                meaning="token ids of positions [START_POS, START_POS + n), for the cloud-only baseline"),
     TensorSpec("START_POS", "int64", (1,), (*_EDGE_FACING, CLOUD_ONLY),
@@ -135,6 +147,8 @@ def outputs_of(model: str) -> list[TensorSpec]:
 
 HIDDEN_INPUTS = {codec: _hidden(codec).name for codec in CODEC_DTYPES}
 HIDDEN_SCALE = "HIDDEN_SCALE"
+HIDDEN_GROUP_SCALE = "HIDDEN_GROUP_SCALE"
+SCALE_INPUTS = {"int8": HIDDEN_SCALE, "fp16s": HIDDEN_SCALE, "int8g": HIDDEN_GROUP_SCALE}  # codec -> its scale
 TOKEN_IDS = "TOKEN_IDS"
 START_POS = "START_POS"
 WANT_TOKEN = "WANT_TOKEN"

@@ -12,9 +12,9 @@ from plugin.protocol.codec import EncodedRows
 from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import (
-    CATCHUP_ROWS, CONFIDENCE, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_INPUTS, HIDDEN_SCALE, PENDING_DRAFT_EXITS,
-    PENDING_DRAFTS, PENDING_HIDDEN, PENDING_ROLLBACK, PENDING_SPLIT, PENDING_START, PENDING_WANT, ROLLBACK_TO,
-    ROW_TOPK_IDS, ROW_TOPK_LOGPROBS, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS,
+    CATCHUP_ROWS, CONFIDENCE, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_INPUTS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
+    PENDING_HIDDEN, PENDING_ROLLBACK, PENDING_SPLIT, PENDING_START, PENDING_WANT, ROLLBACK_TO, ROW_TOPK_IDS,
+    ROW_TOPK_LOGPROBS, SCALE_INPUTS, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS,
     TOPK_LOGPROBS, WANT_TOKEN)
 
 
@@ -32,7 +32,7 @@ def request_inputs(req: CloudRequest) -> Tensors:
     if req.rows is not None:
         out[HIDDEN_INPUTS[req.rows.codec]] = req.rows.data[None]
         if req.rows.scale is not None:
-            out[HIDDEN_SCALE] = req.rows.scale[None]
+            out[SCALE_INPUTS[req.rows.codec]] = req.rows.scale[None]
     if req.token_ids is not None:
         out[TOKEN_IDS] = req.token_ids[None]
     if req.split_layer is not None:
@@ -87,9 +87,10 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
                        split_layer=_scalar(inputs, SPLIT_LAYER), start=start, end=end, session_key=key or 0)
     if hidden:
         codec, name = hidden[0]
-        scale = inputs.get(HIDDEN_SCALE)
+        scale_name = SCALE_INPUTS.get(codec)
+        scale = inputs.get(scale_name) if scale_name else None
         req.rows = EncodedRows(codec, _unbatched(inputs[name], name),
-                               _unbatched(scale, HIDDEN_SCALE) if scale is not None else None)
+                               _unbatched(scale, scale_name) if scale is not None else None)
     else:
         req.token_ids = _unbatched(inputs[TOKEN_IDS], TOKEN_IDS)
     req.drafts = _drafts(inputs)

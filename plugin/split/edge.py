@@ -37,9 +37,15 @@ class SequenceState(Protocol):
 class ExitOutput:
     """What the exit head after a segment says about the segment's last row."""
 
-    logits: torch.Tensor  # [V] float32
-    confidence: float  # max softmax probability
-    token: int  # its argmax
+    logits: torch.Tensor  # [C] float32 over the head's candidate tokens: [V], or a shortlist's [S]
+    confidence: float  # the head's probability of `token` (a shortlist head's "other" mass counted)
+    token: int  # its best candidate (a vocabulary id)
+    token_ids: torch.Tensor | None = None  # [C] vocabulary ids of the candidates; None: every id in order
+
+    def pick(self, sampler: Sampler) -> int:
+        """The sampler's choice among the head's candidates, as a vocabulary id."""
+        choice = sampler.pick(self.logits)
+        return choice if self.token_ids is None else int(self.token_ids[choice])
 
 
 @dataclass
@@ -68,7 +74,8 @@ class SegmentRunner(Protocol):
         """
 
     def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
-        """Logits [V] of the exit after `layer` layers for any one hidden row [D] (the exit head alone)."""
+        """Logits of the exit after `layer` layers for any one hidden row [D] (the exit head alone):
+        [V], or a shortlist head's [S + 1] (`DecoderModel.exit_logits`)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,7 @@ class EdgeStep:
     confidences: list[tuple[int, float]] = field(default_factory=list)  # (exit layer, confidence) seen
     split_rows: PendingRows | None = None  # rows that reached the split in this step: the cloud's input
     rows_by_layer: dict[int, int] = field(default_factory=dict)  # rows computed per layer in this step
-    last_exit_logits: torch.Tensor | None = None  # [V] of the last exit: the edge's answer if the cloud fails
+    last_exit: ExitOutput | None = None  # the last exit's head: the edge's answer if the cloud fails
 
 
 class EdgePartition:
@@ -128,10 +135,10 @@ class EdgePartition:
             if segment.exit is None:
                 continue
             if boundary == last_exit:
-                out.last_exit_logits = segment.exit.logits
+                out.last_exit = segment.exit
             out.confidences.append((boundary, segment.exit.confidence))
             if policy.exits(segment.exit.confidence, boundary == last_exit):
-                out.token_id, out.exit_layer = sampler.pick(segment.exit.logits), boundary
+                out.token_id, out.exit_layer = segment.exit.pick(sampler), boundary
                 if boundary != self.plan.split_layer:  # rows at the split belong to the cloud
                     seq.pending.add(boundary, start, h)
                 return out

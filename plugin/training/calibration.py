@@ -1,6 +1,7 @@
 """How well each exit's confidence predicts its correctness, and what a threshold would do.
 
-For every exit (and the final layer) over held-out windows: perplexity; per confidence bin the
+For every exit (and the final layer) over held-out windows: perplexity (a shortlist head's over its
+S + 1 classes: a token outside the shortlist counts as "other"); per confidence bin the
 count, the accuracy against the actual next token and the agreement with the final layer's argmax;
 and for each threshold, the share of tokens that would exit at each exit under the CE-CoLLM rule
 (the first exit whose confidence >= threshold; a threshold of 1.0 never exits) with the agreement
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from plugin.model.decoder import confidence, DecoderModel
+from plugin.model.decoder import DecoderModel, exit_decision
 from plugin.training.exit_heads import exit_forward
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
@@ -38,28 +39,37 @@ class TokenStats:
 
 
 @torch.no_grad()
-def collect(model: DecoderModel, windows: torch.Tensor, exit_layers: tuple[int, ...], batch_size: int = 8,
-            progress=None) -> TokenStats:
-    """Run the model over windows [W, T] and keep, per output, every scored token's statistics.
+def collect(model: DecoderModel, windows: torch.Tensor | list[torch.Tensor], exit_layers: tuple[int, ...],
+            batch_size: int = 8, progress=None, first_scored: list[int] | None = None) -> TokenStats:
+    """Run the model over windows [W, T] (or a list of sequences [T_i], one pass each) and keep, per
+    output, every scored token's statistics.
 
-    Exit logits come from `model.exit_logits`, i.e. with whatever adapters the model was loaded with,
-    exactly as the edge computes them.
+    Exit logits come from `model.exit_logits`, i.e. with whatever exit heads the model was loaded
+    with, and the token and confidence from `exit_decision`, exactly as the edge computes them.
+    first_scored: per sequence of a list, the first position scored (e.g. a continuation's last
+    prompt row: the positions the model generated from); default every position.
     """
+    if first_scored is not None and (isinstance(windows, torch.Tensor) or len(first_scored) != len(windows)):
+        raise ValueError("first_scored needs a list of sequences, one start per sequence")
     n_layers = model.cfg.num_layers
     layers = tuple(exit_layers) + (n_layers,)
+    token_ids = [model.exit_token_ids(e) for e in exit_layers] + [None]
     conf, tok, nll, tgt = [], [], [], []
-    for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i:i + batch_size]
+    batches = ([windows[i:i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+               if isinstance(windows, torch.Tensor) else [w[None] for w in windows])
+    for b, ids in enumerate(batches):
         hidden, final = exit_forward(model, ids, tuple(exit_layers))
+        start = first_scored[b] if first_scored is not None else 0
         outputs = [model.exit_logits(hidden[e], e).float() for e in exit_layers] + [final]
-        target = ids[:, 1:].reshape(-1).to(final.device)  # [n]
+        target = ids[:, start + 1:].reshape(-1).to(final.device)  # [n]
         c_rows, t_rows, n_rows = [], [], []
-        for logits in outputs:
-            logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # [n, V]
-            c, t = confidence(logits)
+        for logits, head_ids in zip(outputs, token_ids):
+            logits = logits[:, start:-1].reshape(-1, logits.shape[-1])  # [n, C]
+            c, t = exit_decision(logits, head_ids)
             c_rows.append(c.double().cpu())
             t_rows.append(t.cpu())
-            n_rows.append(F.cross_entropy(logits, target, reduction="none").double().cpu())
+            n_rows.append(F.cross_entropy(logits, _classes(target, head_ids, logits.shape[-1]),
+                                          reduction="none").double().cpu())
         conf.append(torch.stack(c_rows))
         tok.append(torch.stack(t_rows))
         nll.append(torch.stack(n_rows))
@@ -67,6 +77,16 @@ def collect(model: DecoderModel, windows: torch.Tensor, exit_layers: tuple[int, 
         if progress is not None:
             progress(ids.shape[0])
     return TokenStats(layers, torch.cat(conf, 1), torch.cat(tok, 1), torch.cat(nll, 1), torch.cat(tgt))
+
+
+def _classes(target: torch.Tensor, head_ids: torch.Tensor | None, width: int) -> torch.Tensor:
+    """The head's class of each target token: itself for a full head; for a shortlist head its index,
+    or the last ("other") class when it lies outside."""
+    if head_ids is None:
+        return target
+    class_of = torch.full((int(max(target.max(), head_ids.max())) + 1,), width - 1, dtype=torch.long)
+    class_of[head_ids] = torch.arange(len(head_ids))
+    return class_of[target]
 
 
 def exit_assignment(conf: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -10,6 +10,11 @@ state and the final layer's distribution, and only the adapters learn, with
 so an exit learns to say what the whole model would say (agreement, what early exit needs) and
 what the text says. Adapters are saved as `exit.<layer>.down.weight` / `exit.<layer>.up.weight`
 (the format `checkpoint._load_exit_adapters` reads).
+
+On a large vocabulary an exit head scores a shortlist (`decoder.Shortlist`): the S tokens the model
+itself writes most, plus one "other" logit per exit for every token outside. Its targets are the
+final distribution folded onto those S + 1 classes (`folded_log_probs`), and training reads the
+backbone's outputs from a cache on disk (`exit_cache.py`) instead of running the backbone per step.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plugin.model.checkpoint import SHORTLIST_IDS
 from plugin.model.decoder import DecoderModel, ExitAdapter
 
 # ----------------------------------------------------------------------------------------------
@@ -132,64 +138,141 @@ def spaced_windows(stream: torch.Tensor, budget_tokens: int, seq_len: int, bos_i
 
 
 @torch.no_grad()
-def exit_forward(model: DecoderModel, ids: torch.Tensor, exit_layers: tuple[int, ...]):
-    """Run the whole model over full windows; returns ({e: hidden [B, T, D]}, final logits [B, T, V] fp32).
+def layer_states(model: DecoderModel, ids: torch.Tensor, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    """Hidden states [B, T, D] after each of `layers` (in [1, N]) from one pass over full windows [B, T].
 
-    Uses the project's own layer loop with a fresh SequenceKV per row, so what the adapters see is
+    Uses the project's own layer loop with a fresh SequenceKV per row, so what the heads see is
     exactly what the edge computes (the KV catch-up makes decode-time hidden states equal these).
     """
     n_layers = model.cfg.num_layers
     if model.layer_range != range(n_layers):
-        raise ValueError(f"exit_forward needs every layer loaded, the model holds {model.layer_range}")
-    if any(not 0 < e < n_layers for e in exit_layers):
-        raise ValueError(f"exit layers {list(exit_layers)} must lie in [1, {n_layers - 1}]")
+        raise ValueError(f"training needs every layer loaded, the model holds {model.layer_range}")
+    if any(not 0 < e <= n_layers for e in layers) or list(layers) != sorted(set(layers)):
+        raise ValueError(f"layers {list(layers)} must be increasing and lie in [1, {n_layers}]")
     ids = ids.to(model.device)
     B, T = ids.shape
     positions = torch.arange(T, device=model.device).expand(B, T)  # [B, T]
     sequences = [model.new_sequence(0, n_layers) for _ in range(B)]
     h = model.embed_tokens(ids, positions)  # [B, T, D]
-    hidden, first = {}, 0
-    for e in exit_layers:
+    states, first = {}, 0
+    for e in layers:
         h = model.run_layers(h, positions, first, e, sequences)
-        hidden[e], first = h, e
-    h = model.run_layers(h, positions, first, n_layers, sequences)
-    return hidden, model.exit_logits(h, n_layers).float()
+        states[e], first = h, e
+    return states
+
+
+@torch.no_grad()
+def exit_forward(model: DecoderModel, ids: torch.Tensor, exit_layers: tuple[int, ...]):
+    """Run the whole model over full windows; returns ({e: hidden [B, T, D]}, final logits [B, T, V] fp32)."""
+    n_layers = model.cfg.num_layers
+    if any(not 0 < e < n_layers for e in exit_layers):
+        raise ValueError(f"exit layers {list(exit_layers)} must lie in [1, {n_layers - 1}]")
+    hidden = layer_states(model, ids, tuple(exit_layers) + (n_layers,))
+    return hidden, model.exit_logits(hidden.pop(n_layers), n_layers).float()
 
 
 class ExitHeads(nn.Module):
-    """The trainable adapters plus float32 views of the frozen final norm and LM head."""
+    """The trainable part of the exit heads, plus float32 views of the frozen final norm and LM head.
 
-    def __init__(self, model: DecoderModel, exit_layers: tuple[int, ...], rank: int):
+    Per exit an adapter, and with a shortlist (token ids [S]) an "other" logit per exit: the head then
+    scores the S shortlisted tokens and "any other token" (`DecoderModel.exit_logits`), and learns the
+    final layer's distribution folded onto those S + 1 classes.
+    """
+
+    def __init__(self, model: DecoderModel, exit_layers: tuple[int, ...], rank: int,
+                 shortlist: torch.Tensor | None = None, normalize_input: bool = False):
         super().__init__()
         hidden = model.cfg.hidden_size
         self.exit_layers = tuple(exit_layers)
-        self.adapters = nn.ModuleDict({str(e): ExitAdapter(hidden, rank) for e in exit_layers})
-        # A float32 copy of the head only when the backbone is not float32 (bf16/fp16 backbones).
+        self.normalize_input = normalize_input
+        self.adapters = nn.ModuleDict({str(e): ExitAdapter(hidden, rank, normalize_input) for e in exit_layers})
+        # A float32 copy of the norm only when the backbone is not float32 (bf16/fp16 backbones).
         same = model.dtype == torch.float32
         self._norm = model.final_norm if same else copy.deepcopy(model.final_norm).float()
-        self._head = model.lm_head if same else copy.deepcopy(model.lm_head).float()
+        self.other = nn.ModuleDict()
+        if shortlist is None:
+            self._head = model.lm_head if same else copy.deepcopy(model.lm_head).float()
+            self.register_buffer("token_ids", None)
+            self.register_buffer("_class_of", None)
+        else:
+            self._head = nn.Linear(hidden, len(shortlist), bias=False)
+            self._head.weight = nn.Parameter(model.lm_head.weight.detach()[shortlist].float().clone())
+            self.other = nn.ModuleDict({str(e): nn.Linear(hidden, 1) for e in exit_layers})
+            for other in self.other.values():
+                nn.init.zeros_(other.weight)
+                nn.init.zeros_(other.bias)
+            self.register_buffer("token_ids", shortlist.long().clone())
+            class_of = torch.full((model.cfg.vocab_size,), len(shortlist), dtype=torch.long)  # outside: "other"
+            class_of[shortlist] = torch.arange(len(shortlist))
+            self.register_buffer("_class_of", class_of)
         for p in list(self._norm.parameters()) + list(self._head.parameters()):
             p.requires_grad_(False)
         self.to(model.device)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.adapters.parameters())
+        return list(self.adapters.parameters()) + list(self.other.parameters())
+
+    def normed(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        # h: [..., D] -> the final norm's output after the exit's adapter, float32
+        return self._norm(self.adapters[str(layer)](h.float()))
 
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        # h: [..., D] -> [..., V] float32; same computation as DecoderModel.exit_logits
-        return self._head(self._norm(self.adapters[str(layer)](h.float())))
+        # h: [..., D] -> [..., V] or [..., S + 1] float32; same computation as DecoderModel.exit_logits
+        normed = self.normed(h, layer)
+        if self.token_ids is None:
+            return self._head(normed)
+        return torch.cat([self._head(normed), self.other[str(layer)](normed)], dim=-1)
+
+    def classes(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The head's class of each token id: itself, or its shortlist index (S for "other"); -1 stays -1."""
+        if self._class_of is None:
+            return token_ids
+        return torch.where(token_ids < 0, token_ids, self._class_of[token_ids.clamp(min=0)])
+
+    def target_log_probs(self, final_logits: torch.Tensor) -> torch.Tensor:
+        """The final layer's log-distribution over the head's classes: [N, V] -> [N, V] or [N, S + 1]."""
+        if self.token_ids is None:
+            return F.log_softmax(final_logits, dim=-1)
+        return folded_log_probs(final_logits[:, self.token_ids], torch.logsumexp(final_logits, dim=-1))
+
+    def target_from_final_norm(self, final_normed: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        """target_log_probs from the final norm's output [N, D] and the full log-sum-exp [N] (the cache's)."""
+        if self.token_ids is None:
+            return self._head(final_normed) - lse[:, None]
+        return folded_log_probs(self._head(final_normed), lse)
 
     def load_adapters(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Start from saved adapters (same rank); layers missing from the file start at identity."""
+        """Start from saved heads (same rank and shortlist); layers missing from the file start at identity."""
         for e in self.exit_layers:
             down, up = tensors.get(f"exit.{e}.down.weight"), tensors.get(f"exit.{e}.up.weight")
             if down is None or up is None:
                 continue
             self.adapters[str(e)].load_state_dict({"down.weight": down, "up.weight": up})
+            if str(e) in self.other and f"exit.{e}.other.weight" in tensors:
+                self.other[str(e)].load_state_dict({"weight": tensors[f"exit.{e}.other.weight"],
+                                                    "bias": tensors[f"exit.{e}.other.bias"]})
 
     def state_for_file(self) -> dict[str, torch.Tensor]:
-        return {f"exit.{e}.{part}.weight": getattr(self.adapters[str(e)], part).weight.detach().float().cpu()
-                .contiguous() for e in self.exit_layers for part in ("down", "up")}
+        out = {f"exit.{e}.{part}.weight": getattr(self.adapters[str(e)], part).weight.detach().float().cpu()
+               .contiguous() for e in self.exit_layers for part in ("down", "up")}
+        for e, other in self.other.items():
+            out[f"exit.{e}.other.weight"] = other.weight.detach().float().cpu().contiguous()
+            out[f"exit.{e}.other.bias"] = other.bias.detach().float().cpu().contiguous()
+        if self.token_ids is not None:
+            out[SHORTLIST_IDS] = self.token_ids.cpu().contiguous()
+        return out
+
+
+def folded_log_probs(shortlist_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """log p over S + 1 classes: the S shortlisted tokens and the mass of every other token.
+
+    shortlist_logits: [N, S] final-layer logits of the shortlisted tokens; lse: [N] log-sum-exp over the
+    whole vocabulary.
+    """
+    log_p = shortlist_logits - lse[:, None]  # [N, S]
+    inside = torch.logsumexp(log_p, dim=-1).clamp(max=-1e-7)  # log of the shortlist's mass, < 0
+    other = torch.log(-torch.expm1(inside))  # log(1 - mass)
+    return torch.cat([log_p, other[:, None]], dim=-1)
 
 
 @dataclass
@@ -197,7 +280,29 @@ class ExitLosses:
     total: torch.Tensor  # weighted sum over exits, the training objective
     kl: dict[int, float]  # KL(final || exit) per exit, nats/token
     ce: dict[int, float]  # cross-entropy to the next token per exit, nats/token
-    agreement: dict[int, float]  # share of positions whose exit argmax equals the final argmax
+    agreement: dict[int, float]  # share of positions whose exit token equals the final argmax
+
+
+def distill_losses(heads: ExitHeads, hidden: dict[int, torch.Tensor], log_p: torch.Tensor, targets: torch.Tensor,
+                   final_classes: torch.Tensor, kl_weight: float = 1.0, ce_weight: float = 1.0) -> ExitLosses:
+    """KL(final || exit) + CE at every exit over N positions, in the head's classes.
+
+    hidden: {e: [N, D]}; log_p: [N, C] the final layer's log-distribution (no grad); targets: [N] class of
+    the next token (-1: none, left out of CE); final_classes: [N] class of the final layer's argmax.
+    """
+    total = log_p.new_zeros(())
+    kl, ce, agree = {}, {}, {}
+    has_next = targets >= 0
+    other = heads.token_ids is not None  # a shortlist head's last class is never emitted
+    for e in heads.exit_layers:
+        log_q = F.log_softmax(heads.logits(hidden[e], e), dim=-1)  # [N, C]
+        kl_e = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+        ce_e = F.nll_loss(log_q[has_next], targets[has_next]) if has_next.any() else log_q.new_zeros(())
+        total = total + kl_weight * kl_e + ce_weight * ce_e
+        kl[e], ce[e] = kl_e.item(), ce_e.item()
+        chosen = (log_q[:, :-1] if other else log_q).argmax(dim=-1)
+        agree[e] = (chosen == final_classes).float().mean().item()
+    return ExitLosses(total, kl, ce, agree)
 
 
 def exit_losses(heads: ExitHeads, hidden: dict[int, torch.Tensor], final_logits: torch.Tensor,
@@ -205,20 +310,11 @@ def exit_losses(heads: ExitHeads, hidden: dict[int, torch.Tensor], final_logits:
     """KL(final || exit) + CE at every exit, over the positions that have a next token."""
     # final_logits: [B, T, V]; ids: [B, T]; predictions at positions [0, T-1) of tokens [1, T)
     V = final_logits.shape[-1]
-    log_p = F.log_softmax(final_logits[:, :-1].reshape(-1, V), dim=-1)  # [N, V] target, no grad
-    final_top = log_p.argmax(dim=-1)
-    targets = ids[:, 1:].reshape(-1).to(log_p.device)  # [N]
-    total = final_logits.new_zeros(())
-    kl, ce, agree = {}, {}, {}
-    for e in heads.exit_layers:
-        h = hidden[e][:, :-1].reshape(-1, hidden[e].shape[-1])  # [N, D]
-        log_q = F.log_softmax(heads.logits(h, e), dim=-1)  # [N, V]
-        kl_e = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-        ce_e = F.nll_loss(log_q, targets)
-        total = total + kl_weight * kl_e + ce_weight * ce_e
-        kl[e], ce[e] = kl_e.item(), ce_e.item()
-        agree[e] = (log_q.argmax(dim=-1) == final_top).float().mean().item()
-    return ExitLosses(total, kl, ce, agree)
+    final = final_logits[:, :-1].reshape(-1, V)  # [N, V]
+    log_p = heads.target_log_probs(final)  # [N, C], no grad
+    targets = heads.classes(ids[:, 1:].reshape(-1).to(log_p.device))  # [N]
+    flat = {e: hidden[e][:, :-1].reshape(-1, hidden[e].shape[-1]) for e in heads.exit_layers}  # [N, D]
+    return distill_losses(heads, flat, log_p, targets, heads.classes(final.argmax(dim=-1)), kl_weight, ce_weight)
 
 
 @torch.no_grad()
@@ -277,12 +373,15 @@ def freeze(model: DecoderModel) -> DecoderModel:
 
 
 def save_adapters(heads: ExitHeads, path: str | Path, metadata: dict[str, object] | None = None) -> Path:
-    """Write `exit.<layer>.down.weight` / `exit.<layer>.up.weight` (float32) with string metadata."""
+    """Write the heads (`exit.<layer>.down.weight` / `.up.weight`, float32; shortlist heads add
+    `exit.<layer>.other.weight` / `.bias` and `shortlist.token_ids`) with string metadata, which says
+    what the adapters read (`adapter_input`: "raw" or "rms")."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in (metadata or {}).items()}
+    metadata = {"adapter_input": "rms" if heads.normalize_input else "raw", **(metadata or {})}
+    meta = {k: (v if isinstance(v, str) else json.dumps(v)) for k, v in metadata.items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(heads.state_for_file(), str(tmp), metadata=meta)
     os.chmod(tmp, 0o644)  # safetensors writes 0600; the adapters travel with a shared checkpoint
