@@ -868,16 +868,25 @@ def _json_default(o):
 
 # -- prompts ----------------------------------------------------------------------------------------
 def load_prompts(plan: PartitionPlan, count: int) -> tuple[list[list[int]], list[str], object]:
-    """The first `count` held-out prompts of the demo model (heldout_prompts.txt), tokenized."""
+    """The first `count` held-out prompts, tokenized with the checkpoint's tokenizer."""
     from tokenizers import Tokenizer
 
-    path = plan.checkpoint / "heldout_prompts.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: train the demo model first "
-                                "(.venv/bin/python build/train_demo_model.py) or pass a plan whose checkpoint has one")
-    texts = [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()][:count]
+    texts = heldout_texts(plan)[:count]
     tokenizer = Tokenizer.from_file(str(plan.checkpoint / "tokenizer.json"))
     return [tokenizer.encode(t).ids for t in texts], texts, tokenizer
+
+
+def heldout_texts(plan: PartitionPlan) -> list[str]:
+    """The checkpoint's heldout_prompts.txt (the demo model's, one per line), else the heldout_prompts.json
+    beside the plan's exit heads (Gemma's: texts its exit heads were not trained on)."""
+    path = plan.checkpoint / "heldout_prompts.txt"
+    if path.is_file():
+        return [line.replace("\\n", "\n") for line in path.read_text().splitlines() if line.strip()]
+    beside_heads = plan.exit_adapters.parent / "heldout_prompts.json" if plan.exit_adapters is not None else None
+    if beside_heads is not None and beside_heads.is_file():
+        return json.loads(beside_heads.read_text())
+    raise FileNotFoundError(f"{path} not found, nor heldout_prompts.json beside the plan's exit heads: train the demo "
+                            "model first (.venv/bin/python build/train_demo_model.py) or pass a plan that has one")
 
 
 # -- command line -----------------------------------------------------------------------------------

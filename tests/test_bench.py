@@ -11,7 +11,8 @@ import torch
 
 from bench.naive_split import NaiveSplitService, write_bench_repository
 from bench.perf_inputs import input_data, record_sessions
-from bench.run import BenchConfig, capacity, LinkSpec, paired_interval, rouge_l, run_benchmark, System, token_agreement
+from bench.run import (
+    BenchConfig, capacity, heldout_texts, LinkSpec, paired_interval, rouge_l, run_benchmark, System, token_agreement)
 from plugin.protocol.codec import encode
 from plugin.protocol.messages import CloudRequest
 from plugin.protocol.tensors import START_POS
@@ -140,3 +141,17 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
         (s, n) for s in ("collaborative@0.1/fp32", "cloud-only") for n in (1, 2)}
     assert all(r["throughput_tok_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in clients["rows"])
     assert set(clients["capacity"]) == {"collaborative@0.1/fp32", "cloud-only"}
+
+
+def test_heldout_prompts_come_from_the_checkpoint_or_from_beside_the_exit_heads(tmp_path):
+    """The demo model keeps its held-out prompts in the checkpoint; an imported model (Gemma) has them beside
+    the plan's exit heads, with the texts those heads were not trained on."""
+    ckpt, heads = tmp_path / "ckpt", tmp_path / "heads"
+    ckpt.mkdir(), heads.mkdir()
+    plan = PartitionPlan(ckpt, 2, (2,), exit_adapters=heads / "exit_heads.safetensors")
+    with pytest.raises(FileNotFoundError, match="heldout_prompts"):
+        heldout_texts(plan)
+    (heads / "heldout_prompts.json").write_text(json.dumps(["Glaciers shape the landscape by", "Dear diary,\n"]))
+    assert heldout_texts(plan) == ["Glaciers shape the landscape by", "Dear diary,\n"]
+    (ckpt / "heldout_prompts.txt").write_text("ROMEO:\\nBut soft\n\nJULIET:\n")
+    assert heldout_texts(plan) == ["ROMEO:\nBut soft", "JULIET:"]  # the checkpoint's own come first

@@ -163,14 +163,14 @@ def test_import_refuses_a_folder_it_did_not_write(tmp_path):
 
 def test_committed_exit_heads_and_plan_exit_on_the_edge_and_agree_teacher_forced():
     """models/gemma-3-270m-exits: the plan loads its shortlist heads into the edge; collaborative decoding
-    with them (in process, int8g uploads) resolves tokens at the edge, only ever from the shortlist; and,
+    with them (in process, fp16s uploads) resolves tokens at the edge, only ever from the shortlist; and,
     teacher-forced on those texts, the exit's tokens at or above the plan's threshold are the full model's
     (calibration on held-out continuations: 98.9%; asserted here: 80%)."""
     from plugin.model.decoder import exit_decision
 
     source = import_gguf(default_out_dir()).out_dir
     plan = PartitionPlan.load(Path(__file__).resolve().parents[1] / "models" / "gemma-3-270m-exits" / PLAN)
-    assert plan.checkpoint == source.resolve() and plan.exit_layers == (SPLIT,) and plan.codec == "int8g"
+    assert plan.checkpoint == source.resolve() and plan.exit_layers == (SPLIT,) and plan.codec == "fp16s"
     full = load_model(plan.checkpoint, exit_adapters=plan.exit_adapters)
     shortlist = set(full.exit_token_ids(SPLIT).tolist())
     edge = EdgePartition(TorchRunner(load_model(plan.checkpoint, range(0, SPLIT), exit_adapters=plan.exit_adapters)),
