@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from plugin.paths import REPO_ROOT, DEMO_PLAN as DEFAULT_PLAN
@@ -48,3 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="OMP/MKL threads of each python-backend model process of the bench's own server; 0 keeps "
                         "torch's default (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """A bench's result file, its folder made first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.args import write_json
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import CODEC_DTYPES, decode, encode
 from plugin.paths import REPO_ROOT
@@ -85,8 +86,7 @@ def main(argv=None) -> int:
             codecs.remove(c)
     out = {"plan": plan.to_dict(REPO_ROOT), "split_layer": split, "tokens_per_generation": args.tokens,
            "codecs": fidelity(model, records, split, codecs, args.tokens), "refused": skipped}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     print(json.dumps(out, indent=2))
     return 0
 

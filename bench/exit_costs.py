@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bench.args import write_json
 from plugin.export.manifest import GraphSpec, kv_names
 from plugin.export.onnx import ExitHeadGraph, SegmentGraph
 from plugin.export.parity import ort_session
@@ -238,8 +239,7 @@ def main(argv=None) -> int:
             ms = interleaved(paths, args.repeats)
         out["onnx_ms"], out["onnx_designs_ms"] = ms, designs(ms, shortlists, args.prune)
     out["load_average_after"] = os.getloadavg()[0]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out, out)
     print(json.dumps(out, indent=2))
     return 0
 

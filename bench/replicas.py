@@ -14,7 +14,6 @@ processes cost or gain there, not what a second GPU node adds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from bench.args import DEFAULT_OUT, DEFAULT_PLAN
+from bench.args import DEFAULT_OUT, DEFAULT_PLAN, write_json
 from bench.link_emulator import LinkEmulator
 from bench.run import (CE_MODELS, LinkSpec, System, _busy_delta, _SequenceIds, clients_sweep, load_prompts,
                        record_trace, replay_session, server_busy_ns)
@@ -164,8 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "sessions_per_client": args.sessions_per_client, "cores": os.cpu_count(), "rows": rows,
               "ratios": cmp, "wall_s": time.perf_counter() - t0,
               "load_average_before_after": [load_before, os.getloadavg()]}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(markdown(rows, cmp))
     print(f"bench.replicas: {os.cpu_count()} cores shared by both replicas (1-min load average {load_before[0]:.1f} "
           f"before, {result['load_average_before_after'][1][0]:.1f} after); {result['wall_s']:.0f} s; -> {args.out}")
