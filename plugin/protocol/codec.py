@@ -75,15 +75,10 @@ def encode(hidden: torch.Tensor, codec: str) -> EncodedRows:
 
 def _int8(x: np.ndarray, group: int, codec: str) -> EncodedRows:
     """Symmetric int8 with one absmax scale per `group` channels of each row (the last group may be short)."""
-    n, D = x.shape
-    G = -(-D // group)
-    padded = np.zeros((n, G * group), np.float32)
-    padded[:, :D] = x
-    blocks = padded.reshape(n, G, group)  # [n, G, group]
-    absmax = np.abs(blocks).max(axis=2)  # [n, G]
+    absmax = _group_absmax(x, group)  # [n, G]
     scale = np.where(absmax > 0, absmax / 127.0, 1.0).astype(np.float32)
-    q = np.clip(np.rint(blocks / scale[:, :, None]), -127, 127).astype(np.int8).reshape(n, G * group)[:, :D]
-    return EncodedRows(codec, np.ascontiguousarray(q), scale)
+    q = np.clip(np.rint(x / _per_channel(scale, group, x.shape[1])), -127, 127).astype(np.int8)
+    return EncodedRows(codec, q, scale)
 
 
 def check(rows: EncodedRows, hidden_size: int) -> None:
@@ -112,6 +107,11 @@ def check(rows: EncodedRows, hidden_size: int) -> None:
         raise CodecError("hidden rows contain NaN or Inf")
 
 
+def _per_channel(scale: np.ndarray, group: int, hidden_size: int) -> np.ndarray:
+    """Each group's scale repeated over its channels: [n, G] -> [n, hidden_size]."""
+    return np.repeat(scale, group, axis=1)[:, :hidden_size]
+
+
 def _group_absmax(data: np.ndarray, group: int) -> np.ndarray:
     """The largest magnitude of each group of `group` channels of each row, without widening the block:
     [n, D] -> [n, ceil(D / group)] float32."""
@@ -125,7 +125,7 @@ def to_tensor(rows: EncodedRows, dtype: torch.dtype, device: str | torch.device)
     x = rows.data.astype(np.float32)
     group = _scale_group(rows.codec, x.shape[1])
     if group is not None:
-        x *= np.repeat(rows.scale, group, axis=1)[:, :x.shape[1]]
+        x *= _per_channel(rows.scale, group, x.shape[1])
     return torch.from_numpy(x).to(device=device, dtype=dtype)
 
 
