@@ -151,3 +151,11 @@ def error_code(message: str, grpc_status: str = "") -> ErrorCode:
 def error_for(code: ErrorCode, message: str) -> ProtocolError:
     """The exception an edge raises for a refusal: SequenceNeedsStart when the cure is a re-sync."""
     return SequenceNeedsStart(message, code=code) if code.recovery is Recovery.RESYNC else ProtocolError(code, message)
+
+
+def position_error(sequence_id: int, expected: int, start_pos: int, unit: str) -> ProtocolError:
+    """A request that does not start at the position the cloud expects next (of a row, or of a token id)."""
+    gap = start_pos > expected
+    return error_for(ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
+                     f"position {'gap' if gap else 'overlap'}: sequence {sequence_id} expects its next {unit} at "
+                     f"position {expected}, the request starts at {start_pos}")

@@ -12,7 +12,7 @@ import torch
 
 from plugin.model.decoder import DecoderModel
 from plugin.model.kv import position_mark, SequenceKV
-from plugin.protocol.errors import error_for, ErrorCode, ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
 from plugin.split.context import drafted_rows, window_text
@@ -118,10 +118,7 @@ class CloudPartition:
         (a step failed after the other had applied the request, a stub was reloaded): the sequence is
         dropped and the edge re-syncs both."""
         if block.token_ids is not None:
-            gap = block.start_pos > positions
-            raise error_for(ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
-                            f"position {'gap' if gap else 'overlap'}: sequence {block.sequence_id} expects its "
-                            f"next token at position {positions}, the request starts at {block.start_pos}")
+            raise position_error(block.sequence_id, positions, block.start_pos, "token")
         del self.sequences[block.sequence_id]
         raise SequenceNeedsStart(f"sequence {block.sequence_id}: the context manager's block starts at "
                                  f"{block.start_pos}, the cloud partition holds {positions} positions; state dropped, "

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from plugin.protocol.codec import check, EncodedRows, to_tensor
-from plugin.protocol.errors import error_for, ErrorCode, ProtocolError, SequenceNeedsStart
+from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
 from plugin.split.limits import (
     Admission, check_session_key, drop_idle, Limits, MemoryBudget, RateLimiter, require_session_key)
@@ -99,12 +99,7 @@ class ContextManager:
         check(req.rows, self.hidden_size)  # dtype, shape, scales, NaN/Inf: CodecError is MALFORMED
         base = self._after_rollback(req, self._base(session, req))
         if req.start_pos != base.next_position:
-            gap = req.start_pos > base.next_position
-            raise error_for(
-                ErrorCode.POSITION_GAP if gap else ErrorCode.POSITION_OVERLAP,
-                f"position {'gap' if gap else 'overlap'}: sequence {req.sequence_id} expects its next row at position "
-                f"{base.next_position}, the request starts at {req.start_pos}"
-            )
+            raise position_error(req.sequence_id, base.next_position, req.start_pos, "row")
         if base.next_position + n > self.limits.max_context:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {base.next_position + n} positions exceeds "
                                                           f"the limit of {self.limits.max_context}")
