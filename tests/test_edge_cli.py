@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from edge_runtime.app import EdgeApp
-from edge_runtime.demo import repository_for
+from bench.demo import repository_for
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
@@ -165,3 +165,18 @@ def test_demo_serves_a_stale_plan_from_a_temporary_repository(app, tmp_path):
     assert repo == tmp_path / "model_repository"
     assert check_repository(stale, repo) == [] and (repo / "cloud_partition" / "1" / "model.py").is_file()
     assert {p: p.read_bytes() for p in MODEL_REPOSITORY.rglob("*") if p.is_file()} == committed
+
+
+def test_demo_runs_every_mode_through_an_emulated_link():
+    """`make demo` on the toy plan (Gemma's is its default): its own server behind a 10 ms link, one prompt in the
+    four modes, the table, the agreement with cloud-only, and the note that both sides share the CPU."""
+    cmd = [sys.executable, "-m", "bench.demo", "--plan", str(DEMO_PLAN), "--prompts", "1", "--max-new-tokens", "6",
+           "--rtt-ms", "10"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "10 ms round trip" in out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    assert {"collaborative", "verified", "standalone", "cloud-only"} <= rows.keys()
+    assert rows["standalone"][4].strip() == "0" and int(rows["cloud-only"][4].strip()) == 6  # cloud requests
+    assert "collaborative agrees with cloud-only on" in out and "shared this machine's" in out

@@ -1,31 +1,38 @@
-"""`make demo`: a real tritonserver, the edge runtime on a few held-out prompts, text and statistics.
+"""`make demo`: Gemma 3 270M (or any plan) through a real tritonserver and an emulated edge link.
 
-Starts tritonserver on free 127.0.0.1 ports with model_repository/ (or, when its committed configs
-drifted from the plan, with a repository generated from the plan in a temporary directory: the
-source tree is never written), runs each prompt in collaborative (with live exit fidelity), verified,
-standalone and cloud-only mode, prints the texts and a summary table, and stops the server.
+Starts tritonserver on free 127.0.0.1 ports with the plan's repository (model_repository/ when its
+committed configs match the plan, else one generated from the plan in a temporary directory: the
+source tree is never written), puts the link emulator between the edge and the server (20 ms round
+trip and 100 Mbit/s unless told otherwise), runs each held-out prompt in collaborative (streamed, with
+live exit fidelity), verified, standalone and cloud-only mode, prints the texts and a summary table,
+and stops the server.
+
+Both sides share this machine's CPU cores: the edge (torch, --edge-threads) and each of the server's
+Python models (--server-threads) take turns on them, so the times show the shape of a deployment
+(which tokens cross the link, what each crossing costs), not a Jetson's or a GPU server's figures.
+The toy model: --plan models/shakespeare-llama/partition_plan.json --rtt-ms 0.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from bench.link_emulator import LinkEmulator
+from bench.run import heldout_texts, limit_server_threads
 from edge_runtime.app import EdgeApp, ModelMissing
 from edge_runtime.generation import Generation, total_stats
 from edge_runtime.display import summary_table, TokenPrinter
 from edge_runtime.triton_link import TritonLink
-from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
+from plugin.paths import GEMMA_PLAN, MODEL_REPOSITORY
 from plugin.serving.repository import check_repository, write_repository
 from plugin.serving.server import TritonServer
 from plugin.split.plan import PartitionPlan
-
-
-def _prompts(plan: PartitionPlan, count: int) -> list[str]:
-    lines = (plan.checkpoint / "heldout_prompts.txt").read_text().splitlines()
-    return [line.replace("\\n", "\n") for line in lines if line.strip()][:count]
 
 
 def _merge(gens: list[Generation]) -> Generation:
@@ -51,17 +58,25 @@ def repository_for(plan: PartitionPlan, plan_path: Path, scratch_dir: Path) -> P
         return MODEL_REPOSITORY
     repo = scratch_dir / "model_repository"
     write_repository(plan, repo)
-    print(f"the committed {', '.join(stale)} configs differ from {plan_path}: serving configs generated into {repo}")
+    print(f"serving {plan_path} from configs generated into {repo} (model_repository/ holds another plan's)")
     return repo
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge_runtime.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plan", type=Path, default=DEMO_PLAN)
+    parser.add_argument("--plan", type=Path, default=GEMMA_PLAN, help="partition plan (default: %(default)s)")
     parser.add_argument("--prompts", type=int, default=3, help="held-out prompts to run (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="(default: %(default)s)")
+    parser.add_argument("--rtt-ms", type=float, default=20.0,
+                        help="round trip the link emulator adds between edge and server; 0: loopback (default: %(default)s)")
+    parser.add_argument("--bandwidth-mbit", type=float, default=100.0, help="link bandwidth (default: %(default)s)")
+    parser.add_argument("--edge-threads", type=int, default=1, help="torch threads of the edge (default: %(default)s)")
+    parser.add_argument("--server-threads", type=int, default=1,
+                        help="torch threads of each of the server's Python models (default: %(default)s)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.edge_threads)
+    limit_server_threads(args.server_threads)
     try:
         app = EdgeApp.load(args.plan)
     except ModelMissing as e:
@@ -75,10 +90,12 @@ def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
     print(f"starting tritonserver on {repository} ...", flush=True)
     t0 = time.perf_counter()
     runs: dict[str, list[Generation]] = {"collaborative": [], "verified": [], "standalone": [], "cloud-only": []}
-    with TritonServer(repository) as server:
-        print(f"server ready in {time.perf_counter() - t0:.1f} s at grpc {server.grpc_url}\n")
-        edge_link, cloud_link = TritonLink(server.grpc_url), TritonLink(server.grpc_url, "cloud_only")
-        for i, prompt in enumerate(_prompts(app.plan, args.prompts), start=1):
+    with TritonServer(repository) as server, LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=args.rtt_ms / 2,
+                                                          bandwidth_mbit=args.bandwidth_mbit) as link:
+        print(f"server ready in {time.perf_counter() - t0:.1f} s at grpc {server.grpc_url}; the edge reaches it "
+              f"through {link.address} ({args.rtt_ms:g} ms round trip, {args.bandwidth_mbit:g} Mbit/s)\n")
+        edge_link, cloud_link = TritonLink(link.address), TritonLink(link.address, "cloud_only")
+        for i, prompt in enumerate(heldout_texts(app.plan)[:args.prompts], start=1):
             ids = app.encode(prompt)
             printer = TokenPrinter(app.tokenizer, app.plan.exit_layers)
             if i == 1 and printer.legend():
@@ -105,8 +122,11 @@ def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
     verified = merged["verified"]
     summary = verified.stats.verified_summary(len(verified.token_ids))
     print(f"verified: {summary['acceptance_rate']:.0%} of drafts kept, {summary['tokens_per_round_trip']:.2f} tokens "
-          f"per round trip, gamma {summary['gamma']:.1f}; time per token here is loopback on one CPU machine running "
-          "both sides (see bench/ for links)")
+          f"per round trip, gamma {summary['gamma']:.1f}")
+    print(f"\nBoth sides shared this machine's {os.cpu_count()} CPU cores (edge: {args.edge_threads} torch thread(s); "
+          f"server: {args.server_threads} per Python model) behind a {args.rtt_ms:g} ms link: the cloud's layers ran no "
+          "faster than the edge's. On a deployment the cloud is a GPU server and the edge a Jetson; "
+          "`make bench` measures more prompts, longer generations and other links.")
     return 0
 
 
