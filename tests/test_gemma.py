@@ -163,32 +163,36 @@ def test_import_refuses_a_folder_it_did_not_write(tmp_path):
 
 def test_committed_exit_heads_and_plan_exit_on_the_edge_and_agree_teacher_forced():
     """models/gemma-3-270m-exits: the plan loads its shortlist heads into the edge; collaborative decoding
-    with them (in process, fp16s uploads) resolves tokens at the edge, only ever from the shortlist; and,
-    teacher-forced on those texts, the exit's tokens at or above the plan's threshold are the full model's
-    (calibration on held-out continuations: 98.9%; asserted here: 80%)."""
+    with them (in process, fp16s uploads) resolves tokens at the edge, only ever from the shortlists; and,
+    teacher-forced on those texts, the tokens the exits take under the plan's rule are the full model's
+    (the card's calibration on held-out continuations says how often; asserted here: 80%)."""
     from plugin.model.decoder import exit_decision
+    from plugin.training.calibration import exit_assignment
 
     source = import_gguf(default_out_dir()).out_dir
     plan = PartitionPlan.load(Path(__file__).resolve().parents[1] / "models" / "gemma-3-270m-exits" / PLAN)
-    assert plan.checkpoint == source.resolve() and plan.exit_layers == (SPLIT,) and plan.codec == "fp16s"
+    assert plan.checkpoint == source.resolve() and plan.codec == "fp16s"
+    split, exit_layers = plan.split_layer, plan.exit_layers
     full = load_model(plan.checkpoint, exit_adapters=plan.exit_adapters)
-    shortlist = set(full.exit_token_ids(SPLIT).tolist())
-    edge = EdgePartition(TorchRunner(load_model(plan.checkpoint, range(0, SPLIT), exit_adapters=plan.exit_adapters)),
+    shortlists = {f"edge:{e}": set(full.exit_token_ids(e).tolist()) for e in exit_layers}
+    edge = EdgePartition(TorchRunner(load_model(plan.checkpoint, range(0, split), exit_adapters=plan.exit_adapters)),
                          plan)
-    cloud = LocalCloud(load_model(plan.checkpoint, range(SPLIT, full.cfg.num_layers)))
+    cloud = LocalCloud(load_model(plan.checkpoint, range(split, full.cfg.num_layers)))
     tokenizer = Tokenizer.from_file(str(plan.checkpoint / "tokenizer.json"))
     exits, agree = [], []
     for sid, text in enumerate(PROMPTS, start=5):
         prompt = tokenizer.encode(text).ids
         out = DecodingSession(edge, cloud, "collaborative", sequence_id=sid).generate(prompt, 24)
         exits += out.exits()
-        assert {t for t, e in zip(out.token_ids, out.exits()) if e != "cloud"} <= shortlist
+        assert all(t in shortlists[e] for t, e in zip(out.token_ids, out.exits()) if e != "cloud")
         ids = torch.tensor([prompt + out.token_ids])  # [1, T]
         with torch.inference_mode():
-            states = layer_states(full, ids, (SPLIT, full.cfg.num_layers))
+            states = layer_states(full, ids, (*exit_layers, full.cfg.num_layers))
             final = full.exit_logits(states[full.cfg.num_layers][0, len(prompt) - 1:], full.cfg.num_layers).argmax(-1)
-            conf, token = exit_decision(full.exit_logits(states[SPLIT][0, len(prompt) - 1:], SPLIT),
-                                        full.exit_token_ids(SPLIT))
-        agree += (token == final)[conf >= plan.threshold].tolist()
-    assert exits.count(f"edge:{SPLIT}") >= 4 and "cloud" in exits, exits
+            decisions = [exit_decision(full.exit_logits(states[e][0, len(prompt) - 1:], e), full.exit_token_ids(e))
+                         for e in exit_layers]
+        taken = exit_assignment(torch.stack([c for c, _ in decisions]), plan.threshold)  # [T]: exit index, or E
+        for i, (_, token) in enumerate(decisions):
+            agree += (token == final)[taken == i].tolist()
+    assert sum(e != "cloud" for e in exits) >= 4 and "cloud" in exits, exits
     assert len(agree) >= 8 and sum(agree) / len(agree) >= 0.8, agree
