@@ -28,7 +28,6 @@ from plugin.model.gguf_import import default_out_dir, GEMMA_NOTICE, GGUFImportEr
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
-from plugin.training.exit_heads import layer_states
 from tests.test_core_exactness import _assert_kv_matches_full_model, _decode_then_flush
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -166,8 +165,7 @@ def test_committed_exit_heads_and_plan_exit_on_the_edge_and_agree_teacher_forced
     with them (in process, fp16s uploads) resolves tokens at the edge, only ever from the shortlists; and,
     teacher-forced on those texts, the tokens the exits take under the plan's rule are the full model's
     (the card's calibration on held-out continuations says how often; asserted here: 80%)."""
-    from plugin.model.decoder import exit_decision
-    from plugin.training.calibration import exit_assignment
+    from plugin.training.calibration import collect, exit_assignment
 
     source = import_gguf(default_out_dir()).out_dir
     plan = PartitionPlan.load(Path(__file__).resolve().parents[1] / "models" / "gemma-3-270m-exits" / PLAN)
@@ -185,14 +183,10 @@ def test_committed_exit_heads_and_plan_exit_on_the_edge_and_agree_teacher_forced
         out = DecodingSession(edge, cloud, "collaborative", sequence_id=sid).generate(prompt, 24)
         exits += out.exits()
         assert all(t in shortlists[e] for t, e in zip(out.token_ids, out.exits()) if e != "cloud")
-        ids = torch.tensor([prompt + out.token_ids])  # [1, T]
-        with torch.inference_mode():
-            states = layer_states(full, ids, (*exit_layers, full.cfg.num_layers))
-            final = full.exit_logits(states[full.cfg.num_layers][0, len(prompt) - 1:], full.cfg.num_layers).argmax(-1)
-            decisions = [exit_decision(full.exit_logits(states[e][0, len(prompt) - 1:], e), full.exit_token_ids(e))
-                         for e in exit_layers]
-        taken = exit_assignment(torch.stack([c for c, _ in decisions]), plan.threshold)  # [T]: exit index, or E
-        for i, (_, token) in enumerate(decisions):
-            agree += (token == final)[taken == i].tolist()
+        # teacher-forced, as the calibration scores it: per generated position, each exit's and the final layer's
+        stats = collect(full, [torch.tensor(prompt + out.token_ids)], exit_layers, first_scored=[len(prompt) - 1])
+        taken = exit_assignment(stats.confidence[:-1], plan.threshold)  # [n]: exit index, or E for the cloud
+        for i in range(len(exit_layers)):
+            agree += (stats.token[i] == stats.token[-1])[taken == i].tolist()
     assert sum(e != "cloud" for e in exits) >= 4 and "cloud" in exits, exits
     assert len(agree) >= 8 and sum(agree) / len(agree) >= 0.8, agree
