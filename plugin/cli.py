@@ -8,6 +8,7 @@ and exit code 1; `ce-collm --debug COMMAND` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -54,12 +55,31 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-heal", action="store_true",
                    help="do not reload a python model whose backend stub died (by default the server runs in "
                         "model-control mode explicit and a dead stub's model is unloaded and loaded again)")
+    p.add_argument("--admin-secret-file", type=Path, metavar="F",
+                   help="the secret that opens Triton's admin APIs (load/unload, shared memory, trace, logging): read "
+                        "from F, or a random one written to F (mode 0600) if F does not exist; send it as the header "
+                        "ce-collm-admin (HTTP) or triton-grpc-protocol-ce-collm-admin (gRPC). Default: a random "
+                        "secret only this launcher knows, so no client can reach those APIs")
     p.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
                    help="extra tritonserver flag, repeatable; write it as --triton-arg=--log-verbose=1")
     p.add_argument("--replicas", type=int, default=0, metavar="N",
                    help="start N tritonservers on free 127.0.0.1 ports behind an nginx gRPC front on --host:--grpc-port, "
                         "each session sticky to one replica (docs/scaling.md); their http and metrics ports are "
                         "printed (default: one server, no front)")
+
+
+def admin_secret(path: Path) -> str:
+    """The admin secret kept in `path`; a new random one written there (readable by its owner only) if missing."""
+    import secrets
+
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+    secret = path.read_text().strip()
+    if not secret or any(c in secret for c in ",:= \t"):
+        raise CommandError(f"{path}: the admin secret must be one word without ',', ':' or '=' (Triton's flag syntax)")
+    return secret
 
 
 class _Stop(Exception):
@@ -83,10 +103,12 @@ def _serve(args: argparse.Namespace) -> int:
             previous[sig] = signal.signal(sig, _raise_stop)
     server = None
     try:
+        secret = admin_secret(args.admin_secret_file) if args.admin_secret_file else None
         if args.replicas and (args.http_port, args.metrics_port) != (8000, 8002):
             raise TritonServerError("with --replicas every replica takes free ports: drop --http-port/--metrics-port")
         server = Fleet(args.model_repository, args.replicas, host=args.host, grpc_port=args.grpc_port,
-                       extra_args=args.triton_arg, echo=sys.stderr if args.verbose else None) if args.replicas else TritonServer(
+                       extra_args=args.triton_arg, echo=sys.stderr if args.verbose else None,
+                       admin_secret=secret) if args.replicas else TritonServer(
             args.model_repository,
             host=args.host,
             grpc_port=args.grpc_port,
@@ -96,6 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
             extra_args=args.triton_arg,
             echo=sys.stderr if args.verbose else None,
             heal_stubs=not args.no_heal,
+            admin_secret=secret,
         )
         print(f"ce-collm serve: starting tritonserver on {args.model_repository}", file=sys.stderr, flush=True)
         server.start(timeout_s=args.timeout)

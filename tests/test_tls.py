@@ -4,8 +4,7 @@ What the README's "Reliability and security" section tells operators to run, che
 tritonserver (a numpy-only identity model: fast to load) with certificates made here by openssl:
   --grpc-use-ssl=true --grpc-server-cert=... --grpc-server-key=...          (TLS)
   --grpc-use-ssl-mutual=true ... --grpc-root-cert=ca.pem                    (clients need a certificate)
-  --grpc-restricted-protocol=model-repository,shared-memory:<key>=<value>   (admin APIs need the header
-                                                                            triton-grpc-protocol-<key>: <value>)
+  and the admin APIs behind the launcher's secret, as every TritonServer starts (server.admin_headers)
 and tritonclient.grpc.InferenceServerClient(url, ssl=True, root_certificates=..., private_key=...,
 certificate_chain=...) on the edge.
 """
@@ -20,11 +19,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from plugin.serving.server import admin_headers
 from tests.identity_model import write_identity_repository
 
 pytestmark = pytest.mark.server
-
-ADMIN = ("ce-collm-admin", "s3cret-for-tests")
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -74,8 +72,7 @@ def test_tls_and_restricted_admin_apis(certs, repo, start_server):
     server = start_server(repo, extra_args=[
         "--exit-timeout-secs=3", "--grpc-use-ssl=true",
         f"--grpc-server-cert={certs / 'server.pem'}", f"--grpc-server-key={certs / 'server.key'}",
-        f"--grpc-restricted-protocol=model-repository,shared-memory:{ADMIN[0]}={ADMIN[1]}",
-    ])
+    ], admin_secret="s3cret-for-tests")
     np.testing.assert_array_equal(_infer(_client(server, certs)), np.arange(4, dtype=np.float32))
     with pytest.raises(InferenceServerException):  # plaintext gRPC does not get in
         _infer(_client(server, certs, ssl=False))
@@ -85,7 +82,7 @@ def test_tls_and_restricted_admin_apis(certs, repo, start_server):
     with pytest.raises(InferenceServerException):
         client.get_system_shared_memory_status()  # registering shared memory: admins only
     # Triton expects the key as the header triton-grpc-protocol-<key> (measured with 2.51)
-    assert client.get_model_repository_index(headers={f"triton-grpc-protocol-{ADMIN[0]}": ADMIN[1]}) is not None
+    assert client.get_model_repository_index(headers=admin_headers("s3cret-for-tests", grpc=True)) is not None
 
 
 def test_mutual_tls_refuses_clients_without_a_certificate(certs, repo, start_server):

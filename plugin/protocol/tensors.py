@@ -165,3 +165,8 @@ ROW_TOPK_IDS, ROW_TOPK_LOGPROBS = ROW_OUTPUTS
 # gRPC metadata key in which the edge sends its sequence id on every request: a front that routes
 # sessions to replicas hashes on it (plugin/serving/front.py, docs/scaling.md).
 SESSION_HEADER = "ce-collm-session"
+
+# gRPC metadata key in which a front names the client it authenticated (its certificate, token or address),
+# set by the front over whatever the client sent: Triton hands it to the models as a request parameter
+# (--grpc-header-forward-pattern), and they share sessions and bytes of state per client (plugin/split/limits.py).
+CLIENT_HEADER = "ce-collm-client"

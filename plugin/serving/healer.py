@@ -60,10 +60,11 @@ class StubHealer:
     Needs the server in model-control mode explicit (`TritonServer(..., heal_stubs=True)` sets it).
     """
 
-    def __init__(self, server_pid: int, http_url: str, period_s: float = 1.0, timeout_s: float = 300.0,
-                 log: Callable[[str], None] = print):
-        self.server_pid, self.http_url, self.period_s, self.timeout_s, self.log = (
-            server_pid, http_url, period_s, timeout_s, log)
+    def __init__(self, server_pid: int, http_url: str, headers: dict[str, str], period_s: float = 1.0,
+                 timeout_s: float = 300.0, log: Callable[[str], None] = print):
+        """headers: what opens the server's restricted model-repository API (server.admin_headers)."""
+        self.server_pid, self.http_url, self.headers, self.period_s, self.timeout_s, self.log = (
+            server_pid, http_url, headers, period_s, timeout_s, log)
         self.heals: list[Heal] = []
         self._stubs = stub_processes(server_pid)
         self._stop = threading.Event()
@@ -109,6 +110,7 @@ class StubHealer:
 
     def _post(self, path: str, body: dict) -> None:
         """Triton's repository API answers a load only once the model is ready (or failed)."""
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body).encode(), method="POST")
+        req = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers=self.headers)
         with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
             resp.read()

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import queue
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import IO, Callable, Iterable, Sequence
 
 from plugin.paths import REPO_ROOT
+from plugin.protocol.tensors import CLIENT_HEADER
 from plugin.serving.healer import STUB_NAME, StubHealer
 
 INSTALL_HINT = (
@@ -206,6 +208,18 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("", "0.0.0.0") else ("[::1]" if host == "::" else host)
 
 
+# Every API that changes what the server runs or reads (load/unload a model, which can carry a model.py; register
+# shared memory; trace and log settings) answers only requests with this header and the launcher's secret.
+# Triton's gRPC endpoint expects it as `triton-grpc-protocol-<key>`, its HTTP endpoint as `<key>`.
+ADMIN_HEADER = "ce-collm-admin"
+ADMIN_APIS = ("model-repository", "shared-memory", "trace", "logging")
+
+
+def admin_headers(secret: str, grpc: bool = False) -> dict[str, str]:
+    """The header that opens the restricted APIs (ADMIN_APIS) of a server started with `secret`."""
+    return {f"triton-grpc-protocol-{ADMIN_HEADER}" if grpc else ADMIN_HEADER: secret}
+
+
 # Harmless on a machine without a GPU; kept out of the "error lines" of failure messages.
 _CPU_NOISE = ("NVML", "DCGM", "CudaDriverHelper", "CUDA driver", "pinned memory")
 
@@ -288,9 +302,12 @@ class TritonServer:
         echo: IO[str] | None = None,
         tail_lines: int = 400,
         heal_stubs: bool = False,
+        admin_secret: str | None = None,
     ) -> None:
         """heal_stubs: reload a python model whose backend stub died (plugin/serving/healer.py); this runs
-        the server in model-control mode explicit with every model loaded at start unless told otherwise."""
+        the server in model-control mode explicit with every model loaded at start unless told otherwise.
+        admin_secret: what opens the admin APIs (ADMIN_APIS, admin_headers); a random one by default, so that
+        only this launcher (its readiness checks, its healer) can load or unload a model."""
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository {self.model_repository} is not a directory")
@@ -306,6 +323,7 @@ class TritonServer:
         self.model_control_mode = "explicit" if heal_stubs else model_control_mode
         self.load_models = list(load_models) or (["*"] if heal_stubs else [])
         self.echo = echo
+        self.admin_secret = admin_secret or secrets.token_urlsafe(24)
         self._shm_prefix = f"ce_collm_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._errors: collections.deque[str] = collections.deque(maxlen=40)
@@ -344,7 +362,10 @@ class TritonServer:
         return "".join(list(self._tail)[-lines:])
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def command(self) -> list[str]:
+    def command(self, shown: bool = False) -> list[str]:
+        """The tritonserver command line; shown: with the admin secret masked (for messages)."""
+        secret = "***" if shown else self.admin_secret
+        restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={secret}"
         cmd = [
             str(self.install.binary),
             f"--model-repository={self.model_repository}",
@@ -358,6 +379,10 @@ class TritonServer:
             f"--model-control-mode={self.model_control_mode}",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            f"--grpc-restricted-protocol={restricted}",
+            f"--http-restricted-api={restricted}",
+            f"--grpc-header-forward-pattern=^{CLIENT_HEADER}$",
+            f"--http-header-forward-pattern=^{CLIENT_HEADER}$",
             # a unique prefix keeps concurrent servers' /dev/shm regions apart and lets us clean up
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
         ]
@@ -391,7 +416,8 @@ class TritonServer:
             self.stop(timeout_s=15)
             raise
         if self.heal_stubs:
-            self.healer = StubHealer(self._proc.pid, self.http_url, log=self._note).start()
+            self.healer = StubHealer(self._proc.pid, self.http_url, admin_headers(self.admin_secret),
+                                     log=self._note).start()
         return self
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -493,7 +519,7 @@ class TritonServer:
         # the first error line without Triton's E<date> prefix, quotes and the stub's escaped traceback
         first = self._errors[0].split("] ", 1)[-1].strip().strip('"').split("\\n")[0] if self._errors else ""
         return TritonServerError(
-            f"{what}\ncommand: {' '.join(self.command())}\n"
+            f"{what}\ncommand: {' '.join(self.command(shown=True))}\n"
             + (f"--- error lines in the server log ---\n{errors}" if errors else "")
             + f"--- last lines of the server log ---\n{self.log_tail()}",
             summary=f"{what}: {first}" if first else what,
@@ -501,7 +527,7 @@ class TritonServer:
 
     def _get_json(self, path: str, method: str = "GET") -> object:
         req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
-                                     data=b"{}" if method == "POST" else None)
+                                     data=b"{}" if method == "POST" else None, headers=admin_headers(self.admin_secret))
         with urllib.request.urlopen(req, timeout=5) as resp:
             body = resp.read()
         return json.loads(body) if body else None
