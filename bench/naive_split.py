@@ -34,6 +34,7 @@ from plugin.split.plan import PartitionPlan
 
 MODEL_NAME = "naive_split"
 _SCRATCH_ID = 1  # every request is its own one-shot sequence in the partition
+_SCRATCH_KEY = 1  # ... and the partition binds a sequence to a key
 
 # served through the same adapter as the deployable models
 MODEL_PY = '''"""naive_split (bench only): layers [k, N) from scratch for the whole context (bench/naive_split.py)."""
@@ -69,7 +70,8 @@ class NaiveSplitService:
         if hidden.shape[0] == 0:
             raise ProtocolError(ErrorCode.MALFORMED, "no rows: the naive split needs the whole context")
         # start=True and end=True: a fresh KV store for this request alone, dropped after it
-        pending = PendingBlock(_SCRATCH_ID, self.split_layer, 0, hidden, True, start=True, end=True)
+        pending = PendingBlock(_SCRATCH_ID, self.split_layer, 0, hidden, True, start=True, end=True,
+                               session_key=_SCRATCH_KEY)
         reply = self.partition.step([pending])[0]
         if isinstance(reply, ProtocolError):
             raise reply

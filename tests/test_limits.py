@@ -137,8 +137,8 @@ def test_cloud_partition_refuses_non_finite_results_per_session(tiny):
     clock = Clock()
     part = CloudPartition(load_model(tiny, range(4, LAYERS)), Limits(ttl_s=2), clock=clock)
     hidden = part.model.cfg.hidden_size
-    good = PendingBlock(1, 4, 0, torch.randn(3, hidden), True, start=True)
-    bad = PendingBlock(2, 4, 0, torch.full((3, hidden), float("inf")), True, start=True)
+    good = PendingBlock(1, 4, 0, torch.randn(3, hidden), True, start=True, session_key=1)
+    bad = PendingBlock(2, 4, 0, torch.full((3, hidden), float("inf")), True, start=True, session_key=2)
     replies = part.step([good, bad])  # one batch: the bad rows spoil only their own reply
     assert replies[0].token_id >= 0
     assert isinstance(replies[1], ProtocolError) and "not finite" in str(replies[1])

@@ -12,14 +12,32 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from edge_runtime.runners import TorchRunner
+from edge_runtime.session import DecodingSession
+from edge_runtime.triton_link import TritonLink
+from plugin.model.checkpoint import load_model
+from plugin.protocol.codec import encode
+from plugin.protocol.errors import error_code, ErrorCode
+from plugin.protocol.messages import CloudRequest, Drafts, new_session_key, PendingBlock
+from plugin.protocol.tensors import CLOUD_PARTITION, CONTEXT_MANAGER, ENSEMBLE, TENSORS
+from plugin.protocol.wire import block_outputs, request_inputs, Tensors
+from plugin.serving.repository import ServeOptions, write_repository
 from plugin.serving.server import admin_headers
+from plugin.split.edge import EdgePartition
+from plugin.split.limits import Limits
+from plugin.split.local import LocalCloud
+from plugin.split.plan import PartitionPlan
 from tests.identity_model import write_identity_repository
+from tests.tiny_models import LAYERS, save_tiny
 
 pytestmark = pytest.mark.server
+SPLIT, HIDDEN = 4, 64
+PROMPT = [5, 17, 33, 2, 71, 8]
 
 EVIL_MODEL = """import pathlib
 pathlib.Path({marker!r}).write_text("client code ran in the server")
@@ -71,3 +89,82 @@ def test_admin_apis_need_the_launchers_secret_not_any(healing_server):
         grpc.get_model_repository_index(headers=admin_headers(healing_server.admin_secret))  # the HTTP spelling
     assert grpc.get_model_repository_index(headers=admin_headers(healing_server.admin_secret, grpc=True)) is not None
     assert healing_server.admin_secret not in " ".join(healing_server.command(shown=True))
+
+
+# -- internal models: no session without its key ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory, start_server):
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    save_tiny("llama", ckpt)
+    plan = PartitionPlan(ckpt, SPLIT, (2, SPLIT), threshold=1.0, codec="fp16")
+    repo = tmp_path_factory.mktemp("repo")
+    write_repository(plan, repo, ServeOptions(limits=Limits(max_sessions=8)))
+    edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
+    return start_server(repo), edge, ckpt
+
+
+def _send(url: str, model: str, tensors: Tensors, sequence_id: int, start: bool = False, end: bool = False,
+          headers: dict[str, str] | None = None) -> ErrorCode | None:
+    """One raw request; the code it was refused with, None if it was answered."""
+    inputs = []
+    for name, value in tensors.items():
+        t = grpcclient.InferInput(name, list(value.shape), TENSORS[name].triton_dtype)
+        t.set_data_from_numpy(np.ascontiguousarray(value))
+        inputs.append(t)
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.infer(model, inputs, sequence_id=sequence_id, sequence_start=start, sequence_end=end,
+                     client_timeout=60, headers=headers)
+    except InferenceServerException as e:
+        return error_code(e.message(), str(e.status()))
+    finally:
+        client.close()
+    return None
+
+
+ATTACKS = ("read", "append", "rollback", "start-over", "end")  # END last: Triton frees the slot it ends
+
+
+def _attack(model: str, what: str, sid: int, pos: int, key: int) -> tuple[Tensors, bool, bool]:
+    """A request that would read, extend, roll back, restart or end session `sid` (at its next position `pos`),
+    with `key` (0: none); as the edge-facing inputs, or as cloud_partition's own (what the context manager hands)."""
+    rows = torch.randn(1 if what != "start-over" else 3, HIDDEN) * 1e4  # garbage a victim would be computed over
+    start, end = what == "start-over", what == "end"
+    want = what in ("read", "rollback", "start-over")
+    n = 0 if end else rows.shape[0]
+    first = 0 if start else pos
+    rollback = pos if what == "rollback" else None
+    if model == CLOUD_PARTITION:
+        block = PendingBlock(sid, SPLIT, first, rows[:n], want, start, end, session_key=key, rollback_to=rollback,
+                             drafts=Drafts.of([(1, SPLIT)]) if want else None)
+        return block_outputs(block), start, end
+    req = CloudRequest(sid, first, want, rows=encode(rows[:n], "fp32"), split_layer=SPLIT if start else None,
+                       start=start, end=end, session_key=key, rollback_to=rollback)
+    return request_inputs(req), start, end
+
+
+@pytest.mark.parametrize("model", [CLOUD_PARTITION, CONTEXT_MANAGER, ENSEMBLE])
+def test_no_model_touches_a_session_without_its_key(tiny_server, model):
+    """A client that knows a live sequence id, but not its key, reads, appends, rolls back, restarts and ends
+    it through each model it can name: each is refused SESSION_KEY, and the victim's tokens are an undisturbed
+    run's (an END costs it one re-sync at most: Triton frees the sequence slot on END even when the model
+    refuses it)."""
+    server, edge, ckpt = tiny_server
+    reference = DecodingSession(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative",
+                                sequence_id=1).generate(PROMPT, 12).token_ids
+    sid = 0x5EC0_0000 + len(model)
+    link = TritonLink(server.grpc_url, timeout_s=60)
+    victim = DecodingSession(edge, link, "collaborative", sequence_id=sid)
+    tokens, refusals = [], {}
+    for record in victim.stream(PROMPT, 12):
+        tokens.append(record.token_id)
+        if len(tokens) == 5:
+            pos = len(PROMPT) + len(tokens) - 1
+            for what in ATTACKS:
+                for key in (0, new_session_key()) if what != "end" else (new_session_key(),):
+                    tensors, start, end = _attack(model, what, sid, pos, key)
+                    refusals[(what, key > 0)] = _send(server.grpc_url, model, tensors, sid, start, end)
+    link.close()
+    assert refusals == {attack: ErrorCode.SESSION_KEY for attack in refusals}, refusals
+    assert tokens == reference
+    assert victim.stats.resyncs <= 1

@@ -55,7 +55,7 @@ def _req(sid, pos, n, want=False, start=False, end=False, key=KEY, seed=0, codec
 
 def _block(sid, pos, n, start=False, seed=0):
     return PendingBlock(sid, SPLIT, pos, torch.randn(n, D, generator=torch.Generator().manual_seed(seed + pos)), True,
-                        start=start)
+                        start=start, session_key=KEY)
 
 
 # -- one request of a batch fails alone ------------------------------------------------------------------
@@ -73,7 +73,7 @@ def test_a_refused_or_failing_block_leaves_the_rest_of_its_batch_as_if_it_were_n
         return run_layers(h, positions, first, last, sequences, lengths)
 
     part.model.run_layers = fails_on_sequence_3
-    batch = [_block(1, 3, 2, seed=1), PendingBlock(2, SPLIT, 3, torch.empty(0, D), True),  # no rows to compute
+    batch = [_block(1, 3, 2, seed=1), PendingBlock(2, SPLIT, 3, torch.empty(0, D), True, session_key=KEY),  # no rows to compute
              _block(3, 3, 1, seed=3), _block(4, 5, 1, seed=4)]  # 3 fails in the layers; 4 is out of step
     replies = part.step(batch)
     expected = [alone.step([block])[0] for block in (batch[0],)]

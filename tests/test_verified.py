@@ -294,7 +294,7 @@ def test_the_cloud_partition_refuses_a_rollback_it_cannot_apply_and_asks_for_sta
     _send(cloud, 0, 6, want=True, start=True, drafts=_with_drafts(3))
     hidden = torch.zeros(1, 64)
     for bad in (3, 7):
-        block = PendingBlock(5, SPLIT, bad, hidden, True, rollback_to=bad)
+        block = PendingBlock(5, SPLIT, bad, hidden, True, rollback_to=bad, session_key=KEY)
         assert 5 in cloud.partition.sequences
         [refused] = cloud.partition.step([block])
         assert isinstance(refused, SequenceNeedsStart) and 5 not in cloud.partition.sequences

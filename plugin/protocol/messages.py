@@ -115,7 +115,7 @@ class PendingBlock:
     start: bool = False
     end: bool = False
     token_ids: torch.Tensor | None = None  # [n] int64 instead of hidden, for the cloud-only baseline (split 0)
-    session_key: int = 0  # cloud-only blocks carry the client's key; the ensemble's context manager checked it
+    session_key: int = 0  # the client's key (from the context manager, which checked it; or a cloud-only client's)
     drafts: Drafts | None = None  # validated by the context manager: at most num_rows of them
     rollback_to: int | None = None  # validated by the context manager; the partition re-checks its own KV
 

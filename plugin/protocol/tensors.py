@@ -114,6 +114,10 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                meaning="the session's split layer"),
     TensorSpec("PENDING_WANT", "bool", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
                meaning="WANT_TOKEN of the request"),
+    TensorSpec("PENDING_KEY", "int64", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
+               meaning="the session's SESSION_KEY, checked by the context manager: the partition binds its state to "
+                       "it at START and checks it on every block, so a client that calls cloud_partition itself "
+                       "cannot touch a session without its key"),
     TensorSpec("PENDING_DRAFTS", "int64", (DRAFTS,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
                verification=True, meaning="DRAFT_TOKENS of the request, validated; 0 wide without"),
     TensorSpec("PENDING_DRAFT_EXITS", "int32", (DRAFTS,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
@@ -156,6 +160,7 @@ SPLIT_LAYER = "SPLIT_LAYER"
 SESSION_KEY = "SESSION_KEY"
 DRAFT_TOKENS, DRAFT_EXITS, ROLLBACK_TO = "DRAFT_TOKENS", "DRAFT_EXITS", "ROLLBACK_TO"
 PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = "PENDING_HIDDEN", "PENDING_START", "PENDING_SPLIT", "PENDING_WANT"
+PENDING_KEY = "PENDING_KEY"
 PENDING_DRAFTS, PENDING_DRAFT_EXITS, PENDING_ROLLBACK = "PENDING_DRAFTS", "PENDING_DRAFT_EXITS", "PENDING_ROLLBACK"
 OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE) if not t.verification)  # what every token request asks for
 TOKEN_ID, CONFIDENCE, TOPK_IDS, TOPK_LOGPROBS, CATCHUP_ROWS = OUTPUTS

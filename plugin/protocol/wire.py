@@ -13,7 +13,7 @@ from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import (
     CATCHUP_ROWS, CONFIDENCE, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_INPUTS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
-    PENDING_HIDDEN, PENDING_ROLLBACK, PENDING_SPLIT, PENDING_START, PENDING_WANT, ROLLBACK_TO, ROW_TOPK_IDS,
+    PENDING_HIDDEN, PENDING_KEY, PENDING_ROLLBACK, PENDING_SPLIT, PENDING_START, PENDING_WANT, ROLLBACK_TO, ROW_TOPK_IDS,
     ROW_TOPK_LOGPROBS, SCALE_INPUTS, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS,
     TOPK_LOGPROBS, WANT_TOKEN)
 
@@ -124,6 +124,7 @@ def block_outputs(block: PendingBlock) -> Tensors:
         PENDING_START: _one(PENDING_START, block.start_pos),
         PENDING_SPLIT: _one(PENDING_SPLIT, block.split_layer),
         PENDING_WANT: _one(PENDING_WANT, block.want_token),
+        PENDING_KEY: _one(PENDING_KEY, block.session_key),
         **_pending_verification(block),
     }
 
@@ -142,7 +143,8 @@ def block_from_inputs(inputs: Tensors, sequence_id: int, start: bool, end: bool)
     rollback = int(inputs[PENDING_ROLLBACK][0, 0])
     return PendingBlock(sequence_id, int(inputs[PENDING_SPLIT][0, 0]), int(inputs[PENDING_START][0, 0]),
                         torch.from_numpy(np.ascontiguousarray(hidden)), bool(inputs[PENDING_WANT][0, 0]),
-                        start, end, drafts=drafts if len(drafts) else None, rollback_to=None if rollback < 0 else rollback)
+                        start, end, drafts=drafts if len(drafts) else None, rollback_to=None if rollback < 0 else rollback,
+                        session_key=int(inputs[PENDING_KEY][0, 0]))
 
 
 def _padded_topk(pairs: list[tuple[list[int], list[float]]], top_k: int) -> tuple[np.ndarray, np.ndarray]:

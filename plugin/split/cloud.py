@@ -24,7 +24,7 @@ class _Sequence:
     split_layer: int
     kv: SequenceKV
     last_seen: float
-    key: int = 0  # SESSION_KEY of a cloud-only session; 0 for the ensemble's (its context manager checks keys)
+    key: int  # the SESSION_KEY its START carried: every later block must carry it
     rollback_window: range = field(default_factory=lambda: range(0))  # as the context manager keeps it
 
 
@@ -54,6 +54,7 @@ class CloudPartition:
         now = self.clock()
         self.expire(now)
         replies: list[CloudReply | ProtocolError] = [CloudReply() for _ in blocks]
+        admitted: list[int] = []  # indices of the blocks whose sequence (and key) was admitted
         ready: dict[int, list[int]] = {}  # split layer -> indices of blocks to compute
         held = self.kv_bytes  # and what the blocks admitted so far will add
         for i, block in enumerate(blocks):
@@ -66,6 +67,7 @@ class CloudPartition:
                 replies[i] = self._lost(block, e)
                 continue
             held += more
+            admitted.append(i)
             if block.want_token:
                 ready.setdefault(seq.split_layer, []).append(i)
         for split, indices in ready.items():
@@ -75,9 +77,9 @@ class CloudPartition:
             if not isinstance(reply, ProtocolError):
                 self.sequences[block.sequence_id].rollback_window = drafted_rows(block.start_pos + block.num_rows,
                                                                                  block.drafts)
-        for block in blocks:
-            if block.end:
-                self.sequences.pop(block.sequence_id, None)
+        for i in admitted:  # an END that was refused (a wrong key) ends nothing
+            if blocks[i].end:
+                self.sequences.pop(blocks[i].sequence_id, None)
         return replies
 
     def _admit(self, block: PendingBlock, now: float, held: int) -> tuple[_Sequence, int]:
@@ -88,6 +90,7 @@ class CloudPartition:
             raise ProtocolError(ErrorCode.MALFORMED, "token request with no rows: the cloud has nothing to compute "
                                                      "a token from")
         if block.start:
+            require_session_key(block.session_key)
             self.admission.check_start(block.sequence_id, block.split_layer, self.sequences)
             if old is not None:
                 check_session_key(block.sequence_id, block.session_key, old.key)
@@ -228,8 +231,6 @@ def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None
     ids = req.token_ids
     if ids is None or ids.ndim != 1 or ids.dtype != np.int64:
         raise ProtocolError(ErrorCode.MALFORMED, "TOKEN_IDS must be int64 of shape [1, n]")
-    if req.start:
-        require_session_key(req.session_key)
     if req.nbytes > limits.max_request_bytes:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"request payload of {req.nbytes} bytes exceeds the limit of "
                                                       f"{limits.max_request_bytes} bytes per request")

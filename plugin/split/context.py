@@ -129,7 +129,7 @@ class ContextManager:
         if req.end:
             self.sessions.pop(req.sequence_id, None)
         return PendingBlock(req.sequence_id, session.split_layer, base.first_pending, hidden, req.want_token,
-                            req.start, req.end, drafts=req.drafts, rollback_to=req.rollback_to)
+                            req.start, req.end, session_key=session.key, drafts=req.drafts, rollback_to=req.rollback_to)
 
     def _session_for(self, req: CloudRequest, now: float) -> _Session:
         """The session a request applies to: a new one for START (not stored yet), else the live one; both
