@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import traceback
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from edge_runtime.app import EdgeApp, ModelMissing
 from edge_runtime.link import CloudUnreachable
@@ -19,7 +20,7 @@ from plugin.export.manifest import ExportError
 from plugin.paths import DEMO_PLAN
 from plugin.protocol.codec import CODEC_DTYPES
 from plugin.protocol.errors import ProtocolError
-from plugin.split.plan import PlanError
+from plugin.split.plan import check_threshold, PlanError
 
 DESCRIPTION = """\
 Generate text on the edge with early exits, asking a CE-CoLLM Triton server only when no edge exit
@@ -39,12 +40,70 @@ one line on stderr saying what happened and what to do (--debug adds the traceba
 """
 
 
+UINT64_MAX = (1 << 64) - 1  # the largest Triton sequence id and torch seed
+
+
+def _text(text: str) -> str:
+    """argparse type of --prompt: bytes that are not UTF-8 reach Python as lone surrogates (PEP 383), which
+    the tokenizer refuses with a TypeError mid-generation; refuse them here, before any work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise argparse.ArgumentTypeError(f"not UTF-8 text (undecodable bytes from character {e.start} on); "
+                                         "give the prompt in UTF-8, e.g. through `iconv -t UTF-8`") from None
+    return text
+
+
+def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [low, high] (a negative count or id is a typo, and argparse took it)."""
+    bounds = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def _number(low: float, high: float | None = None, above_low: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number >= low (> low with above_low), <= high if given; float() takes nan and inf."""
+    bounds = (f"a number in {'(' if above_low else '['}{low:g}, {high:g}]" if high is not None
+              else f"a finite number {'>' if above_low else '>='} {low:g}")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        below = value <= low if above_low else value < low
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {bounds}, got {text!r}")
+        return value
+    return parse
+
+
+def _threshold(text: str) -> float:
+    """argparse type of --threshold: the partition plan's own rule for it (check_threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    try:
+        return check_threshold(value)
+    except PlanError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", type=_text, required=True, help="text to continue (UTF-8)")
     p.add_argument("--url", metavar="HOST:PORT", help="Triton gRPC endpoint, e.g. 127.0.0.1:8001 (all modes but standalone)")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=_integer(1), default=64, metavar="N", help="(default: %(default)s)")
     p.add_argument("--mode", choices=SESSION_MODES, default="collaborative", help="(default: %(default)s)")
-    p.add_argument("--threshold", type=float, metavar="T",
+    p.add_argument("--threshold", type=_threshold, metavar="T",
                    help="exit when max softmax probability >= T; 1.0 never exits (default: the plan's)")
     p.add_argument("--codec", choices=sorted(CODEC_DTYPES), help="how layer-k hidden states travel (default: the plan's)")
     p.add_argument("--runner", choices=RUNNERS, default="torch",
@@ -54,13 +113,14 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-dir", type=Path, metavar="DIR", help="TensorRT engines (default: <checkpoint>/engines/jetson)")
     p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE",
                    help="partition plan naming the checkpoint, split and exits (default: the demo model's)")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=_number(0.0), default=0.0,
                    help="0 decodes greedily; above 0 samples with --top-p (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus size when sampling (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    p.add_argument("--latency-budget-ms", type=float, default=250.0,
+    p.add_argument("--top-p", type=_number(0.0, 1.0, above_low=True), default=0.9,
+                   help="nucleus size when sampling (default: %(default)s)")
+    p.add_argument("--seed", type=_integer(0, UINT64_MAX), default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--latency-budget-ms", type=_number(0.0), default=250.0,
                    help="latency-aware: per-token budget for a cloud round trip (default: %(default)s)")
-    p.add_argument("--sequence-id", type=int, help="Triton sequence id (default: a random one)")
+    p.add_argument("--sequence-id", type=_integer(1, UINT64_MAX), help="Triton sequence id (default: a random one)")
     p.add_argument("--sync-uploads", action="store_true", help="upload rows in the foreground (default: background)")
     p.add_argument("--no-speculate", action="store_true",
                    help="collaborative, latency-aware: do not compute the next position on the edge's best guess while a cloud "
@@ -69,11 +129,11 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="collaborative, latency-aware: each token request also asks the full model's token after the "
                         "rows of the edge's own tokens (per-exit agreement in the summary and --json; verified modes "
                         "always have it)")
-    p.add_argument("--max-gamma", type=int, default=8, metavar="N",
+    p.add_argument("--max-gamma", type=_integer(0), default=8, metavar="N",
                    help="verified modes: at most N drafts per request (gamma adapts to the acceptance rate and the "
                         "round trip below it) (default: %(default)s)")
-    p.add_argument("--gamma", type=int, metavar="N", help="verified modes: exactly N drafts per request")
-    p.add_argument("--patience", type=float, default=30.0, metavar="S",
+    p.add_argument("--gamma", type=_integer(0), metavar="N", help="verified modes: exactly N drafts per request")
+    p.add_argument("--patience", type=_number(0.0), default=30.0, metavar="S",
                    help="collaborative, verified: keep retrying an unreachable cloud this long before giving up "
                         "(the latency-aware modes never wait: they answer on the edge) (default: %(default)s)")
     p.add_argument("--ssl", action="store_true", help="TLS to a server started with --grpc-use-ssl")

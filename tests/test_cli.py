@@ -56,9 +56,14 @@ def test_every_failure_is_one_line(tmp_path: Path, unsupported: Path, capsys: py
     """The same main() as above, in this process: bad plans, missing files, missing graphs."""
     bad_plan = tmp_path / "bad.json"
     bad_plan.write_text(json.dumps({"checkpoint": "ckpt", "split_layer": 4, "exit_layers": [1, 4], "spilt": 3}))
+    save_tiny("llama", tmp_path / "llama")
+    capsys.readouterr()  # its progress bar is no failure's output
+    bool_plan = tmp_path / "bool.json"  # configs once wrote min_split_layer "True" from it
+    bool_plan.write_text(json.dumps({"checkpoint": "llama", "split_layer": True, "exit_layers": [1]}))
     out = str(tmp_path / "out")
     cases = [
         (["configs", "--plan", str(bad_plan), "--out", out], "spilt"),
+        (["configs", "--plan", str(bool_plan), "--out", out], "split_layer must be a positive integer, got True"),
         (["configs", "--plan", str(tmp_path / "none.json"), "--out", out], "none.json"),
         (["trt-configs", "--plan", str(unsupported), "--onnx-dir", str(tmp_path / "none"), "--out", out],
          "export the graphs first"),

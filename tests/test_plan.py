@@ -28,10 +28,23 @@ def _plan(**overrides) -> dict:
     ({"threshold": 1.5}, "threshold"),
     ({"codec": "bf16"}, "codec must be one of"),
     ({"splt_layer": 3}, "unknown keys"),
+    ({"split_layer": True}, r"split_layer must be a positive integer, got True \(JSON booleans are not numbers\)"),
+    ({"split_layer": 4.0}, "split_layer must be a positive integer, got 4.0"),
+    ({"exit_layers": [1, True]}, r"exit_layers must be positive integers, got \[1, True\]"),
+    ({"exit_layers": 3}, "exit_layers must be a list of positive integers, got 3"),
+    ({"threshold": True}, r"threshold must be a number in \[0, 1\], got True \(JSON booleans are not numbers\)"),
+    ({"threshold": "0.5"}, r"threshold must be a number in \[0, 1\], got '0.5'"),
+    ({"threshold": float("nan")}, r"threshold must lie in \[0, 1\], got nan"),
 ])
 def test_bad_plans_are_refused(overrides, message):
     with pytest.raises(PlanError, match=message):
         PartitionPlan.from_dict(_plan(**overrides))
+
+
+def test_integer_thresholds_are_numbers():
+    """threshold: 1 (YAML or JSON) is the number 1.0, and saved as such."""
+    assert PartitionPlan.from_dict(_plan(threshold=1)).threshold == 1.0
+    assert isinstance(PartitionPlan.from_dict(_plan(threshold=0)).threshold, float)
 
 
 def test_missing_keys_are_named():

@@ -15,6 +15,26 @@ class PlanError(ValueError):
     """A partition plan that cannot drive a split of the given checkpoint."""
 
 
+def _is_int(value: object) -> bool:
+    """An int that is not a bool: JSON's true and false load as True and False, which Python counts as ints."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: object) -> str:
+    """A refused value as the message shows it, saying why when a boolean stands where a number should."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return f"{value!r}" + (" (JSON booleans are not numbers)" if any(isinstance(v, bool) for v in items) else "")
+
+
+def check_threshold(value: object) -> float:
+    """The exit threshold as a float: a number in [0, 1] (1.0 never exits). The plan's rule, and --threshold's."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PlanError(f"threshold must be a number in [0, 1], got {_shown(value)}")
+    if not 0.0 <= value <= 1.0:  # nan fails it too
+        raise PlanError(f"threshold must lie in [0, 1], got {value}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class PartitionPlan:
     checkpoint: Path  # local Hugging Face checkpoint directory
@@ -25,13 +45,13 @@ class PartitionPlan:
     exit_adapters: Path | None = None  # safetensors with trained exit adapters, optional
 
     def __post_init__(self) -> None:
-        if not isinstance(self.split_layer, int) or self.split_layer < 1:
-            raise PlanError(f"split_layer must be a positive integer, got {self.split_layer!r}")
+        if not _is_int(self.split_layer) or self.split_layer < 1:
+            raise PlanError(f"split_layer must be a positive integer, got {_shown(self.split_layer)}")
         exits = tuple(self.exit_layers)
         if not exits:
             raise PlanError("exit_layers is empty: the edge needs at least one exit")
-        if any(not isinstance(e, int) or e < 1 for e in exits):
-            raise PlanError(f"exit_layers must be positive integers, got {list(exits)}")
+        if any(not _is_int(e) or e < 1 for e in exits):
+            raise PlanError(f"exit_layers must be positive integers, got {_shown(list(exits))}")
         if list(exits) != sorted(set(exits)):
             raise PlanError(f"exit_layers must be strictly increasing, got {list(exits)}")
         if exits[-1] > self.split_layer:
@@ -39,8 +59,7 @@ class PartitionPlan:
                 f"exit layer {exits[-1]} is past the split layer {self.split_layer}: "
                 "edge exits must lie on the edge (each exit <= split_layer)"
             )
-        if not 0.0 <= self.threshold <= 1.0:
-            raise PlanError(f"threshold must lie in [0, 1], got {self.threshold}")
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
         if self.codec not in CODEC_DTYPES:
             raise PlanError(f"codec must be one of {sorted(CODEC_DTYPES)}, got {self.codec!r}")
         object.__setattr__(self, "exit_layers", exits)
@@ -82,12 +101,14 @@ class PartitionPlan:
         missing = {"checkpoint", "split_layer", "exit_layers"} - set(raw)
         if missing:
             raise PlanError(f"partition plan lacks required keys: {sorted(missing)}")
+        if not isinstance(raw["exit_layers"], list):
+            raise PlanError(f"exit_layers must be a list of positive integers, got {_shown(raw['exit_layers'])}")
         adapters = raw.get("exit_adapters")
         return cls(
             checkpoint=(base_dir / raw["checkpoint"]).resolve(),
             split_layer=raw["split_layer"],
             exit_layers=tuple(raw["exit_layers"]),
-            threshold=float(raw.get("threshold", 0.8)),
+            threshold=raw.get("threshold", 0.8),
             codec=raw.get("codec", "fp16"),
             exit_adapters=(base_dir / adapters).resolve() if adapters else None,
         )
