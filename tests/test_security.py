@@ -7,6 +7,7 @@ filling the session table or Triton's sequence slots so that nobody else gets in
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -24,7 +25,7 @@ from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import error_code, ErrorCode
 from plugin.protocol.messages import CloudRequest, Drafts, new_session_key, PendingBlock
-from plugin.protocol.tensors import CLOUD_PARTITION, CONTEXT_MANAGER, ENSEMBLE, TENSORS
+from plugin.protocol.tensors import CLIENT_HEADER, CLOUD_PARTITION, CONTEXT_MANAGER, ENSEMBLE, TENSORS
 from plugin.protocol.wire import block_outputs, request_inputs, Tensors
 from plugin.serving.repository import ServeOptions, write_repository
 from plugin.serving.server import admin_headers
@@ -38,6 +39,9 @@ from tests.tiny_models import LAYERS, save_tiny
 pytestmark = pytest.mark.server
 SPLIT, HIDDEN = 4, 64
 PROMPT = [5, 17, 33, 2, 71, 8]
+KV_BYTES_PER_POSITION = 2 * 2 * 2 * 16 * 4  # 2 cloud layers x (K, V) x 2 KV heads x head_dim 16 x float32
+FILL = 1000  # positions of a session that fills the byte budget but for less than a prompt's KV
+LIMITS = Limits(max_sessions=8, max_state_bytes=KV_BYTES_PER_POSITION * FILL + 2000)
 
 EVIL_MODEL = """import pathlib
 pathlib.Path({marker!r}).write_text("client code ran in the server")
@@ -98,7 +102,7 @@ def tiny_server(tmp_path_factory, start_server):
     save_tiny("llama", ckpt)
     plan = PartitionPlan(ckpt, SPLIT, (2, SPLIT), threshold=1.0, codec="fp16")
     repo = tmp_path_factory.mktemp("repo")
-    write_repository(plan, repo, ServeOptions(limits=Limits(max_sessions=8)))
+    write_repository(plan, repo, ServeOptions(limits=LIMITS))
     edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
     return start_server(repo), edge, ckpt
 
@@ -168,3 +172,74 @@ def test_no_model_touches_a_session_without_its_key(tiny_server, model):
     assert refusals == {attack: ErrorCode.SESSION_KEY for attack in refusals}, refusals
     assert tokens == reference
     assert victim.stats.resyncs <= 1
+
+
+# -- fair sharing: one client cannot lock others out ----------------------------------------------------
+def _as(client: str) -> dict[str, str]:
+    """The header a front sets to the client it authenticated (tests/test_replicas.py: through nginx)."""
+    return {CLIENT_HEADER: client}
+
+
+def _open(url: str, client: str, sid: int, rows: int = 1, want: bool = False) -> ErrorCode | None:
+    """A valid START of `rows` rows (want: and a token, so the cloud partition holds their KV), with a key of its
+    own: what a flooding client sends."""
+    req = CloudRequest(sid, 0, want, rows=encode(torch.randn(rows, HIDDEN), "fp32"), split_layer=SPLIT, start=True,
+                       session_key=sid)
+    return _send(url, ENSEMBLE, request_inputs(req), sid, start=True, headers=_as(client))
+
+
+def _close(url: str, client: str, sid: int, pos: int) -> None:
+    """END a session _open started (whatever is left of it), so the next test finds the tables as they were."""
+    req = CloudRequest(sid, pos, False, rows=encode(torch.zeros(0, HIDDEN), "fp32"), end=True, session_key=sid)
+    _send(url, ENSEMBLE, request_inputs(req), sid, end=True, headers=_as(client))
+
+
+def _victim_run(server, edge, ckpt, sid: int, attack=lambda: None) -> tuple[list[int], list[int], DecodingSession]:
+    """alice's edge streams 12 tokens at threshold 1.0 and calls `attack()` after the 4th; her tokens, the
+    undisturbed run's, and her session."""
+    reference = DecodingSession(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative",
+                                sequence_id=1).generate(PROMPT, 12).token_ids
+    link = TritonLink(server.grpc_url, timeout_s=60, headers=_as("alice"))
+    alice = DecodingSession(edge, link, "collaborative", sequence_id=sid)
+    tokens = []
+    for record in alice.stream(PROMPT, 12):
+        tokens.append(record.token_id)
+        if len(tokens) == 4:
+            attack()
+    link.close()
+    return tokens, reference, alice
+
+
+def test_a_client_filling_the_session_table_evicts_its_own_not_a_newcomer(tiny_server):
+    """mallory opens more sessions than the table holds while alice generates; mallory's STARTs past the
+    table are refused, and bob, a newcomer, starts at once in the place of mallory's least recent session."""
+    server, edge, ckpt = tiny_server
+    outcome = {}
+
+    def flood():
+        outcome["mallory"] = [_open(server.grpc_url, "mallory", 0x3A11_0000 + i) for i in range(2 * LIMITS.max_sessions)]
+        t0 = time.perf_counter()
+        outcome["bob"] = _open(server.grpc_url, "bob", 0x3A11_B0B0)
+        outcome["bob_s"] = time.perf_counter() - t0
+
+    tokens, reference, alice = _victim_run(server, edge, ckpt, 0x3A11_A11C, flood)
+    assert tokens == reference and alice.stats.resyncs == 0  # the running edge never noticed
+    taken = LIMITS.max_sessions - 1  # all but alice's
+    assert outcome["mallory"] == [None] * taken + [ErrorCode.TOO_MANY_SESSIONS] * (2 * LIMITS.max_sessions - taken)
+    assert outcome["bob"] is None and outcome["bob_s"] < 1.0
+    for sid, client in [(0x3A11_0000 + i, "mallory") for i in range(taken)] + [(0x3A11_B0B0, "bob")]:
+        _close(server.grpc_url, client, sid, 1)
+    print(f"bob started in {outcome['bob_s'] * 1000:.0f} ms with the table full of mallory's sessions")
+
+
+def test_a_client_filling_the_byte_budget_makes_room_for_others(tiny_server):
+    """eve fills the cloud partition's byte budget with one session's KV; alice then needs bytes for her prompt's
+    KV and gets them in the place of eve's session, not a MEMORY_BUDGET refusal; eve cannot do the same to her."""
+    server, edge, ckpt = tiny_server
+    assert _open(server.grpc_url, "eve", 0x3A11_0F00, rows=FILL, want=True) is None
+    again = []
+    tokens, reference, alice = _victim_run(
+        server, edge, ckpt, 0x3A11_A11D, lambda: again.append(_open(server.grpc_url, "eve", 0x3A11_0F01, FILL, True)))
+    assert tokens == reference and alice.stats.resyncs == 0
+    assert again == [ErrorCode.MEMORY_BUDGET]
+    _close(server.grpc_url, "eve", 0x3A11_0F00, FILL)

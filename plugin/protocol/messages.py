@@ -58,6 +58,7 @@ class CloudRequest:
     session_key: int = 0  # the session's key (new_session_key), on every request; 0: none sent
     drafts: Drafts | None = None  # the edge's guesses after the last rows: the cloud checks them
     rollback_to: int | None = None  # drop positions >= this before the rows (rejected drafts)
+    client: str = ""  # who sent it, as the front named it (CLIENT_HEADER; not a tensor): sessions are shared per client
 
     @property
     def num_rows(self) -> int:
@@ -118,6 +119,7 @@ class PendingBlock:
     session_key: int = 0  # the client's key (from the context manager, which checked it; or a cloud-only client's)
     drafts: Drafts | None = None  # validated by the context manager: at most num_rows of them
     rollback_to: int | None = None  # validated by the context manager; the partition re-checks its own KV
+    client: str = ""  # as in CloudRequest
 
     @property
     def num_rows(self) -> int:

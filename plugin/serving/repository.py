@@ -83,12 +83,11 @@ def parameters(params: dict[str, str]) -> str:
 
 def _stateful(name: str, opts: ServeOptions, hidden_size: int) -> str:
     """Header, instances, the sequence batcher and the protocol tensors of one of the three python models."""
-    ttl_us = int(opts.limits.ttl_s * 1_000_000)
     return (
         f'name: "{name}"\nbackend: "python"\nmax_batch_size: {opts.max_batch_size}\n'
         f"instance_group [ {{ count: {opts.instances} kind: {opts.instance_kind} }} ]\n"
         "sequence_batching {\n"
-        f"  max_sequence_idle_microseconds: {ttl_us}\n"
+        f"  max_sequence_idle_microseconds: {opts.limits.slot_idle_us}\n"
         f"  oldest {{ max_candidate_sequences: {opts.slots()} max_queue_delay_microseconds: 0 }}\n"
         "  control_input [\n"
         '    { name: "START" control [ { kind: CONTROL_SEQUENCE_START bool_false_true: [ false, true ] } ] },\n'

@@ -14,7 +14,7 @@ import torch
 
 from plugin.model.checkpoint import load_model, read_config
 from plugin.protocol.errors import ErrorCode, ProtocolError
-from plugin.protocol.messages import PendingBlock
+from plugin.protocol.messages import CloudRequest, PendingBlock
 from plugin.protocol.wire import block_from_inputs, block_outputs, reply_outputs, request_from_inputs, Tensors
 from plugin.split.cloud import CloudPartition, token_block
 from plugin.split.context import ContextManager
@@ -29,6 +29,13 @@ class RequestData:
     sequence_id: int | str  # str: a string sequence id, which request_from_inputs refuses
     start: bool
     end: bool
+    client: str = ""  # the front's CLIENT_HEADER, which Triton forwards as a request parameter; "" without a front
+
+    def request(self) -> CloudRequest:
+        """The edge-facing request it carries."""
+        req = request_from_inputs(self.inputs, self.sequence_id, self.start, self.end)
+        req.client = self.client
+        return req
 
 
 Result = Tensors | ProtocolError
@@ -109,7 +116,7 @@ class ContextManagerService:
         return one_by_one(batch, self._answer)
 
     def _answer(self, r: RequestData) -> Tensors:
-        return block_outputs(self.manager.handle(request_from_inputs(r.inputs, r.sequence_id, r.start, r.end)))
+        return block_outputs(self.manager.handle(r.request()))
 
     def sweep(self) -> list[int]:
         return self.manager.expire()
@@ -137,7 +144,9 @@ class CloudPartitionService:
         return min_split_layer(params)
 
     def _block(self, r: RequestData) -> PendingBlock:
-        return block_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
+        block = block_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
+        block.client = r.client
+        return block
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
         results: list[Result | None] = [None] * len(batch)  # every entry is filled below
@@ -172,5 +181,4 @@ class CloudOnlyService(CloudPartitionService):
         return 0
 
     def _block(self, r: RequestData) -> PendingBlock:
-        req = request_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
-        return token_block(req, self.partition.model.cfg.vocab_size, self.partition.limits)
+        return token_block(r.request(), self.partition.model.cfg.vocab_size, self.partition.limits)

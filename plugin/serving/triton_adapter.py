@@ -14,6 +14,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from plugin.protocol.errors import ProtocolError, tagged
+from plugin.protocol.tensors import CLIENT_HEADER
 from plugin.serving.services import error_answer, RequestData, Result, Service
 
 CONTROLS = ("START", "END", "CORRID")
@@ -48,7 +49,13 @@ def _request_data(request) -> RequestData:
         sequence_id = int(controls["CORRID"].reshape(-1)[0])
     start = bool(controls["START"].reshape(-1)[0]) if controls["START"] is not None else bool(request.flags() & 1)
     end = bool(controls["END"].reshape(-1)[0]) if controls["END"] is not None else bool(request.flags() & 2)
-    return RequestData(tensors, sequence_id, start, end)  # views of the request's buffers: what is kept is copied
+    return RequestData(tensors, sequence_id, start, end, _client(request))  # views of the request's buffers
+
+
+def _client(request) -> str:
+    """Who sent the request, as the front named it (CLIENT_HEADER, forwarded by Triton as a request parameter)."""
+    parameters = json.loads(request.parameters() or "{}")
+    return str(parameters.get(CLIENT_HEADER, ""))
 
 
 def _release_freed_memory() -> None:

@@ -25,7 +25,12 @@ class _Sequence:
     kv: SequenceKV
     last_seen: float
     key: int  # the SESSION_KEY its START carried: every later block must carry it
+    client: str = ""  # who started it (the front's CLIENT_HEADER): sessions and bytes are shared per client
     rollback_window: range = field(default_factory=lambda: range(0))  # as the context manager keeps it
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.nbytes
 
 
 class CloudPartition:
@@ -57,9 +62,10 @@ class CloudPartition:
         admitted: list[int] = []  # indices of the blocks whose sequence (and key) was admitted
         ready: dict[int, list[int]] = {}  # split layer -> indices of blocks to compute
         held = self.kv_bytes  # and what the blocks admitted so far will add
+        batch = frozenset(block.sequence_id for block in blocks)  # never evicted to make room for each other
         for i, block in enumerate(blocks):
             try:
-                seq, more = self._admit(block, now, held)
+                seq, more = self._admit(block, now, held, batch)
             except ProtocolError as e:
                 replies[i] = e.detached()
                 continue
@@ -82,20 +88,24 @@ class CloudPartition:
                 self.sequences.pop(blocks[i].sequence_id, None)
         return replies
 
-    def _admit(self, block: PendingBlock, now: float, held: int) -> tuple[_Sequence, int]:
-        """The block's sequence once every check passed, and the bytes its state will grow by; nothing
-        changes before, except a sequence found out of step with its context manager, which is dropped."""
+    def _admit(self, block: PendingBlock, now: float, held: int, batch: frozenset[int]) -> tuple[_Sequence, int]:
+        """The block's sequence once every check passed, and the bytes the state will grow by (less those of the
+        sessions evicted to make room); nothing changes before, except a sequence found out of step with its
+        context manager, which is dropped."""
         old = self.sequences.get(block.sequence_id)
         if block.want_token and block.num_rows == 0:
             raise ProtocolError(ErrorCode.MALFORMED, "token request with no rows: the cloud has nothing to compute "
                                                      "a token from")
+        evict: list[int] = []
         if block.start:
             require_session_key(block.session_key)
-            self.admission.check_start(block.sequence_id, block.split_layer, self.sequences)
             if old is not None:
                 check_session_key(block.sequence_id, block.session_key, old.key)
+            victim = self.admission.check_start(block.sequence_id, block.split_layer, self.sequences, block.client,
+                                                batch)
+            evict += [] if victim is None else [victim]
             seq = _Sequence(block.split_layer, self.model.new_sequence(block.split_layer, self.model.cfg.num_layers),
-                            now, block.session_key)
+                            now, block.session_key, block.client)
         elif old is None:
             raise SequenceNeedsStart(f"sequence {block.sequence_id} has no cloud state: re-send its context with START")
         else:
@@ -108,7 +118,10 @@ class CloudPartition:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {positions + block.num_rows} positions exceeds "
                                                           f"the limit of {self.limits.max_context}")
         more = seq.kv.nbytes_after(block.num_rows if block.want_token else 0) - (old.kv.nbytes if old else 0)
-        self.budget.check(held, more)
+        evict += self.budget.check(held - sum(self.sequences[sid].nbytes for sid in evict), more, self.sequences,
+                                   block.client, batch | set(evict))
+        for sid in evict:  # sessions of a client over its share (that edge re-sends its context with START)
+            more -= self.sequences.pop(sid).nbytes
         self.sequences[block.sequence_id] = seq
         seq.last_seen = now
         if block.rollback_to is not None:
@@ -245,5 +258,5 @@ def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None
         raise ProtocolError(ErrorCode.MALFORMED, "cloud_only checks no drafts and rolls nothing back: send those "
                                                  "to the ce_collm ensemble")
     return PendingBlock(req.sequence_id, 0, req.start_pos, torch.empty(0, 0), req.want_token, req.start, req.end,
-                        token_ids=torch.from_numpy(ids.copy()), session_key=req.session_key)
+                        token_ids=torch.from_numpy(ids.copy()), session_key=req.session_key, client=req.client)
 

@@ -36,6 +36,10 @@ class _Session:
     split_layer: int
     key: int  # SESSION_KEY of its START: every later request must carry it
     requests: RateLimiter  # this session's request rate; kept across a re-START
+    client: str = ""  # who started it (the front's CLIENT_HEADER): sessions and bytes are shared per client
+    # False until a request after its START arrives: a START the cloud partition refused after this manager took
+    # it is followed by none, and such a session is dropped after limits.slot_idle_s, not the TTL
+    confirmed: bool = False
     context: _Context = _Context()
     # A request that starts where the last one started is that request sent again: its reply was an error,
     # or was lost, and the context manager cannot tell whether the cloud partition behind it applied it.
@@ -90,7 +94,7 @@ class ContextManager:
     def handle(self, req: CloudRequest) -> PendingBlock:
         now = self.clock()
         self.expire(now)
-        session = self._session_for(req, now)
+        session, evict = self._session_for(req, now)
         if not session.requests.allow(now):  # every request with the session's key counts, refused ones too
             raise ProtocolError(ErrorCode.RATE_LIMITED,
                                 f"rate limit: {self.limits.max_requests_per_s:g} requests/s per session "
@@ -109,9 +113,12 @@ class ContextManager:
         self._check_drafts(req, session, base.pending_rows + n)
         keep = n > 0 and not req.want_token  # rows stored; a token request hands them on at once
         live = self.sessions.get(req.sequence_id)
-        self.budget.check(self.pending_bytes, (0 if req.want_token else _held_bytes(base))
-                          + (req.rows.nbytes if keep else 0) - (live.nbytes if live is not None else 0))
+        evict += self.budget.check(self.pending_bytes, (0 if req.want_token else _held_bytes(base))
+                                   + (req.rows.nbytes if keep else 0) - (live.nbytes if live is not None else 0),
+                                   self.sessions, req.client)
         # Every check passed: only now does stored state change.
+        for sid in evict:  # sessions of a client over its share (that edge re-sends its context with START)
+            del self.sessions[sid]
         rows = (_owned(req.rows) if keep else req.rows,) if n else ()
         after = _Context(base.next_position + n, base.first_pending, base.pending + rows)
         handed: tuple[EncodedRows, ...] = ()
@@ -122,27 +129,28 @@ class ContextManager:
             self.sessions[req.sequence_id] = session
         session.context, session.last_start = after, req.start_pos
         session.before_last = None if req.start or req.want_token else base
-        session.last_seen = now
+        session.last_seen, session.confirmed = now, not req.start
         self.rows_uploaded += n
         hidden = torch.cat([to_tensor(block, torch.float32, "cpu") for block in handed]) if handed \
             else torch.empty(0, self.hidden_size)  # [pending rows, D], widened only now
         if req.end:
             self.sessions.pop(req.sequence_id, None)
         return PendingBlock(req.sequence_id, session.split_layer, base.first_pending, hidden, req.want_token,
-                            req.start, req.end, session_key=session.key, drafts=req.drafts, rollback_to=req.rollback_to)
+                            req.start, req.end, session_key=session.key, drafts=req.drafts, rollback_to=req.rollback_to,
+                            client=req.client)
 
-    def _session_for(self, req: CloudRequest, now: float) -> _Session:
+    def _session_for(self, req: CloudRequest, now: float) -> tuple[_Session, list[int]]:
         """The session a request applies to: a new one for START (not stored yet), else the live one; both
-        only with the session's key."""
+        only with the session's key. And the session a START takes the place of in a full table (if any)."""
         live = self.sessions.get(req.sequence_id)
         if req.start:
             require_session_key(req.session_key)
-            self.admission.check_start(req.sequence_id, req.split_layer, self.sessions)
             if live is not None:
                 check_session_key(req.sequence_id, req.session_key, live.key)
+            victim = self.admission.check_start(req.sequence_id, req.split_layer, self.sessions, req.client)
             # a re-START (re-sync) replaces the context once every check passes, not the rate budget
             requests = live.requests if live is not None else RateLimiter(self.limits.max_requests_per_s, now)
-            return _Session(req.split_layer, req.session_key, requests)
+            return _Session(req.split_layer, req.session_key, requests, req.client), [] if victim is None else [victim]
         if live is None:
             raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): "
                                      "re-send its context with START")
@@ -150,7 +158,7 @@ class ContextManager:
         if req.split_layer is not None and req.split_layer != live.split_layer:
             raise ProtocolError(ErrorCode.SPLIT_LAYER, f"sequence {req.sequence_id} started with split layer "
                                                        f"{live.split_layer}, not {req.split_layer}")
-        return live
+        return live, []
 
     def _check_size(self, req: CloudRequest) -> int:
         """The request's row count, once it carries rows within the per-request limits."""
@@ -217,9 +225,14 @@ class ContextManager:
                                                      "of the session's split)")
 
     def expire(self, now: float | None = None) -> list[int]:
-        """Drop sessions idle longer than the TTL (called on every request and by a periodic sweep)."""
+        """Drop sessions idle longer than the TTL, and those whose START no request followed within the slot idle
+        time (called on every request and by a periodic sweep)."""
         now = self.clock() if now is None else now
-        return drop_idle(self.sessions, now, self.limits.ttl_s)
+        unconfirmed = {sid: s for sid, s in self.sessions.items() if not s.confirmed}
+        ghosts = drop_idle(unconfirmed, now, min(self.limits.slot_idle_s, self.limits.ttl_s))
+        for sid in ghosts:
+            del self.sessions[sid]
+        return ghosts + drop_idle(self.sessions, now, self.limits.ttl_s)
 
     @property
     def pending_bytes(self) -> int:

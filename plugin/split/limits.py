@@ -23,8 +23,12 @@ class Limits:
     max_context: int = _limit(4096, "N", "positions per session")
     max_block_rows: int = _limit(1024, "N", "rows in one request")
     # idle sessions are dropped: Triton frees idle slots without telling the models
-    ttl_s: float = _limit(600.0, "S", "drop sessions idle this long; also the sequence batcher's idle timeout",
-                          flag="--ttl")
+    ttl_s: float = _limit(600.0, "S", "drop sessions idle this long", flag="--ttl")
+    # Triton holds a sequence slot until END or this idle time, even for a START the model refused, and the slot
+    # count is fixed: a short idle time is what keeps a flood of refused STARTs from holding every slot
+    slot_idle_s: float = _limit(10.0, "S", "Triton's sequence-slot idle timeout (capped by --ttl): an edge idle "
+                                           "longer re-sends its context with START; a session whose START gets no "
+                                           "follow-up request within it is dropped (a START refused downstream)")
     # tensor payload of one request (1024 fp32 rows of hidden 8192 = 32 MiB)
     max_request_bytes: int = _limit(64 << 20, "N", "tensor payload bytes per request")
     max_requests_per_s: float = _limit(1000.0, "R", "requests per second per session, a token bucket one second "
@@ -32,6 +36,11 @@ class Limits:
     # what one model's sessions may hold together: its KV caches and pending rows
     max_state_bytes: int = _limit(0, "N", "bytes of session state (KV caches + pending rows) per model; 0: a fifth "
                                           "of the memory of the model's device (RAM, or the GPU's)")
+
+    @property
+    def slot_idle_us(self) -> int:
+        """max_sequence_idle_microseconds of the sequence batchers."""
+        return int(min(self.slot_idle_s, self.ttl_s) * 1_000_000)
 
     def params(self) -> dict[str, str]:
         """The fields as config.pbtxt parameters (strings that read back to the same values)."""
@@ -58,8 +67,11 @@ class Admission:
     min_split_layer: int  # the first layer the cloud partition holds: edges must run every layer before it
     max_split_layer: int | None = None  # the last split it serves (None: any it holds; an engine: its own only)
 
-    def check_start(self, sequence_id: int, split_layer: int | None, live: Mapping[int, object]) -> None:
-        """Raise unless a START of `sequence_id` at `split_layer` may begin (or restart) with `live` sessions held."""
+    def check_start(self, sequence_id: int, split_layer: int | None, live: Mapping[int, "Owned"],
+                    client: str = "", keep: frozenset[int] = frozenset()) -> int | None:
+        """Raise unless a START of `sequence_id` by `client` at `split_layer` may begin (or restart) with `live`
+        sessions held; the session it takes the place of when the table is full (session_to_evict; never one of
+        `keep`), else None."""
         last = self.num_layers - 1 if self.max_split_layer is None else self.max_split_layer
         if split_layer is None or not self.min_split_layer <= split_layer <= last:
             resumes = "" if self.max_split_layer is None else f", resuming at layer {last} at the latest"
@@ -67,9 +79,14 @@ class Admission:
                                 f"START needs SPLIT_LAYER in [{self.min_split_layer}, {last}] "
                                 f"(this cloud serves layers {self.min_split_layer} to {self.num_layers - 1} of "
                                 f"{self.num_layers}{resumes}), got {split_layer}")
-        if sequence_id not in live and len(live) >= self.limits.max_sessions:
+        if sequence_id in live or len(live) < self.limits.max_sessions:
+            return None
+        victim = session_to_evict(live, client, keep)
+        if victim is None:
             raise ProtocolError(ErrorCode.TOO_MANY_SESSIONS,
-                                f"too many live sessions ({self.limits.max_sessions}); retry later")
+                                f"too many live sessions ({self.limits.max_sessions}), and client {client or '(none)'} "
+                                f"holds its share of them; retry later")
+        return victim
 
 
 def require_session_key(given: int) -> None:
@@ -90,6 +107,67 @@ def check_session_key(sequence_id: int, given: int, held: int) -> None:
 
 class _Idle(Protocol):
     last_seen: float
+
+
+class Owned(Protocol):
+    """A session as fair sharing sees it: whose it is (the front's client identity), when it was last used, and
+    the bytes it holds."""
+
+    client: str
+    last_seen: float
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+def _by_client(held: Mapping[int, Owned]) -> dict[str, list[int]]:
+    owners: dict[str, list[int]] = {}
+    for sid, session in held.items():
+        owners.setdefault(session.client, []).append(sid)
+    return owners
+
+
+def _least_recent(held: Mapping[int, Owned], sids: list[int]) -> int:
+    return min(sids, key=lambda sid: held[sid].last_seen)
+
+
+def session_to_evict(held: Mapping[int, Owned], client: str, keep: frozenset[int] = frozenset()) -> int | None:
+    """When the session table is full, the session a START by `client` takes the place of: the least recently
+    used one of the client holding the most, if that client holds at least two more than `client` (so shares
+    even out and then stay put); None when no client is over `client`'s share (refuse the START). An evicted
+    edge re-sends its context with START, and only to come back within its share. `keep`: never evicted."""
+    owners = _by_client(held)
+    mine = len(owners.get(client, ()))
+    over = [[sid for sid in sids if sid not in keep] for owner, sids in owners.items()
+            if owner != client and len(sids) > mine + 1]
+    over = [sids for sids in over if sids]
+    if not over:
+        return None
+    most = max(len(sids) for sids in over)
+    return _least_recent(held, [sid for sids in over if len(sids) == most for sid in sids])
+
+
+def sessions_to_evict_for_bytes(held: Mapping[int, Owned], client: str, need: int, free: int,
+                                keep: frozenset[int] = frozenset()) -> list[int] | None:
+    """When `need` bytes do not fit the `free` bytes of the budget, the sessions whose eviction makes room for
+    `client`: least recently used first, each from the client holding the most bytes, while that client holds
+    more than `client` will; None when they do not free enough (refuse). `keep`: sessions never evicted (those
+    of the batch being admitted)."""
+    owners = {owner: [sid for sid in sids if sid not in keep] for owner, sids in _by_client(held).items()}
+    held_by = {owner: sum(held[sid].nbytes for sid in sids) for owner, sids in _by_client(held).items()}
+    mine = held_by.pop(client, 0) + need
+    victims: list[int] = []
+    while free < need:
+        candidates = [owner for owner, total in held_by.items() if total > mine and owners[owner]]
+        if not candidates:
+            return None
+        owner = max(candidates, key=held_by.__getitem__)
+        sid = _least_recent(held, owners[owner])
+        owners[owner].remove(sid)
+        victims.append(sid)
+        free += held[sid].nbytes
+        held_by[owner] -= held[sid].nbytes
+    return victims
 
 
 def drop_idle(held: dict[int, _Idle], now: float, ttl_s: float) -> list[int]:
@@ -140,10 +218,18 @@ class MemoryBudget:
         self.limit_bytes = limits.max_state_bytes or device_memory_bytes(device) // STATE_SHARE
         self.refusals = 0
 
-    def check(self, held: int, more: int) -> None:
-        """Raise unless `more` bytes may be added to the `held` bytes of session state."""
-        if held + more > self.limit_bytes:
+    def check(self, held: int, more: int, sessions: Mapping[int, Owned] | None = None, client: str = "",
+              keep: frozenset[int] = frozenset()) -> list[int]:
+        """Raise unless `more` bytes may be added to the `held` bytes of session state, if need be in the place of
+        `sessions` of clients over `client`'s share (sessions_to_evict_for_bytes); the sessions to evict."""
+        if held + more <= self.limit_bytes:
+            return []
+        victims = None if sessions is None else sessions_to_evict_for_bytes(
+            sessions, client, more, self.limit_bytes - held, keep)
+        if victims is None:
             self.refusals += 1
             raise ProtocolError(ErrorCode.MEMORY_BUDGET,
                                 f"memory budget: this request needs {more} more bytes of session state, the model "
-                                f"holds {held} of its {self.limit_bytes} (max_state_bytes); retry later")
+                                f"holds {held} of its {self.limit_bytes} (max_state_bytes), and client "
+                                f"{client or '(none)'} holds its share of them; retry later")
+        return victims
