@@ -107,3 +107,35 @@ def test_int8_rows_round_trip_through_the_manager(codec):
     block = cm.handle(_req(1, 0, 3, want=True, start=True, codec=codec))
     torch.testing.assert_close(block.hidden[:, 0], torch.tensor([0.0, 1.0, 2.0]), atol=0.02, rtol=0)
     assert block.hidden.dtype == torch.float32 and np.isfinite(block.hidden.numpy()).all()
+
+
+def test_a_start_no_request_follows_is_dropped_after_the_slot_idle_time_not_the_ttl():
+    """A START the cloud partition refused after this manager took it leaves a session nobody will use (its edge
+    got an error): dropped once Triton would have freed its slot, while a session in use keeps the TTL."""
+    clock = Clock()
+    cm = ContextManager(D, 6, Limits(slot_idle_s=5, ttl_s=600), clock=clock)
+    cm.handle(_req(1, 0, 2, start=True))  # followed by a request: in use
+    cm.handle(_req(2, 0, 2, start=True))  # never followed: a ghost
+    clock.now = 1.0
+    cm.handle(_req(1, 2, 1))
+    clock.now = 5.5
+    assert cm.expire() == [2] and set(cm.sessions) == {1}
+    clock.now = 500.0
+    assert cm.expire() == [] and set(cm.sessions) == {1}
+
+
+def test_a_full_table_evicts_the_client_over_its_share_and_refuses_the_one_within_it():
+    cm = ContextManager(D, 6, Limits(max_sessions=4))
+    for sid in (1, 2, 3):
+        cm.handle(_as(_req(sid, 0, 1, start=True), "mallory"))
+    cm.handle(_as(_req(4, 0, 1, start=True), "alice"))
+    cm.handle(_as(_req(5, 0, 1, start=True), "bob"))  # mallory holds 3 > 0 + 1: her least recent session goes
+    assert set(cm.sessions) == {2, 3, 4, 5}
+    with pytest.raises(ProtocolError) as refused:  # mallory holds 2, no one holds more than 3: she gets no more
+        cm.handle(_as(_req(6, 0, 1, start=True), "mallory"))
+    assert refused.value.code is ErrorCode.TOO_MANY_SESSIONS and set(cm.sessions) == {2, 3, 4, 5}
+
+
+def _as(req: CloudRequest, client: str) -> CloudRequest:
+    req.client = client
+    return req

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
 
@@ -34,6 +35,7 @@ from plugin.split.limits import Limits
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
 from tests.identity_model import write_identity_repository
+from tests.soak import metric
 from tests.tiny_models import LAYERS, save_tiny
 
 pytestmark = pytest.mark.server
@@ -242,4 +244,33 @@ def test_a_client_filling_the_byte_budget_makes_room_for_others(tiny_server):
         server, edge, ckpt, 0x3A11_A11D, lambda: again.append(_open(server.grpc_url, "eve", 0x3A11_0F01, FILL, True)))
     assert tokens == reference and alice.stats.resyncs == 0
     assert again == [ErrorCode.MEMORY_BUDGET]
-    _close(server.grpc_url, "eve", 0x3A11_0F00, FILL)
+    for sid in (0x3A11_0F00, 0x3A11_0F01):  # the second a ghost: the context manager took its START, the partition not
+        _close(server.grpc_url, "eve", sid, FILL)
+
+
+def test_a_flood_of_refused_starts_holds_no_session_and_locks_nobody_out(tiny_server):
+    """Keyless STARTs, each refused by the model, as fast as 4 threads send them: Triton keeps each one's
+    sequence slot for slot_idle_s, so there are many more slots than sessions (ServeOptions.slots); alice then
+    starts within a second, and the refused STARTs hold no session in either model."""
+    server, edge, ckpt = tiny_server
+    flood = ServeOptions(limits=LIMITS).slots() * 3 // 4
+    live = {model: metric(server.metrics_url, "ce_collm_sessions_live", model) for model in (CONTEXT_MANAGER, CLOUD_PARTITION)}
+
+    def refused_starts(first: int) -> list[ErrorCode | None]:
+        rows = encode(torch.zeros(1, HIDDEN), "fp32")
+        return [_send(server.grpc_url, ENSEMBLE, request_inputs(CloudRequest(sid, 0, True, rows=rows, split_layer=SPLIT,
+                                                                              start=True)), sid, start=True)
+                for sid in range(first, first + flood // 4)]
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = [code for codes in pool.map(refused_starts, range(0x7100_0000, 0x7100_0000 + flood, flood // 4))
+                   for code in codes]
+    assert answers == [ErrorCode.SESSION_KEY] * len(answers)
+    t0 = time.perf_counter()
+    assert _open(server.grpc_url, "alice", 0x3A11_A11E, rows=len(PROMPT), want=True) is None
+    waited = time.perf_counter() - t0
+    _close(server.grpc_url, "alice", 0x3A11_A11E, len(PROMPT))
+    assert waited < 1.0
+    print(f"after {len(answers)} refused STARTs, a START got its token in {waited * 1000:.0f} ms")
+    for model in (CONTEXT_MANAGER, CLOUD_PARTITION):
+        assert metric(server.metrics_url, "ce_collm_sessions_live", model) == live[model]
