@@ -137,7 +137,8 @@ def render_configs(plan: PartitionPlan, repository_dir: Path, opts: ServeOptions
     return {
         ENSEMBLE: header + ensemble,
         CONTEXT_MANAGER: stateful[CONTEXT_MANAGER] + parameters({**params, **admitted}),
-        CLOUD_PARTITION: stateful[CLOUD_PARTITION] + parameters({**params, "dtype": opts.dtype, **min_split}),
+        CLOUD_PARTITION: stateful[CLOUD_PARTITION] + parameters({**params, "dtype": opts.dtype, **min_split,
+                                                                 "exit_layers": ",".join(map(str, plan.exit_layers))}),
         CLOUD_ONLY: stateful[CLOUD_ONLY] + parameters({**params, "dtype": opts.dtype}),
     }
 

@@ -139,6 +139,9 @@ class CloudPartitionService:
         model = load_model(checkpoint, layers, DTYPES[params.get("dtype", "float32")], device)
         self.limits = limits_from(params)
         self.partition = CloudPartition(model, self.limits)
+        # the plan's exits: the per-exit agreement metrics count drafts from these alone, so a client that names
+        # other exits cannot add series of its own (theirs are counted under "other")
+        self.exits = {int(e) for e in params["exit_layers"].split(",")} if params.get("exit_layers") else None
 
     def _first_layer(self, params: dict[str, str]) -> int:
         return min_split_layer(params)
@@ -169,7 +172,16 @@ class CloudPartitionService:
         p = self.partition
         return {"sessions_live": len(p.sequences), "tokens_served_total": p.tokens_served,
                 "layer_rows_computed_total": p.rows_computed, "kv_bytes": p.kv_bytes, **budget_metrics(p.budget),
-                "verified_rows_total": dict(p.drafts_checked), "draft_agreements_total": dict(p.drafts_agreed)}
+                "verified_rows_total": self._by_exit(p.drafts_checked),
+                "draft_agreements_total": self._by_exit(p.drafts_agreed)}
+
+    def _by_exit(self, counts: dict[int, int]) -> dict[int | str, float]:
+        """Per plan exit; every other exit a client named, together under "other"."""
+        if self.exits is None:
+            return dict(counts)
+        out: dict[int | str, float] = {e: counts.get(e, 0) for e in sorted(self.exits)}
+        out["other"] = sum(n for e, n in counts.items() if e not in self.exits)
+        return out
 
 
 class CloudOnlyService(CloudPartitionService):
