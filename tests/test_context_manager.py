@@ -139,3 +139,14 @@ def test_a_full_table_evicts_the_client_over_its_share_and_refuses_the_one_withi
 def _as(req: CloudRequest, client: str) -> CloudRequest:
     req.client = client
     return req
+
+
+def test_a_new_session_on_a_live_id_is_told_an_earlier_session_may_hold_it():
+    """After the front's replica list changes, an edge's new session can land where an old session of its id
+    still lives: the refusal says so and what to do, not only "two clients on one id"."""
+    cm = ContextManager(D, 6)
+    cm.handle(_req(1, 0, 2, start=True))
+    with pytest.raises(ProtocolError) as refused:
+        cm.handle(_req(1, 0, 2, start=True, key=KEY + 1))
+    assert refused.value.code is ErrorCode.SESSION_KEY
+    assert "earlier session with this id still live" in str(refused.value) and "new sequence id" in str(refused.value)

@@ -102,7 +102,10 @@ def check_session_key(sequence_id: int, given: int, held: int) -> None:
         raise ProtocolError(ErrorCode.SESSION_KEY,
                             f"sequence {sequence_id} belongs to another session key: "
                             + ("this request carries none" if not given else "not this request's")
-                            + " (two clients on one sequence id, or a guessed id); nothing changed")
+                            + " (two clients on one sequence id, a guessed id, or an earlier session with this id "
+                              "still live on this server: one that ended on another replica, after the front's "
+                              "replica list changed, lives here until its TTL; start with a new sequence id); "
+                              "nothing changed")
 
 
 class _Idle(Protocol):
