@@ -165,7 +165,8 @@ class ContextSync:
         start = first == 0 and not self.started
         return CloudRequest(self.sequence_id, first, want_token, rows=encode(self.log.rows(first, stop), self.codec),
                             split_layer=self.split_layer, start=start, end=end, session_key=self.session_key,
-                            drafts=drafts, rollback_to=None if start else self.rollback_to)
+                            drafts=drafts, rollback_to=None if start else self.rollback_to,
+                            context_rows=self.log.length if start else None)
 
     def _send(self, req: CloudRequest) -> CloudReply:
         """When the cloud lost the sequence (restart, TTL), re-send the whole context with START up

@@ -195,3 +195,17 @@ def test_threshold_changes_between_tokens_give_the_tokens_of_no_lookahead(tiny):
     assert [(r.token_id, r.exit) for r in ahead] == [(r.token_id, r.exit) for r in plain]
     assert {r.exit for r in ahead[1::2]} == {"edge:1"} and {r.exit for r in ahead[::2]} == {"cloud"}
     assert stats.speculated == 12 and stats.speculation_hits == 0  # every guess was made at 1.0, used at 0.0
+
+
+def test_a_context_over_the_clouds_limit_is_refused_at_its_first_block(tiny):
+    """A prompt longer than max_context goes in several blocks; its START announces the whole context
+    (CONTEXT_ROWS), so the cloud refuses it before the edge uploads the rest."""
+    edge, ckpt = tiny
+    cloud = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)), Limits(max_context=8, max_block_rows=4))
+    link = Recording(cloud)
+    sync = ContextSync(link, 1, SPLIT, "fp32", edge.hidden_size, SessionStats(), max_block_rows=4)
+    sync.append(_rows(edge, 12))
+    with pytest.raises(ProtocolError) as refused:
+        sync.request_token()
+    assert refused.value.code.name == "LIMIT_EXCEEDED" and "12 positions" in str(refused.value)
+    assert [r.num_rows for r in link.sent] == [4] and cloud.context.sessions == {}

@@ -58,6 +58,7 @@ class CloudRequest:
     session_key: int = 0  # the session's key (new_session_key), on every request; 0: none sent
     drafts: Drafts | None = None  # the edge's guesses after the last rows: the cloud checks them
     rollback_to: int | None = None  # drop positions >= this before the rows (rejected drafts)
+    context_rows: int | None = None  # with START: positions of the whole context about to be sent (CONTEXT_ROWS)
     client: str = ""  # who sent it, as the front named it (CLIENT_HEADER; not a tensor): sessions are shared per client
 
     @property
@@ -72,7 +73,7 @@ class CloudRequest:
         ROLLBACK_TO)."""
         body = self.rows.nbytes if self.rows is not None else (0 if self.token_ids is None else self.token_ids.nbytes)
         extra = (4 if self.split_layer is not None else 0) + (8 if self.rollback_to is not None else 0)
-        extra += 8 if self.session_key else 0
+        extra += (8 if self.session_key else 0) + (8 if self.context_rows is not None else 0)
         return body + 8 + 1 + extra + (self.drafts.nbytes if self.drafts is not None else 0)
 
 

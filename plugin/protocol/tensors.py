@@ -90,6 +90,10 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                meaning="false: upload only, the cloud stores the rows and computes nothing"),
     TensorSpec("SPLIT_LAYER", "int32", (1,), _EDGE_FACING, optional=True,
                meaning="required with START: the edge's split layer k (edges may differ)"),
+    TensorSpec("CONTEXT_ROWS", "int64", (1,), _EDGE_FACING, optional=True,
+               meaning="with START: the positions of the context the edge is about to send (all its blocks): a "
+                       "context over the cloud's max_context is refused LIMIT_EXCEEDED at once, before the rest "
+                       "is uploaded"),
     TensorSpec("SESSION_KEY", "int64", (1,), (*_EDGE_FACING, CLOUD_ONLY), optional=True,
                meaning="the session's random key in [1, 2^63), drawn by the edge: sent with START and every later "
                        "request; missing or not the session's: refused with SESSION_KEY (optional for Triton only, "
@@ -158,6 +162,7 @@ START_POS = "START_POS"
 WANT_TOKEN = "WANT_TOKEN"
 SPLIT_LAYER = "SPLIT_LAYER"
 SESSION_KEY = "SESSION_KEY"
+CONTEXT_ROWS = "CONTEXT_ROWS"
 DRAFT_TOKENS, DRAFT_EXITS, ROLLBACK_TO = "DRAFT_TOKENS", "DRAFT_EXITS", "ROLLBACK_TO"
 PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = "PENDING_HIDDEN", "PENDING_START", "PENDING_SPLIT", "PENDING_WANT"
 PENDING_KEY = "PENDING_KEY"

@@ -12,7 +12,7 @@ from plugin.protocol.codec import EncodedRows
 from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import (
-    CATCHUP_ROWS, CONFIDENCE, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_INPUTS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
+    CATCHUP_ROWS, CONFIDENCE, CONTEXT_ROWS, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_INPUTS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
     PENDING_HIDDEN, PENDING_KEY, PENDING_ROLLBACK, PENDING_SPLIT, PENDING_START, PENDING_WANT, ROLLBACK_TO, ROW_TOPK_IDS,
     ROW_TOPK_LOGPROBS, SCALE_INPUTS, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS,
     TOPK_LOGPROBS, WANT_TOKEN)
@@ -39,6 +39,8 @@ def request_inputs(req: CloudRequest) -> Tensors:
         out[SPLIT_LAYER] = _one(SPLIT_LAYER, req.split_layer)
     if req.session_key:
         out[SESSION_KEY] = _one(SESSION_KEY, req.session_key)
+    if req.context_rows is not None:
+        out[CONTEXT_ROWS] = _one(CONTEXT_ROWS, req.context_rows)
     if req.drafts is not None:
         out[DRAFT_TOKENS], out[DRAFT_EXITS] = req.drafts.tokens[None], req.drafts.exits[None]
     if req.rollback_to is not None:
@@ -94,6 +96,7 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
     else:
         req.token_ids = _unbatched(inputs[TOKEN_IDS], TOKEN_IDS)
     req.drafts = _drafts(inputs)
+    req.context_rows = _scalar(inputs, CONTEXT_ROWS)
     req.rollback_to = _scalar(inputs, ROLLBACK_TO)
     if req.rollback_to is not None and req.rollback_to < 0:
         raise ProtocolError(ErrorCode.MALFORMED, f"ROLLBACK_TO must be >= 0, got {req.rollback_to}")

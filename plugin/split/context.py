@@ -104,9 +104,10 @@ class ContextManager:
         base = self._after_rollback(req, self._base(session, req))
         if req.start_pos != base.next_position:
             raise position_error(req.sequence_id, base.next_position, req.start_pos, "row")
-        if base.next_position + n > self.limits.max_context:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {base.next_position + n} positions exceeds "
-                                                          f"the limit of {self.limits.max_context}")
+        announced = req.context_rows if req.start and req.context_rows is not None else 0
+        if max(base.next_position + n, announced) > self.limits.max_context:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {max(base.next_position + n, announced)} "
+                                                          f"positions exceeds the limit of {self.limits.max_context}")
         if req.want_token and base.pending_rows + n == 0:
             raise ProtocolError(ErrorCode.MALFORMED,
                                 "token request with no rows: the cloud has nothing to compute a token from")
