@@ -185,7 +185,8 @@ def _generate(args: argparse.Namespace) -> int:
     result = {
         "text": app.tokenizer.decode(ids, skip_special_tokens=True), "token_ids": ids,
         "exits": [r.exit for r in records], "tokens_per_exit": dict(Counter(r.exit for r in records)),
-        "cloud_requests": s.cloud_requests, "uploads": s.uploads, "resyncs": s.resyncs, "fallbacks": s.fallbacks,
+        "cloud_requests": s.cloud_requests, "uploads": s.uploads, "resyncs": s.resyncs, "resumes": s.resumes,
+        "fallbacks": s.fallbacks,
         "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "edge_s": round(s.edge_s, 4),
         "cloud_wait_s": round(s.cloud_wait_s, 4), "speculated": s.speculated, "speculation_hits": s.speculation_hits,
         "speculation_s": round(s.speculation_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,

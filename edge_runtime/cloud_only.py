@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_runtime.context_sync import send_resuming
 from edge_runtime.generation import end_sequence, SessionStats, TokenLoop, TokenRecord
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.model.sampling import Greedy, Sampler
@@ -55,7 +56,7 @@ class CloudOnlySession(TokenLoop):
             self._started = False  # the server's TTL reclaims the sequence
 
     def _send(self, req: CloudRequest) -> CloudReply:
-        reply = self.link.send(req)
+        reply = send_resuming(self.link, req, self.stats)
         self._started = not req.end
         self._sent = req.start_pos + req.num_rows
         self.stats.count(req, reply)

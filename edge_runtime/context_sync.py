@@ -11,6 +11,7 @@ the next request of the session, as the same failure would have been in the fore
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Callable
 
@@ -19,7 +20,7 @@ import torch
 from edge_runtime.generation import end_sequence, SessionStats
 from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.protocol.codec import encode
-from plugin.protocol.errors import SequenceNeedsStart
+from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, new_session_key
 
 
@@ -169,10 +170,11 @@ class ContextSync:
                             context_rows=self.log.length if start else None)
 
     def _send(self, req: CloudRequest) -> CloudReply:
-        """When the cloud lost the sequence (restart, TTL), re-send the whole context with START up
-        to the end of this request, then finish it as it was meant."""
+        """When Triton freed the sequence's slot (idle), resume it: the same request with START. When the cloud
+        lost the sequence (restart, TTL), re-send the whole context with START up to the end of this request,
+        then finish it as it was meant."""
         try:
-            reply = self.link.send(req)
+            reply = send_resuming(self.link, req, self.stats)
         except SequenceNeedsStart:
             if req.start:  # the re-sync itself failed
                 raise
@@ -184,6 +186,23 @@ class ContextSync:
         self.rollback_to = None
         self.stats.count(req, reply)
         return reply
+
+
+def send_resuming(link: CloudLink, req: CloudRequest, stats: SessionStats) -> CloudReply:
+    """`req`, and when Triton answers SLOT_EXPIRED, `req` again with START: the models kept the session, so it
+    resumes where it stands (plugin/split/context.py `resumes`). SequenceNeedsStart when that is refused too
+    (the cloud lost the session): the caller re-sends the whole context."""
+    try:
+        return link.send(req)
+    except SequenceNeedsStart as e:
+        if e.code is not ErrorCode.SLOT_EXPIRED or req.start or req.rollback_to is not None:
+            raise
+    try:
+        reply = link.send(dataclasses.replace(req, start=True))
+    except ProtocolError as e:
+        raise SequenceNeedsStart(f"sequence {req.sequence_id} could not resume after its slot expired ({e})") from None
+    stats.resumes += 1
+    return reply
 
 
 class BackgroundUploader:

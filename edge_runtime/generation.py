@@ -25,6 +25,7 @@ class SessionStats:
     cloud_requests: int = 0
     uploads: int = 0
     resyncs: int = 0
+    resumes: int = 0  # requests sent again with START after Triton freed the idle sequence's slot (no re-sync)
     fallbacks: int = 0
     bytes_up: int = 0
     bytes_down: int = 0

@@ -150,3 +150,19 @@ def test_a_new_session_on_a_live_id_is_told_an_earlier_session_may_hold_it():
         cm.handle(_req(1, 0, 2, start=True, key=KEY + 1))
     assert refused.value.code is ErrorCode.SESSION_KEY
     assert "earlier session with this id still live" in str(refused.value) and "new sequence id" in str(refused.value)
+
+
+def test_a_start_at_the_next_position_resumes_a_live_session_with_its_key():
+    """Triton frees an idle sequence's slot (SLOT_EXPIRED) while the model keeps the session: the edge's START at
+    the next position resumes it, rows and all; with another key it is refused, and where nothing is held it
+    is a gap (the edge then re-sends the whole context)."""
+    cm = ContextManager(D, 6)
+    cm.handle(_req(1, 0, 3, start=True))
+    block = cm.handle(_req(1, 3, 1, want=True, start=True))  # resumed: the 3 pending rows are still there
+    assert block.start_pos == 0 and block.hidden[:, 0].tolist() == [0, 1, 2, 3] and cm.sessions[1].confirmed
+    with pytest.raises(ProtocolError) as refused:
+        cm.handle(_req(1, 4, 1, start=True, key=KEY + 1))
+    assert refused.value.code is ErrorCode.SESSION_KEY
+    with pytest.raises(SequenceNeedsStart) as gap:
+        cm.handle(_req(2, 4, 1, want=True, start=True))
+    assert gap.value.code is ErrorCode.POSITION_GAP and 2 not in cm.sessions

@@ -13,7 +13,7 @@ from edge_runtime.runners import TorchRunner
 from edge_runtime.session import DecodingSession
 from plugin.model.checkpoint import load_model
 from plugin.model.sampling import Greedy
-from plugin.protocol.errors import ProtocolError
+from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest
 from plugin.split.edge import EdgePartition, ExitPolicy
 from plugin.split.limits import Limits
@@ -209,3 +209,24 @@ def test_a_context_over_the_clouds_limit_is_refused_at_its_first_block(tiny):
         sync.request_token()
     assert refused.value.code.name == "LIMIT_EXCEEDED" and "12 positions" in str(refused.value)
     assert [r.num_rows for r in link.sent] == [4] and cloud.context.sessions == {}
+
+
+def test_a_request_answered_slot_expired_resumes_without_a_resync(tiny):
+    """The edge sends the request again with START; both halves keep their state, so the tokens are those of an
+    undisturbed run and no context is re-sent."""
+    edge, ckpt = tiny
+
+    class SlotExpiresOnce(Recording):
+        def send(self, req: CloudRequest) -> CloudReply:
+            if len(self.sent) == 3 and not req.start:
+                self.sent.append(req)
+                raise SequenceNeedsStart("must specify the START flag", code=ErrorCode.SLOT_EXPIRED)
+            return super().send(req)
+
+    reference = DecodingSession(edge, _cloud(ckpt), "collaborative", sequence_id=1).generate(PROMPT, 8).token_ids
+    link = SlotExpiresOnce(_cloud(ckpt))
+    session = DecodingSession(edge, link, "collaborative", threshold=1.0, sequence_id=1)
+    assert session.generate(PROMPT, 8).token_ids == reference
+    assert (session.stats.resumes, session.stats.resyncs) == (1, 0)
+    resumed = link.sent[4]
+    assert resumed.start and resumed.start_pos == link.sent[3].start_pos > 0

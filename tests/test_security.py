@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.runners import TorchRunner
 from edge_runtime.session import DecodingSession
 from edge_runtime.triton_link import TritonLink
@@ -44,7 +45,7 @@ SPLIT, HIDDEN = 4, 64
 PROMPT = [5, 17, 33, 2, 71, 8]
 KV_BYTES_PER_POSITION = 2 * 2 * 2 * 16 * 4  # 2 cloud layers x (K, V) x 2 KV heads x head_dim 16 x float32
 FILL = 1000  # positions of a session that fills the byte budget but for less than a prompt's KV
-LIMITS = Limits(max_sessions=8, max_state_bytes=KV_BYTES_PER_POSITION * FILL + 2000)
+LIMITS = Limits(max_sessions=8, max_state_bytes=KV_BYTES_PER_POSITION * FILL + 2000, slot_idle_s=3)
 
 EVIL_MODEL = """import pathlib
 pathlib.Path({marker!r}).write_text("client code ran in the server")
@@ -291,3 +292,26 @@ def test_drafts_from_exits_outside_the_plan_add_no_metric_series(tiny_server):
     assert series == {"2", "4", "other"}
     assert re.search(r'^ce_collm_verified_rows_total\{exit="other",model="cloud_partition"\} ([0-9]+)', text,
                      re.M).group(1) != "0"
+
+
+def test_an_edge_idle_longer_than_the_slot_timeout_resumes_without_a_resync(tiny_server):
+    """The short slot idle time that frees refused STARTs' slots also frees an idle edge's: its next request is
+    answered SLOT_EXPIRED, and the same request with START resumes the session the models kept."""
+    server, edge, ckpt = tiny_server
+    tokens, reference, alice = _victim_run(server, edge, ckpt, 0x3A11_A11F, lambda: time.sleep(LIMITS.slot_idle_s + 1.5))
+    assert tokens == reference
+    assert (alice.stats.resumes, alice.stats.resyncs) == (1, 0)
+
+
+def test_a_cloud_only_client_idle_longer_than_the_slot_timeout_resumes_too(tiny_server):
+    server, _, ckpt = tiny_server
+    reference = CloudOnlySession(LocalCloud(load_model(ckpt)), sequence_id=1).generate(PROMPT, 8).token_ids
+    link = TritonLink(server.grpc_url, "cloud_only", timeout_s=60)
+    session = CloudOnlySession(link, sequence_id=0x3A11_C0C0)
+    tokens = []
+    for record in session.stream(PROMPT, 8):
+        tokens.append(record.token_id)
+        if len(tokens) == 3:
+            time.sleep(LIMITS.slot_idle_s + 1.5)
+    link.close()
+    assert tokens == reference and session.stats.resumes == 1

@@ -37,6 +37,10 @@ class ErrorCode(Enum):
     NEEDS_START = (Recovery.RESYNC, "the cloud holds no context for this sequence: never started, ended, expired "
                                     "(TTL), lost in a server restart or a crashed model, or dropped because the "
                                     "ensemble's two steps disagree about it")
+    SLOT_EXPIRED = (Recovery.RESYNC, "Triton's own: the sequence's slot is gone (idle longer than slot_idle_s, or a "
+                                     "server restart): re-send the request with START to resume the context the "
+                                     "cloud still holds (a START at the session's next position, with its key), "
+                                     "and the whole context if that fails")
     POSITION_GAP = (Recovery.RESYNC, "START_POS is past the next position the cloud expects: it holds an older copy "
                                      "of the session (a replica the session was moved back to while its old context "
                                      "lived on) or lost rows; nothing changed")
@@ -86,7 +90,7 @@ class Signature(NamedTuple):
 
 # Errors that our models never answer, so they carry no code: their words (Triton 2.51, grpcio, as measured).
 EXTERNAL_SIGNATURES = (
-    Signature("must specify the START flag", ErrorCode.NEEDS_START,
+    Signature("must specify the START flag", ErrorCode.SLOT_EXPIRED,
               "Triton's sequence batcher, for a request without START whose sequence it does not know (the idle "
               "timeout or a restart freed its slot); gRPC status INVALID_ARGUMENT, as for any bad request"),
     Signature("This protocol is restricted", ErrorCode.RESTRICTED,

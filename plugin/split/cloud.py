@@ -15,7 +15,7 @@ from plugin.model.kv import position_mark, SequenceKV
 from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
-from plugin.split.context import drafted_rows, window_text
+from plugin.split.context import drafted_rows, resumes, window_text
 from plugin.split.limits import Admission, check_session_key, drop_idle, Limits, MemoryBudget, require_session_key
 
 
@@ -97,7 +97,10 @@ class CloudPartition:
             raise ProtocolError(ErrorCode.MALFORMED, "token request with no rows: the cloud has nothing to compute "
                                                      "a token from")
         evict: list[int] = []
-        if block.start:
+        if block.start and old is not None and resumes(block.start_pos, block.rollback_to):
+            check_session_key(block.sequence_id, block.session_key, old.key)  # SLOT_EXPIRED: the KV is kept
+            seq = old
+        elif block.start:
             require_session_key(block.session_key)
             if old is not None:
                 check_session_key(block.sequence_id, block.session_key, old.key)
@@ -135,7 +138,7 @@ class CloudPartition:
         dropped and the edge re-syncs both."""
         if block.token_ids is not None:
             raise position_error(block.sequence_id, positions, block.start_pos, "token")
-        del self.sequences[block.sequence_id]
+        self.sequences.pop(block.sequence_id, None)  # not stored yet when a resumed START found no KV here
         raise SequenceNeedsStart(f"sequence {block.sequence_id}: the context manager's block starts at "
                                  f"{block.start_pos}, the cloud partition holds {positions} positions; state dropped, "
                                  "re-send the context with START")

@@ -130,7 +130,7 @@ class ContextManager:
             self.sessions[req.sequence_id] = session
         session.context, session.last_start = after, req.start_pos
         session.before_last = None if req.start or req.want_token else base
-        session.last_seen, session.confirmed = now, not req.start
+        session.last_seen, session.confirmed = now, not req.start or session is live
         self.rows_uploaded += n
         hidden = torch.cat([to_tensor(block, torch.float32, "cpu") for block in handed]) if handed \
             else torch.empty(0, self.hidden_size)  # [pending rows, D], widened only now
@@ -148,6 +148,8 @@ class ContextManager:
             require_session_key(req.session_key)
             if live is not None:
                 check_session_key(req.sequence_id, req.session_key, live.key)
+                if resumes(req.start_pos, req.rollback_to):
+                    return live, []
             victim = self.admission.check_start(req.sequence_id, req.split_layer, self.sessions, req.client)
             # a re-START (re-sync) replaces the context once every check passes, not the rate budget
             requests = live.requests if live is not None else RateLimiter(self.limits.max_requests_per_s, now)
@@ -246,6 +248,13 @@ def _owned(rows: EncodedRows) -> EncodedRows:
     the server reuses once the request is answered."""
     scale = None if rows.scale is None else np.array(rows.scale, copy=True)
     return EncodedRows(rows.codec, np.array(rows.data, copy=True), scale)
+
+
+def resumes(start_pos: int, rollback_to: int | None) -> bool:
+    """Whether a START of a live session (its key checked) resumes it rather than replacing its context: a
+    START past position 0 is the edge's answer to SLOT_EXPIRED (Triton freed the sequence's slot, the models
+    kept the session), and it must then start where the session stands (checked like any request)."""
+    return start_pos > 0 and rollback_to is None
 
 
 def window_text(window: range) -> str:
