@@ -108,7 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise TritonServerError("with --replicas every replica takes free ports: drop --http-port/--metrics-port")
         server = Fleet(args.model_repository, args.replicas, host=args.host, grpc_port=args.grpc_port,
                        extra_args=args.triton_arg, echo=sys.stderr if args.verbose else None,
-                       admin_secret=secret) if args.replicas else TritonServer(
+                       heal_stubs=not args.no_heal, admin_secret=secret) if args.replicas else TritonServer(
             args.model_repository,
             host=args.host,
             grpc_port=args.grpc_port,
@@ -130,7 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(
                 f"ce-collm serve: ready (tritonserver {version}, pid {server.pid})\n"
                 f"  grpc     {server.grpc_url}\n"
-                f"  http     http://{server.http_url}\n"
+                f"  http     {server.http_endpoint}\n"
                 f"  metrics  {server.metrics_url}\n"
                 f"  models   {models}\n"
                 "Press Ctrl-C to stop.",
@@ -181,7 +181,7 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: %(default)s)")
     _limits_arguments(p)
     p.add_argument("--sequence-slots", type=int, default=0, metavar="N",
-                   help="Triton sequence slots per model; 0: 4 x --max-sessions (default: %(default)s)")
+                   help="Triton sequence slots per model; 0: 64 x --max-sessions (default: %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if the repository's configs differ from what the plan generates")
 

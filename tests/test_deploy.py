@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from plugin.cli import build_parser, main as cli_main
+from plugin.protocol.tensors import CLIENT_HEADER
 from plugin.serving import front
 from tests.test_tls import certs  # noqa: F401 (fixture: a CA, a server and a client certificate)
 
@@ -88,6 +89,9 @@ def test_front_and_replicas_agree():
     assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
     assert triton["metadata"]["annotations"]["prometheus.io/port"] == "8002"
+    # the front names the client it authenticated in the client header, and every replica hands it to the models
+    assert f"grpc_set_header {CLIENT_HEADER} $remote_addr;" in conf
+    assert f"--grpc-header-forward-pattern=^{CLIENT_HEADER}$" in server["command"]
 
 
 def test_nginx_accepts_the_deployed_front_configuration(tmp_path, certs):  # noqa: F811

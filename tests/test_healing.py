@@ -1,6 +1,6 @@
 """A dead Python-backend stub heals, and a killed launcher leaves no tritonserver behind (issue 18).
 
-Triton 2.51 never restarts a stub that died (ENVIRONMENT.md); `TritonServer(heal_stubs=True)` (what
+Triton 2.51 never restarts a stub that died (docs/triton-facts.md); `TritonServer(heal_stubs=True)` (what
 `ce-collm serve` runs) unloads and loads that model again. Each test kills a real stub process with
 SIGKILL, as the out-of-memory killer would, and checks that the model answers again with the tokens
 of an undisturbed run. An edge in the middle of a generation sees the dead stub and the reload as a
@@ -69,8 +69,8 @@ def test_a_killed_stub_is_reloaded_and_its_model_serves_again(healing, model):
     server, edge, reference, _ = healing
     mode = "cloud-only" if model == "cloud_only" else "collaborative"
     heals = len(server.healer.heals)
-    victim = _kill_stub(server, model)
-    heal = _wait_for_heal(server, heals)
+    victim = kill_stub(server, model)
+    heal = wait_for_heal(server, heals)
     assert (heal.model, heal.dead_pid) == (model, victim)
     assert victim not in stub_processes(server.pid) and model in stub_processes(server.pid).values()
     ref = reference if mode == "collaborative" else _tokens(server, edge, "collaborative", 50)
@@ -78,14 +78,16 @@ def test_a_killed_stub_is_reloaded_and_its_model_serves_again(healing, model):
     print(f"{model}: stub {victim} killed, model back after {heal.seconds:.1f} s")
 
 
-def _kill_stub(server, model: str) -> int:
+def kill_stub(server, model: str) -> int:
+    """SIGKILL the one Python stub of `model` in `server`, as the out-of-memory killer would; returns its pid."""
     victims = [pid for pid, name in stub_processes(server.pid).items() if name == model]
     assert len(victims) == 1, f"one stub per model expected, got {stub_processes(server.pid)}"
     os.kill(victims[0], signal.SIGKILL)
     return victims[0]
 
 
-def _wait_for_heal(server, heals: int):
+def wait_for_heal(server, heals: int):
+    """The healer's next heal after the `heals` it had made (at most 120 s)."""
     deadline = time.monotonic() + 120
     while len(server.healer.heals) == heals:
         assert time.monotonic() < deadline, f"no model reloaded within 120 s:\n{server.log_tail()}"
@@ -103,7 +105,7 @@ def test_a_collaborative_edge_waits_out_a_stub_killed_mid_generation(healing, mo
     gen = DecodingSession(edge, link, "collaborative", sequence_id=200 + heals)
     stream = gen.stream(PROMPT, len(reference))
     tokens = [next(stream).token_id for _ in range(4)]
-    _kill_stub(server, model)
+    kill_stub(server, model)
     t0 = time.monotonic()
     tokens.append(next(stream).token_id)
     waited = time.monotonic() - t0
@@ -123,10 +125,10 @@ def test_a_latency_aware_edge_answers_locally_while_a_killed_stub_heals(healing,
                           latency=LatencyPolicy(budget_s=30, retry_after_s=0.2))
     stream = gen.stream(PROMPT, 24)
     records = [next(stream) for _ in range(4)]
-    _kill_stub(server, model)
+    kill_stub(server, model)
     while not gen.stats.fallbacks:  # the edge answers on its own while the model is down
         records.append(next(stream))
-    _wait_for_heal(server, heals)  # (the edge is idle meanwhile: a generator runs only when asked)
+    wait_for_heal(server, heals)  # (the edge is idle meanwhile: a generator runs only when asked)
     records += list(stream)
     assert len(records) == 24 and gen.stats.resyncs == 1
     assert all(r.exit == "cloud" or r.fallback for r in records)
@@ -171,17 +173,18 @@ def test_killing_ce_collm_serve_leaves_no_tritonserver(healing, tmp_path: Path) 
         proc.send_signal(signal.SIGKILL)  # no chance to stop its child
         proc.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(server_pid):
+        while alive(server_pid):
             assert time.monotonic() < deadline, f"tritonserver {server_pid} outlived its launcher"
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
             proc.kill()
-        if server_pid is not None and _alive(server_pid):
+        if server_pid is not None and alive(server_pid):
             os.kill(server_pid, signal.SIGKILL)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """The process exists and is no zombie (here nothing may reap an orphan's zombie)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:

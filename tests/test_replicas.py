@@ -7,19 +7,30 @@ request: session, upstream, status) shows which replica served each request, the
 show the work each did, and every session's tokens are compared with the same sessions run against
 one server. The sessions of each test are drawn so that 4 land on each replica (routing probed
 through the front before they start). Run with -s to see the figures each test prints.
+
+The replicas also serve `whoami`, a python model that answers with the parameters its request arrived
+with: the client header the front set among them. Also tested against real processes: a replica heals
+a killed Python stub, a replica whose tritonserver died is reaped, a SIGKILLed `ce-collm serve
+--replicas 2` takes its nginx along, and a launcher refuses a port another process holds.
 """
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
+import queue
+import re
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
@@ -32,18 +43,22 @@ from edge_runtime.runners import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.cli import main as cli_main
 from plugin.model.checkpoint import load_model
+from plugin.paths import REPO_ROOT
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import ProtocolError
 from plugin.protocol.messages import CloudRequest, new_session_key
-from plugin.protocol.tensors import SESSION_HEADER
+from plugin.protocol.tensors import CLIENT_HEADER, SESSION_HEADER
 from plugin.serving.fleet import Fleet
 from plugin.serving.front import FrontConfig, FrontError, NginxFront, find_nginx
+from plugin.serving.healer import stub_processes
 from plugin.serving.repository import ServeOptions, write_repository
-from plugin.serving.server import free_ports
+from plugin.serving.server import free_ports, port_is_free
 from plugin.split.edge import EdgePartition
 from plugin.split.limits import Limits
 from plugin.split.plan import PartitionPlan
+from tests.identity_model import write_identity_repository
 from tests.soak import descendant_pids, metric, prompts
+from tests.test_healing import alive, kill_stub, wait_for_heal
 from tests.test_tls import certs  # noqa: F401 (fixture: a CA, a server and a client certificate)
 from tests.tiny_models import VOCAB, save_tiny
 
@@ -54,6 +69,22 @@ TOKENS = 40  # per session
 PAUSE_AT = 8  # tokens each session has at least before the fault (a kill, a reload) comes
 PER_REPLICA = 4  # sessions per replica in each test: 8 concurrent sessions
 UNLIMITED = dict(rate_per_client=100_000, burst_per_client=100_000)  # every test client is 127.0.0.1
+WHOAMI_CONFIG = """name: "whoami"
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ -1 ] } ]
+output [ { name: "PARAMS" data_type: TYPE_STRING dims: [ 1 ] } ]
+instance_group [ { count: 1 kind: KIND_CPU } ]
+"""
+WHOAMI_MODEL = """import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):  # the request's parameters as JSON: the headers Triton forwarded are among them
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("PARAMS", np.array([r.parameters()], dtype=object))])
+                for r in requests]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +98,11 @@ def fleet(tmp_path_factory, triton_backend_dir):
     plan = PartitionPlan(ckpt, SPLIT, EXITS, threshold=1.0, codec="fp16")
     repo = tmp_path_factory.mktemp("repo")
     write_repository(plan, repo, ServeOptions(limits=Limits(max_sessions=64, max_context=256, max_block_rows=256)))
-    fleet = Fleet(repo, 2, state_dir=tmp_path_factory.mktemp("fleet"), front_options=UNLIMITED,
-                  backend_dir=triton_backend_dir, model_control_mode="explicit", load_models=("ce_collm",),
+    (repo / "whoami" / "1").mkdir(parents=True)
+    (repo / "whoami" / "config.pbtxt").write_text(WHOAMI_CONFIG)
+    (repo / "whoami" / "1" / "model.py").write_text(WHOAMI_MODEL)
+    fleet = Fleet(repo, 2, state_dir=tmp_path_factory.mktemp("fleet"), front_options=UNLIMITED,  # replicas heal stubs
+                  backend_dir=triton_backend_dir, load_models=("ce_collm", "whoami"),
                   extra_args=["--exit-timeout-secs=3"])
     fleet.start(timeout_s=240)
     fleet.edge = EdgePartition(TorchRunner(load_model(ckpt, range(0, SPLIT))), plan)
@@ -175,13 +209,18 @@ def replica_counters(fleet: Fleet) -> list[dict[str, float]]:
             for r in fleet.replicas]
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a tritonserver and its Python-backend stubs at once, as a lost node would go."""
-    for p in descendant_pids(pid):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def wait_reaped(fleet: Fleet, index: int, stubs: set[int], within_s: float = 10.0) -> float:
+    """Seconds until the fleet marked replica `index` down, none of its `stubs` lives and no /dev/shm file of the
+    replica is left."""
+    t0, prefix = time.monotonic(), fleet.replicas[index]._shm_prefix
+
+    def left() -> tuple[list[int], list[Path]]:
+        return [p for p in stubs if alive(p)], sorted(Path("/dev/shm").glob(f"{prefix}*"))
+
+    while index not in fleet.down or any(left()):
+        assert time.monotonic() - t0 < within_s, f"replica {index} not reaped within {within_s} s: {left()}"
+        time.sleep(0.05)
+    return time.monotonic() - t0
 
 
 # -- tests ----------------------------------------------------------------------------------------
@@ -234,7 +273,9 @@ def test_reload_with_a_replica_removed_moves_only_its_sessions(fleet, session_pr
             assert run.resyncs == 1 and run.unreachable == 0
             switch = upstreams.index(kept)
             assert set(upstreams[:switch]) == {removed} and set(upstreams[switch:]) == {kept} and switch >= 1
-            assert refused == [switch]  # the first request there was answered "needs START"; the re-sync followed
+            # the first request there was answered SLOT_EXPIRED (no slot there), its resume POSITION_GAP (no
+            # session there either); the re-sync followed
+            assert refused == [switch, switch + 1]
             moved.append(switch)
     assert len(moved) == PER_REPLICA
     print(f"\nreload: old nginx workers drained {reload_s * 1000:.0f} ms after the new list came; {PER_REPLICA} sessions of the kept "
@@ -267,17 +308,41 @@ def test_a_session_routed_back_to_a_replica_holding_its_old_context_resyncs(flee
     assert session.stats.resyncs == 2 and upstreams[0] == upstreams[-1] == removed and kept in upstreams
 
 
+def test_a_replica_reloads_a_killed_stub_and_serves_its_sessions_again(fleet, session_prompts, one_server_tokens):
+    """A replica's stub SIGKILLed, as the out-of-memory killer would: the replica reloads that model (replicas heal
+    as one server does) and nginx, which never stopped routing there, gets the replica's sessions served again."""
+    ids, home = pick_ids(fleet)
+    replica = fleet.replicas[1]
+    heals = len(replica.healer.heals)
+    victim = kill_stub(replica, "cloud_partition")
+    heal = wait_for_heal(replica, heals)
+    assert (heal.model, heal.dead_pid) == ("cloud_partition", victim)
+    mine = [i for i, sid in enumerate(ids) if home[sid] == replica.grpc_url]
+    runs = run_sessions(fleet.edge, fleet.grpc_url, [ids[i] for i in mine], [session_prompts[i] for i in mine])
+    served = requests_of(fleet, [r.sequence_id for r in runs])
+    assert [r.tokens for r in runs] == [one_server_tokens[i] for i in mine]
+    for run in runs:  # all of it on the healed replica, every request answered
+        assert {(rec["upstream"], rec["status"], rec["grpc_status"]) for rec in served[run.sequence_id]} == {
+            (replica.grpc_url, "200", "0")}
+    print(f"\nheal: stub {victim} of cloud_partition on {replica.grpc_url} killed, model back after "
+          f"{heal.seconds:.1f} s; {len(runs)} sessions routed there: all served by it, tokens equal to one server's")
+
+
 def test_replica_killed_mid_generation_its_sessions_resync_on_the_survivor(fleet, session_prompts,
                                                                              one_server_tokens):
+    """The victim's tritonserver alone SIGKILLed (a crash): its stubs outlive it until the fleet reaps it."""
     ids, home = pick_ids(fleet)
     survivor, victim = fleet.replicas
+    stubs = stub_processes(victim.pid)
+    assert sorted(stubs.values()) == ["cloud_partition", "context_manager", "whoami"]
     pause = threading.Barrier(len(ids) + 1)
     with cf.ThreadPoolExecutor(1) as pool:
         running = pool.submit(run_sessions, fleet.edge, fleet.grpc_url, ids, session_prompts, pause)
         pause.wait(timeout=120)
         time.sleep(0.02)  # requests are in flight
         killed_at = time.monotonic()
-        kill_tree(victim.pid)
+        os.kill(victim.pid, signal.SIGKILL)
+        reaped_s = wait_reaped(fleet, 1, set(stubs))
         runs = running.result(timeout=300)
     served = requests_of(fleet, ids)
     assert [r.tokens for r in runs] == one_server_tokens  # 0 tokens lost, none changed
@@ -296,7 +361,8 @@ def test_replica_killed_mid_generation_its_sessions_resync_on_the_survivor(fleet
                                                if b > killed_at))
     retried = sum(r.unreachable for r in runs)
     failed = sum(rec["status"] == "502" for records in served.values() for rec in records)
-    print(f"\nfailover: replica {victim.grpc_url} killed after {PAUSE_AT} tokens; its {PER_REPLICA} sessions re-synced on "
+    print(f"\nfailover: replica {victim.grpc_url} killed after {PAUSE_AT} tokens, reaped (its {len(stubs)} stubs "
+          f"killed, its shared memory freed) {reaped_s:.2f} s later; its {PER_REPLICA} sessions re-synced on "
           f"{survivor.grpc_url} (1 re-sync each, {retried} retried requests, {failed} answered 502 by nginx), "
           f"longest wait for a token after the kill {max(gaps[victim.grpc_url]) * 1000:.0f} ms; the survivor's "
           f"{PER_REPLICA} sessions: 0 re-syncs, 0 retries, longest wait {max(gaps[survivor.grpc_url]) * 1000:.0f} ms; "
@@ -354,6 +420,96 @@ def test_front_terminates_tls_and_requires_client_certificates(fleet, tmp_path, 
             TritonLink(front.url, **tls).send(_rows(4))
         with pytest.raises(CloudUnreachable):  # plaintext does not get in
             TritonLink(front.url, timeout_s=5).send(_rows(4))
+
+
+def client_seen_by_the_model(url: str, sent: str, **tls) -> str:
+    """The client header `whoami` got, for a request that carried `sent` in it."""
+    client = grpcclient.InferenceServerClient(url, **tls)
+    try:
+        given = grpcclient.InferInput("IN", [1], "FP32")
+        given.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+        answer = client.infer("whoami", [given], headers={CLIENT_HEADER: sent}, client_timeout=30)
+        return json.loads(answer.as_numpy("PARAMS")[0])[CLIENT_HEADER]
+    finally:
+        client.close()
+
+
+def test_the_front_sets_the_client_identity_and_a_client_cannot_forge_it(fleet, tmp_path, certs):  # noqa: F811
+    forged = "CN=someone else"
+    assert client_seen_by_the_model(fleet.replicas[0].grpc_url, forged) == forged  # a replica forwards what it gets
+    assert client_seen_by_the_model(fleet.grpc_url, forged) == "127.0.0.1"  # the front: the address it saw
+    with NginxFront(FrontConfig((fleet.replicas[0].grpc_url,), tmp_path, listen=f"127.0.0.1:{free_ports(1)[0]}",
+                                tls_cert=certs / "server.pem", tls_key=certs / "server.key", client_ca=certs / "ca.pem",
+                                **UNLIMITED)) as front:  # with client certificates: the certificate's subject
+        tls = dict(ssl=True, root_certificates=str(certs / "ca.pem"), private_key=str(certs / "client.key"),
+                   certificate_chain=str(certs / "client.pem"))
+        assert client_seen_by_the_model(front.url, forged, **tls) == "CN=ce-collm client"
+
+
+def _serve_replicas(port: int, repo: Path) -> tuple[subprocess.Popen[str], list[str]]:
+    """`ce-collm serve --replicas 2` in a process of its own, once it printed that it is ready; and what it printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "plugin.cli", "serve", "--replicas", "2", "--grpc-port", str(port),
+                             "--model-repository", str(repo)], cwd=REPO_ROOT,
+                            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    printed, deadline = [], time.monotonic() + 120
+    while not printed or not printed[-1].startswith("Press Ctrl-C"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"ce-collm serve --replicas 2 did not get ready: {printed}")
+        try:
+            printed.append(lines.get(timeout=1))
+        except queue.Empty:
+            continue
+    return proc, printed
+
+
+def test_a_killed_launcher_takes_its_front_along(tmp_path):
+    """`ce-collm serve --replicas 2` SIGKILLed: its nginx, master and worker, goes with it (the parent-death signal)
+    and leaves the port free. Its replicas run the stub healer, as `ce-collm serve` runs one server."""
+    port = free_ports(1)[0]
+    proc, printed = _serve_replicas(port, write_identity_repository(tmp_path / "repo"))
+    family: list[int] = []
+    try:
+        nginx = int(re.search(r"nginx front, pid (\d+)", "".join(printed)).group(1))
+        logs = Path(re.search(r"^  logs +(\S+)$", "".join(printed), re.M).group(1))
+        family = descendant_pids(proc.pid)
+        front = descendant_pids(nginx)
+        assert len(front) >= 2 and not port_is_free(port)  # master and worker, holding the port
+        for i in range(2):
+            assert "stub healer watching identity" in (logs / f"replica-{i}.log").read_text()
+        proc.kill()
+        proc.wait(timeout=30)
+        t0 = time.monotonic()
+        while any(alive(p) for p in front) or not port_is_free(port):
+            assert time.monotonic() - t0 < 10, f"nginx {[p for p in front if alive(p)]} outlived its launcher"
+            time.sleep(0.05)
+        print(f"\nlauncher SIGKILLed: its nginx (pids {front}) gone and port {port} free "
+              f"{time.monotonic() - t0:.2f} s later")
+    finally:
+        proc.kill()
+        for pid in family:  # the tritonservers went too; their stubs wait for someone to reap them
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_serve_replicas_refuses_a_port_another_process_holds(fleet, tmp_path, capsys):
+    """Another front listens on the port: the launcher says so in one line and starts nothing (it once reported
+    ready, its probe reaching the other nginx, then exited 1)."""
+    port = free_ports(1)[0]
+    with NginxFront(FrontConfig((fleet.replicas[0].grpc_url,), tmp_path, listen=f"127.0.0.1:{port}")) as other:
+        t0 = time.monotonic()
+        assert cli_main(["serve", "--replicas", "2", "--grpc-port", str(port),
+                         "--model-repository", str(fleet.replicas[0].model_repository)]) == 1
+        refused_s = time.monotonic() - t0
+        assert other.is_running()
+    out, err = capsys.readouterr()
+    assert "ready" not in out and err.splitlines()[-1] == (
+        f"ce-collm serve: port {port} on 127.0.0.1 is in use by another process (another front still running?): "
+        "stop it or listen on another port")
+    assert refused_s < 5  # before any replica started
 
 
 def test_serve_replicas_refuses_fixed_replica_ports(capsys):

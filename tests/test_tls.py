@@ -7,6 +7,7 @@ tritonserver (a numpy-only identity model: fast to load) with certificates made 
   and the admin APIs behind the launcher's secret, as every TritonServer starts (server.admin_headers)
 and tritonclient.grpc.InferenceServerClient(url, ssl=True, root_certificates=..., private_key=...,
 certificate_chain=...) on the edge.
+With --allow-http=false the launcher's own readiness checks and stub healer go over gRPC, with TLS.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from plugin.serving.server import admin_headers
 from tests.identity_model import write_identity_repository
+from tests.test_healing import kill_stub, wait_for_heal
 
 pytestmark = pytest.mark.server
 
@@ -93,3 +95,22 @@ def test_mutual_tls_refuses_clients_without_a_certificate(certs, repo, start_ser
     np.testing.assert_array_equal(_infer(_client(server, certs, client_cert=True)), np.arange(4, dtype=np.float32))
     with pytest.raises(InferenceServerException):
         _infer(_client(server, certs, client_cert=False))
+
+
+def test_with_http_off_readiness_and_healing_go_over_grpc_with_mutual_tls(certs, repo, start_server):
+    """The README's recipe: mutual TLS and --allow-http=false. The launcher checks readiness (server, repository index)
+    and heals a dead stub over gRPC, as a client of its own server with the server's certificate."""
+    server = start_server(repo, heal_stubs=True, extra_args=[
+        "--grpc-use-ssl-mutual=true", f"--grpc-root-cert={certs / 'ca.pem'}",
+        f"--grpc-server-cert={certs / 'server.pem'}", f"--grpc-server-key={certs / 'server.key'}", "--allow-http=false",
+    ])
+    log = server.log_file.read_text()
+    assert not server.http_enabled and "Started HTTPService" not in log and "Started GRPCInferenceService" in log
+    assert [(m["name"], m["state"]) for m in server.repository_index()] == [("identity", "READY")]
+    client = _client(server, certs, client_cert=True)
+    np.testing.assert_array_equal(_infer(client), np.arange(4, dtype=np.float32))
+    victim = kill_stub(server, "identity")
+    heal = wait_for_heal(server, 0)
+    assert (heal.model, heal.dead_pid) == ("identity", victim)
+    np.testing.assert_array_equal(_infer(client), np.arange(4, dtype=np.float32))
+    print(f"\nhttp off: ready and healed over gRPC with mutual TLS, the stub's model back after {heal.seconds:.1f} s")

@@ -13,7 +13,9 @@ points per server, placed by the server's name as written in the configuration).
 `render` writes the nginx.conf (`ce-collm front-config`); `NginxFront` runs nginx on it with its
 own pid, temp and log paths under a state folder and `daemon off` (no root, no system files),
 reloads it with a new replica list (SIGHUP: new workers take the new list, the old ones finish
-their requests) and stops it.
+their requests) and stops it. The front also tells the replicas who sent each request: it sets the
+CLIENT_HEADER to the identity it authenticated (the client certificate's subject, else the client
+address), replacing whatever the client sent, and Triton hands that header to the models.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from plugin.protocol.tensors import SESSION_HEADER
+from plugin.protocol.tensors import CLIENT_HEADER, SESSION_HEADER
+from plugin.serving.server import port_is_free, spawn_dying_with_parent
 
 NGINX_HINT = ("install Debian's nginx (apt-get install nginx; `make sysdeps` does it when run as root) "
               "or put an nginx built with the http_v2 and ssl modules on PATH")
@@ -115,6 +118,7 @@ def render(cfg: FrontConfig) -> str:
     state = cfg.state_dir
     tls = cfg.tls_cert is not None
     client_key = "$ssl_client_s_dn" if cfg.client_ca is not None else "$binary_remote_addr"
+    client_id = "$ssl_client_s_dn" if cfg.client_ca is not None else "$remote_addr"  # what the front authenticated
     resolve = " resolve" if cfg.resolver else ""
     servers = "\n".join(f"        server {r} max_fails=1 fail_timeout={FAIL_TIMEOUT_S}s{resolve};"
                         for r in cfg.replicas)
@@ -155,6 +159,7 @@ def render(cfg: FrontConfig) -> str:
         "        grpc_connect_timeout 2s;",
         "        grpc_next_upstream error timeout;  # not yet sent: try the next replica on the ring",
         f"        location ~ ^/inference\\.GRPCInferenceService/({'|'.join(EDGE_METHODS)})$ {{",
+        f"            grpc_set_header {CLIENT_HEADER} {client_id};  # replaces any {CLIENT_HEADER} the client sent",
         f"            grpc_pass grpc://{UPSTREAM};",
         "        }",
         "        location / { return 403; }  # gRPC PERMISSION_DENIED",
@@ -237,19 +242,39 @@ class NginxFront:
         os.replace(candidate, self.conf_path)
         self.config = config
 
+    def check_port(self) -> None:
+        """FrontError, in one line, if another process listens where this front would (a front left running): nginx
+        would fail to bind after its retries, while a readiness probe reached the other process."""
+        host, port = split_address(self.config.listen)
+        if not port_is_free(port, "0.0.0.0" if host == "*" else host):
+            raise FrontError(f"port {port} on {host} is in use by another process (another front still running?): "
+                             "stop it or listen on another port")
+
+    def _bound(self) -> bool:
+        """Our nginx holds its listening sockets: it writes its pid file only after opening them all."""
+        try:
+            return int((self.config.state_dir / "nginx.pid").read_text()) == self.pid
+        except (OSError, ValueError):
+            return False
+
     def start(self, timeout_s: float = 15.0) -> "NginxFront":
-        """Start nginx in the foreground (`daemon off`) and return once it accepts connections."""
+        """Start nginx in the foreground (`daemon off`) and return once it bound its port and accepts connections.
+
+        nginx gets SIGTERM when this process dies, however it dies (the parent-death signal): its master then stops
+        its workers, so a launcher killed without warning leaves nothing holding the port."""
         if self.is_running():
             raise FrontError(f"nginx already running (pid {self.pid})")
+        self.check_port()
         self._write(self.config)
         log = open(self.config.state_dir / "nginx.out", "ab")
-        self._proc = subprocess.Popen(
+        self._proc = spawn_dying_with_parent(
             [str(self.binary), "-c", str(self.conf_path), "-p", str(self.config.state_dir), "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            death_signal=signal.SIGTERM, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
         log.close()
         host, port = split_address(self.url)
         deadline = time.monotonic() + timeout_s
-        while not _accepts(host, port):
+        while not (self._bound() and _accepts(host, port)):
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise FrontError(f"nginx did not come up on {self.url}:\n{self.log_tail()}")

@@ -2,7 +2,7 @@
 
 Triton 2.51 never restarts a dead Python-backend stub (SIGKILL, out of memory): every later request
 to that model fails (Triton's words: the MODEL_DOWN signatures in plugin/protocol/errors.py) while
-the server and the model still report READY (ENVIRONMENT.md). Measured here: a plain `load` of the
+the server and the model still report READY (docs/triton-facts.md). Measured here: a plain `load` of the
 unchanged model is a no-op, while `unload` then `load` (model-control mode explicit) starts a fresh
 stub and the model answers again. The healer watches the server's stub processes and does exactly
 that for the model whose stub died. The sessions that model held are gone; the edge's next request
@@ -10,11 +10,8 @@ for them is answered "needs START" and it re-syncs, as after a server restart.
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,18 +26,30 @@ class Heal:
     seconds: float  # from noticing the dead stub to the model being ready again
 
 
+def _stub_args(pid: int) -> list[str] | None:
+    """The command line of a live Python-backend stub (model.py, shared-memory region, ...); None for anything else.
+
+    The stub runs as `triton_python_backend_stub <repository>/<model>/<version>/model.py <shm region> ...`."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        if not args[0].endswith(STUB_NAME) or len(args) < 3:
+            return None
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:  # it exited while we looked
+        return None
+    return args if state != "Z" else None
+
+
 def stub_processes(server_pid: int) -> dict[int, str]:
     """Live Python-backend stubs of one tritonserver: pid -> the model they serve (zombies excluded)."""
-    stubs = {}
-    for pid in _children(server_pid):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:  # it exited while we looked
-            continue
-        if state != "Z" and len(args) > 1 and args[0].decode().endswith(STUB_NAME):
-            stubs[pid] = Path(args[1].decode()).parents[1].name  # <repository>/<model>/<version>/model.py
-    return stubs
+    return {pid: Path(args[1]).parents[1].name for pid in _children(server_pid) if (args := _stub_args(pid))}
+
+
+def stubs_with_region_prefix(prefix: str) -> list[int]:
+    """Live stubs whose shared-memory region name starts with `prefix` (one tritonserver's shm-region-prefix-name),
+    wherever they are: the stubs of a server that died have been reparented and are no one's children any more."""
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [pid for pid in pids if (args := _stub_args(pid)) and args[2].startswith(prefix)]
 
 
 def _children(pid: int) -> list[int]:
@@ -60,11 +69,12 @@ class StubHealer:
     Needs the server in model-control mode explicit (`TritonServer(..., heal_stubs=True)` sets it).
     """
 
-    def __init__(self, server_pid: int, http_url: str, headers: dict[str, str], period_s: float = 1.0,
+    def __init__(self, server_pid: int, reload: Callable[[str], None], period_s: float = 1.0,
                  timeout_s: float = 300.0, log: Callable[[str], None] = print):
-        """headers: what opens the server's restricted model-repository API (server.admin_headers)."""
-        self.server_pid, self.http_url, self.headers, self.period_s, self.timeout_s, self.log = (
-            server_pid, http_url, headers, period_s, timeout_s, log)
+        """reload(model): unload and load it through the server's restricted repository API, over whichever endpoint
+        the server has open (TritonServer.reload_model); it raises OSError when it cannot."""
+        self.server_pid, self.reload, self.period_s, self.timeout_s, self.log = (
+            server_pid, reload, period_s, timeout_s, log)
         self.heals: list[Heal] = []
         self._stubs = stub_processes(server_pid)
         self._stop = threading.Event()
@@ -99,18 +109,10 @@ class StubHealer:
         t0 = time.monotonic()
         self.log(f"stub {dead_pid} of model {model!r} died: reloading {model!r}")
         try:
-            self._post(f"/v2/repository/models/{model}/unload", {"parameters": {"unload_dependents": False}})
-            self._post(f"/v2/repository/models/{model}/load", {})
-        except (urllib.error.URLError, OSError) as e:  # the server itself is going away
+            self.reload(model)
+        except OSError as e:  # the server itself is going away
             self.log(f"could not reload {model!r}: {e}")
             return
         heal = Heal(model, dead_pid, time.monotonic() - t0)
         self.heals.append(heal)
         self.log(f"model {model!r} is back after {heal.seconds:.1f} s")
-
-    def _post(self, path: str, body: dict) -> None:
-        """Triton's repository API answers a load only once the model is ready (or failed)."""
-        req = urllib.request.Request(f"http://{self.http_url}{path}", data=json.dumps(body).encode(), method="POST",
-                                     headers=self.headers)
-        with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
-            resp.read()

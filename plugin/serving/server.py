@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import ctypes.util
+import functools
 import hashlib
 import importlib.util
 import json
@@ -19,6 +21,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -30,11 +33,11 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterable, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 from plugin.paths import REPO_ROOT
 from plugin.protocol.tensors import CLIENT_HEADER
-from plugin.serving.healer import STUB_NAME, StubHealer
+from plugin.serving.healer import STUB_NAME, StubHealer, stubs_with_region_prefix
 
 INSTALL_HINT = (
     "install the Python wheel that ships it (pip install nvidia-pytriton==0.7.0, "
@@ -163,7 +166,9 @@ def free_ports(count: int = 1, host: str = "127.0.0.1") -> list[int]:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """Whether a server could listen on host:port now (host may be an IPv6 address, bracketed or not)."""
+    host = host.strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
@@ -220,6 +225,34 @@ def admin_headers(secret: str, grpc: bool = False) -> dict[str, str]:
     return {f"triton-grpc-protocol-{ADMIN_HEADER}" if grpc else ADMIN_HEADER: secret}
 
 
+def _triton_flag(args: Sequence[str], name: str) -> str | None:
+    """The value of Triton's flag --name in args (`--name=value` or `--name value`; the last one wins), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def _flag_is_true(value: str | None, default: bool) -> bool:
+    """A boolean flag's value as Triton reads it (true/on/1, false/off/0, any case)."""
+    return default if value is None else value.lower() in ("true", "on", "1")
+
+
+def _certificate_name(pem: str) -> str | None:
+    """The first DNS name (else the common name) of a PEM certificate file. The standard library decodes a certificate
+    file only with this private helper (CPython's own tests use it); without it, None."""
+    try:
+        cert = ssl._ssl._test_decode_cert(pem)  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError):
+        return None
+    names = [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    names += [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return names[0] if names else None
+
+
 # Harmless on a machine without a GPU; kept out of the "error lines" of failure messages.
 _CPU_NOISE = ("NVML", "DCGM", "CudaDriverHelper", "CUDA driver", "pinned memory")
 
@@ -262,12 +295,22 @@ class _Spawner:
 _SPAWNER = _Spawner()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: the kernel SIGKILLs tritonserver when our process dies, so a launcher
+def _die_with_parent(death_signal: int, parent: int) -> None:
+    """In the child before exec: the kernel sends it death_signal when our process dies, so a launcher
     killed without warning (SIGKILL) leaves no orphan holding the ports."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     PR_SET_PDEATHSIG = 1
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    libc.prctl(PR_SET_PDEATHSIG, death_signal)
+    if os.getppid() != parent:  # the launcher died before prctl: no signal will come
+        os.kill(os.getpid(), death_signal)
+
+
+def spawn_dying_with_parent(args: Sequence[str], death_signal: int = signal.SIGKILL,
+                            **popen_kwargs: Any) -> subprocess.Popen[bytes]:
+    """subprocess.Popen(args) forked by the spawner thread, the child getting death_signal when this process dies
+    (tritonserver: SIGKILL; nginx: SIGTERM, which its master passes on to its workers, a SIGKILL would orphan them)."""
+    return _SPAWNER.call(lambda: subprocess.Popen(
+        args, preexec_fn=functools.partial(_die_with_parent, death_signal, os.getpid()), **popen_kwargs))
 
 
 @atexit.register
@@ -358,6 +401,16 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def http_enabled(self) -> bool:
+        """False with --allow-http=false among the extra args: readiness and healing then go over gRPC."""
+        return _flag_is_true(_triton_flag(self.extra_args, "allow-http"), default=True)
+
+    @property
+    def http_endpoint(self) -> str:
+        """The HTTP endpoint as people read it, or that it is off."""
+        return f"http://{self.http_url}" if self.http_enabled else "off (--allow-http=false)"
+
     def log_tail(self, lines: int = 40) -> str:
         return "".join(list(self._tail)[-lines:])
 
@@ -397,15 +450,14 @@ class TritonServer:
             raise TritonServerError(f"tritonserver already running (pid {self.pid})")
         self._tail.clear()
         self._errors.clear()
-        self._proc = _SPAWNER.call(lambda: subprocess.Popen(
+        self._proc = spawn_dying_with_parent(
             self.command(),
             env=server_env(self.install),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
-            preexec_fn=_die_with_parent,
-        ))
+        )
         _LIVE_SERVERS.add(self)
         self._reader = threading.Thread(target=self._read_output, args=(self._proc,), daemon=True,
                                         name=f"tritonserver-{self._proc.pid}-log")
@@ -416,8 +468,7 @@ class TritonServer:
             self.stop(timeout_s=15)
             raise
         if self.heal_stubs:
-            self.healer = StubHealer(self._proc.pid, self.http_url, admin_headers(self.admin_secret),
-                                     log=self._note).start()
+            self.healer = StubHealer(self._proc.pid, self.reload_model, log=self._note).start()
         return self
 
     def stop(self, timeout_s: float = 30.0) -> int | None:
@@ -506,7 +557,12 @@ class TritonServer:
                 log.close()
 
     def _finish(self, proc: subprocess.Popen[bytes]) -> None:
+        """Once tritonserver has exited: kill the Python stubs it left (a server that died does not stop them; they
+        are found by their shared-memory prefix, wherever they were reparented), then free its shared memory."""
         _LIVE_SERVERS.discard(self)
+        for stub in stubs_with_region_prefix(self._shm_prefix):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stub, signal.SIGKILL)
         if self._reader is not None:
             self._reader.join(timeout=5)  # stubs may hold the pipe a moment after a SIGKILL
         if proc.stdout is not None and (self._reader is None or not self._reader.is_alive()):
@@ -525,36 +581,106 @@ class TritonServer:
             summary=f"{what}: {first}" if first else what,
         )
 
-    def _get_json(self, path: str, method: str = "GET") -> object:
-        req = urllib.request.Request(f"http://{self.http_url}{path}", method=method,
-                                     data=b"{}" if method == "POST" else None, headers=admin_headers(self.admin_secret))
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            body = resp.read()
-        return json.loads(body) if body else None
+    def _get_json(self, path: str, method: str = "GET", body: object = None, timeout_s: float = 5.0) -> object:
+        """An HTTP call with the admin header; a POST sends `body` ({} by default) as JSON."""
+        data = json.dumps({} if body is None else body).encode() if method == "POST" else None
+        req = urllib.request.Request(f"http://{self.http_url}{path}", method=method, data=data,
+                                     headers=admin_headers(self.admin_secret))
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            answer = resp.read()
+        return json.loads(answer) if answer else None
+
+    @contextlib.contextmanager
+    def _grpc(self) -> Iterator[Any]:
+        """A gRPC client of this server, for when HTTP is off; its errors arrive as ConnectionError (an OSError, as the
+        HTTP calls' do). With TLS it trusts exactly the certificate the server presents (--grpc-server-cert), under
+        the name written in it (the launcher dials its own server, on 127.0.0.1 for --host 0.0.0.0); with mutual TLS
+        it presents that certificate and key as its own, which the server accepts when its --grpc-root-cert CA
+        signed them."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        tls: dict[str, Any] = {}
+        mutual = _flag_is_true(_triton_flag(self.extra_args, "grpc-use-ssl-mutual"), default=False)
+        if mutual or _flag_is_true(_triton_flag(self.extra_args, "grpc-use-ssl"), default=False):
+            cert = _triton_flag(self.extra_args, "grpc-server-cert")
+            name = _certificate_name(cert) if cert else None
+            tls = dict(ssl=True, root_certificates=cert,
+                       channel_args=[("grpc.ssl_target_name_override", name)] if name else None)
+            if mutual:
+                tls.update(private_key=_triton_flag(self.extra_args, "grpc-server-key"), certificate_chain=cert)
+        client = grpcclient.InferenceServerClient(self.grpc_url, **tls)
+        try:
+            yield client
+        except InferenceServerException as e:
+            raise ConnectionError(f"gRPC {self.grpc_url}: {e}") from e
+        finally:
+            client.close()
 
     def server_ready(self) -> bool:
         try:
-            req = urllib.request.Request(f"http://{self.http_url}/v2/health/ready")
-            with urllib.request.urlopen(req, timeout=2) as resp:
+            return self._server_ready()
+        except OSError:
+            return False
+
+    def _server_ready(self) -> bool:
+        """Live, with every loaded model ready (--strict-readiness): over HTTP, or over gRPC when HTTP is off."""
+        if not self.http_enabled:
+            with self._grpc() as client:
+                return bool(client.is_server_ready(client_timeout=2))
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as resp:
                 return resp.status == 200
-        except (urllib.error.URLError, OSError):
+        except urllib.error.HTTPError:  # 503: not ready yet
             return False
 
     def repository_index(self) -> list[dict[str, str]]:
-        """Every model in the repository with its state, from the HTTP repository API."""
-        index = self._get_json("/v2/repository/index", method="POST")
-        assert isinstance(index, list)
-        return index
+        """Every model in the repository with its state, from the repository API (admin header)."""
+        if not self.http_enabled:
+            with self._grpc() as client:
+                index = client.get_model_repository_index(headers=admin_headers(self.admin_secret, grpc=True),
+                                                          as_json=True)
+            return index.get("models", [])
+        listed = self._get_json("/v2/repository/index", method="POST")
+        assert isinstance(listed, list)
+        return listed
 
     def metadata(self) -> dict[str, object]:
+        if not self.http_enabled:
+            with self._grpc() as client:
+                return client.get_server_metadata(as_json=True)
         meta = self._get_json("/v2")
         assert isinstance(meta, dict)
         return meta
+
+    def reload_model(self, model: str, timeout_s: float = 300.0) -> None:
+        """Unload, then load `model` (model-control mode explicit): a fresh Python stub, what the healer needs. The
+        load is answered once the model is ready (or failed)."""
+        if not self.http_enabled:
+            headers = admin_headers(self.admin_secret, grpc=True)
+            with self._grpc() as client:
+                client.unload_model(model, headers=headers, unload_dependents=False, client_timeout=timeout_s)
+                client.load_model(model, headers=headers, client_timeout=timeout_s)
+            return
+        self._get_json(f"/v2/repository/models/{model}/unload", "POST", {"parameters": {"unload_dependents": False}},
+                       timeout_s)
+        self._get_json(f"/v2/repository/models/{model}/load", "POST", {}, timeout_s)
 
     def _models_to_wait_for(self, index: list[dict[str, str]]) -> set[str]:
         if self.model_control_mode == "explicit" and "*" not in self.load_models:
             return set(self.load_models)
         return {m["name"] for m in index}
+
+    def _unready_reason(self) -> str:
+        """"" once the server and every model it should serve are ready, else why not (quoted on a timeout)."""
+        try:
+            if not self._server_ready():
+                return "server not ready"
+            index = self.repository_index()
+        except (OSError, ValueError) as e:
+            return " ".join(str(e).split())
+        missing = self._models_to_wait_for(index) - {m["name"] for m in index if m.get("state") == "READY"}
+        return f"models not ready: {', '.join(sorted(missing))}" if missing else ""
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -565,17 +691,11 @@ class TritonServer:
                 if self._reader is not None:
                     self._reader.join(timeout=5)  # collect the last words before quoting them
                 raise self._failure(f"tritonserver exited with code {proc.returncode} before it was ready")
-            if self.server_ready():
-                try:
-                    index = self.repository_index()
-                except (urllib.error.URLError, OSError, ValueError):
-                    index = None
-                if index is not None:
-                    ready = {m["name"] for m in index if m.get("state") == "READY"}
-                    if self._models_to_wait_for(index) <= ready:
-                        return
+            reason = self._unready_reason()
+            if not reason:
+                return
             if time.monotonic() > deadline:
-                raise self._failure(f"tritonserver not ready after {timeout_s:.0f} s")
+                raise self._failure(f"tritonserver not ready after {timeout_s:.0f} s ({reason})")
             time.sleep(0.2)
 
 
