@@ -143,8 +143,10 @@ class LinkEmulator:
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1", listen_port: int = 0,
                  delay_ms: float = 0.0, jitter_ms: float = 0.0, bandwidth_mbit: float | None = None,
-                 burst_bytes: int | None = None, seed: int | None = None):
-        self.target_host, self.target_port = target_host, target_port
+                 burst_bytes: int | None = None, seed: int | None = None, source_host: str | None = None):
+        """source_host: the address the proxy connects to the target from (e.g. 127.0.0.2), so that a front that
+        names clients by address sees a device of its own."""
+        self.target_host, self.target_port, self.source_host = target_host, target_port, source_host
         self.listen_host, self.listen_port = listen_host, listen_port
         self.settings = LinkSettings(delay_ms, jitter_ms, bandwidth_mbit, burst_bytes)
         self._random = random.Random(seed)
@@ -294,7 +296,8 @@ class LinkEmulator:
             _reset(client_w)
             return
         try:
-            server_r, server_w = await asyncio.open_connection(self.target_host, self.target_port)
+            server_r, server_w = await asyncio.open_connection(
+                self.target_host, self.target_port, local_addr=(self.source_host, 0) if self.source_host else None)
         except OSError:
             _reset(client_w)  # the target is down: the client sees a reset, as without the proxy
             return
