@@ -2,6 +2,7 @@
 
     python -m bench.lockout                       # every attack against one tritonserver, the demo model
     python -m bench.lockout --slot-idle 600 --slots-per-session 4   # the sequence slots as they were before
+    python -m bench.lockout --front               # through the nginx front of `ce-collm serve --replicas 1`
 
 Three attacks, each for --seconds, while alice opens a new session (START + token + END) every
 --probe-every seconds and her wait is recorded:
@@ -9,12 +10,16 @@ Three attacks, each for --seconds, while alice opens a new session (START + toke
             yet holds a Triton sequence slot until the slot idle time;
   sessions  mallory opens valid sessions until she is refused, then keeps every one alive;
   bytes     mallory fills the byte budget (--max-state-bytes) with uploaded rows, and keeps them alive.
-The attacker and alice are told apart by the client header a front sets (CLIENT_HEADER); this bench
-sets it itself, as the front would. Every loop is bounded in time; only 127.0.0.1 is contacted.
+The attacker and alice are told apart by the client header a front sets (CLIENT_HEADER). Without --front
+this bench sets it itself, as the front would; with --front the front sets it from the client's address,
+and the attacker connects from 127.0.0.2 (through the link emulator, at no delay), a device of its own;
+the front also limits each client's request rate. Every loop is bounded in time; only 127.0.0.0/8 is
+contacted.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -23,12 +28,14 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from bench.link_emulator import LinkEmulator
 from plugin.model.checkpoint import read_config
 from plugin.paths import DEMO_PLAN, REPO_ROOT
 from plugin.protocol.codec import encode
@@ -36,6 +43,8 @@ from plugin.protocol.errors import error_code
 from plugin.protocol.messages import CloudRequest, new_session_key
 from plugin.protocol.tensors import CLIENT_HEADER, ENSEMBLE, TENSORS
 from plugin.protocol.wire import request_inputs
+from plugin.serving.fleet import Fleet
+from plugin.serving.front import split_address
 from plugin.serving.repository import ServeOptions, write_repository
 from plugin.serving.server import TritonServer
 from plugin.split.limits import Limits
@@ -114,16 +123,16 @@ def probe(url: str, hidden: int, split: int, stop: threading.Event, every_s: flo
     return waits
 
 
-def run_attack(kind: str, server: TritonServer, hidden: int, split: int, args: argparse.Namespace) -> dict:
+def run_attack(kind: str, attacker_url: str, alice_url: str, hidden: int, split: int, args: argparse.Namespace) -> dict:
     stop = threading.Event()
-    attack = Attack(kind, server.grpc_url, hidden, split, args.rows if kind == "bytes" else 1, stop)
+    attack = Attack(kind, attacker_url, hidden, split, args.rows if kind == "bytes" else 1, stop)
     loop = attack.keyless if kind == "keyless" else attack.hog
     threads = [threading.Thread(target=loop, daemon=True) for _ in range(args.threads if kind == "keyless" else 1)]
     for t in threads:
         t.start()
     result: dict = {}
     prober = threading.Thread(target=lambda: result.update(
-        waits=probe(server.grpc_url, hidden, split, stop, args.probe_every, args.timeout)))
+        waits=probe(alice_url, hidden, split, stop, args.probe_every, args.timeout)))
     prober.start()
     time.sleep(args.seconds)
     stop.set()
@@ -135,6 +144,19 @@ def run_attack(kind: str, server: TritonServer, hidden: int, split: int, args: a
     return {"attack": kind, "attacker_requests": attack.answers, "probes": len(result["waits"]), "failed": len(failed),
             "failures": sorted({w["answer"] for w in failed}), "wait_median_s": statistics.median(waits) if waits else None,
             "wait_max_s": max(waits) if waits else None}
+
+
+@contextlib.contextmanager
+def serving(repo: Path, front: bool) -> Iterator[tuple[str, str]]:
+    """One tritonserver, or one behind the nginx front; the addresses the attacker and alice connect to."""
+    if not front:
+        with TritonServer(repo, extra_args=["--exit-timeout-secs=2"]) as server:
+            yield server.grpc_url, server.grpc_url
+        return
+    with Fleet(repo, 1, extra_args=["--exit-timeout-secs=2"]) as fleet:
+        host, port = split_address(fleet.grpc_url)
+        with LinkEmulator(host, port, source_host="127.0.0.2") as attacker:
+            yield attacker.address, fleet.grpc_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slots-per-session", type=int, default=0, metavar="N",
                    help="Triton sequence slots per allowed session; 0: the repository's default")
     p.add_argument("--max-state-bytes", type=int, default=16 << 20, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--front", action="store_true", help="through an nginx front that names clients by address")
     p.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "lockout.json", metavar="F")
     args = p.parse_args(argv)
     plan = PartitionPlan.load(args.plan)
@@ -164,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         write_repository(plan, Path(tmp), opts)
         for kind in args.attacks.split(","):
-            with TritonServer(tmp, extra_args=["--exit-timeout-secs=2"]) as server:  # a fresh server per attack
-                row = {**run_attack(kind, server, hidden, plan.split_layer, args), "slots": opts.slots(),
-                       "slot_idle_s": args.slot_idle}
+            with serving(Path(tmp), args.front) as (attacker_url, alice_url):  # a fresh server per attack
+                row = {**run_attack(kind, attacker_url, alice_url, hidden, plan.split_layer, args), "slots": opts.slots(),
+                       "slot_idle_s": args.slot_idle, "front": args.front}
             rows.append(row)
             print(f"{kind:9s} attacker {row['attacker_requests']}: alice {row['probes']} STARTs, {row['failed']} failed "
                   f"{row['failures']}, wait median {row['wait_median_s']} s, max {row['wait_max_s']} s", flush=True)
