@@ -104,8 +104,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=_integer(1), default=64, metavar="N", help="(default: %(default)s)")
     p.add_argument("--mode", choices=SESSION_MODES, default="collaborative", help="(default: %(default)s)")
     p.add_argument("--threshold", type=_threshold, metavar="T",
-                   help="exit when max softmax probability >= T; 1.0 never exits (default: the plan's)")
-    p.add_argument("--codec", choices=sorted(CODEC_DTYPES), help="how layer-k hidden states travel (default: the plan's)")
+                   help="exit when max softmax probability >= T; 1.0 never exits, and with --codec fp32 gives the "
+                        "full model's greedy tokens exactly (default: the plan's)")
+    p.add_argument("--codec", choices=sorted(CODEC_DTYPES),
+                   help="how layer-k hidden states travel (default: the plan's). fp32 is lossless: the only codec "
+                        "that keeps threshold 1.0 exact; fp16, fp16s, int8 and int8g round the rows the cloud "
+                        "resumes from, and a near-tie can then flip a token (README, \"Exactness, tested\")")
     p.add_argument("--runner", choices=RUNNERS, default="torch",
                    help="edge segment runner: torch (PyTorch layer loop), onnx (ONNX Runtime over the files of "
                         "build/export_onnx.py), tensorrt (engines of build/build_engines.py) (default: %(default)s)")

@@ -12,7 +12,7 @@ from plugin.split.edge import ExitPolicy
 
 
 class Mode(Enum):
-    """DESIGN.md's modes, resolved once from their names."""
+    """The decoding modes (docs/design.md, "Decoding modes"), resolved once from their names."""
 
     COLLABORATIVE = "collaborative"  # exit when confident, else the cloud answers
     STANDALONE = "standalone"  # never waits on the network: the last edge exit answers

@@ -1,6 +1,6 @@
 """The edge's decoding session: edge partition + exit decider + context sync + lookahead + sampler.
 
-Modes (DESIGN.md, `edge_runtime.policy.Mode`): collaborative (exit when confident, else ask the
+Modes (docs/design.md, `edge_runtime.policy.Mode`): collaborative (exit when confident, else ask the
 cloud), standalone (never waits on the network), latency-aware (collaborative, but exits locally
 while the measured cloud round trip breaks the per-token budget or the cloud is unreachable). The
 cloud-only baseline is `edge_runtime.cloud_only.CloudOnlySession`.

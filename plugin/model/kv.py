@@ -1,6 +1,6 @@
 """Per-sequence K/V caches and the pending rows at every boundary.
 
-The rules that keep early exit exact (DESIGN.md, "KV caches of skipped layers"):
+The rules that keep early exit exact (docs/design.md, "Exactness of the catch-up"):
 - a layer's cache is filled for positions [0, length), in order;
 - a block entering a layer starts exactly at that layer's length (no gaps, no overlaps);
 - rows that stopped at a boundary wait there as one contiguous block ("pending rows") and are

@@ -99,7 +99,7 @@ class Adapter:
             self._families[key] = pb_utils.MetricFamily(name=f"ce_collm_{key}", description=help_text, kind=kind)
             if key not in METRIC_LABELS:
                 self._metric(key, None)
-        # Triton frees an idle sequence slot without calling the model (ENVIRONMENT.md), so the TTL
+        # Triton frees an idle sequence slot without calling the model (docs/triton-facts.md), so the TTL
         # also runs on a timer: an edge that vanished is reclaimed even when no other request comes.
         self._lock = threading.Lock()  # execute() and the sweep never touch the service at once
         self._stop = threading.Event()
