@@ -1,4 +1,9 @@
-"""Decoding strategies, kept apart from the layer loop: greedy, and temperature/top-p with a seed."""
+"""Decoding strategies, kept apart from the layer loop: greedy, and temperature/top-p with a seed.
+
+A greedy choice breaks exact ties as torch.argmax does, lowest index first, which is what Hugging Face's greedy
+decoding takes (an argmax over float32 logits): the cloud ranks its top-k that way (`top_k_ids`), and an edge exit
+picks the lowest vocabulary id among its equal maxima (`Greedy.pick`; a shortlist is not in id order). TopP keeps
+equal probabilities in the order it is given them when it cuts the nucleus."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -6,9 +11,26 @@ from typing import Protocol
 import torch
 
 
+def top_k_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [H, k] of the k highest of each row of `scores` [H, V], best first; equal scores lowest index first,
+    so column 0 is torch.argmax's choice. torch.topk orders equal scores as it likes (torch 2.13 on CPU: a row of
+    96 zeros with 5.0 at 3 and 7 came back [7, 3, ...]); this ranks every index scoring at least the k-th."""
+    kth = scores.topk(k, dim=-1).values[:, -1:]  # [H, 1]
+    ranked = []
+    for row, least in zip(scores, kth):
+        candidates = (row >= least).nonzero()[:, 0]  # in index order
+        if len(candidates) < k:  # NaN compares false: a row that holds one has no order (the cloud refuses it)
+            ranked.append(row.topk(k).indices)
+            continue
+        best_first = row[candidates].sort(descending=True, stable=True).indices[:k]  # stable: ties keep index order
+        ranked.append(candidates[best_first])
+    return torch.stack(ranked)
+
+
 class Sampler(Protocol):
-    def pick(self, logits: torch.Tensor) -> int:
-        """Choose a token from full logits [V] (an edge exit)."""
+    def pick(self, logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> int:
+        """Choose a token from an edge exit's logits [C]: over the vocabulary (token_ids None), or over the
+        vocabulary ids token_ids [C] (a shortlist head's candidates, in no particular order)."""
 
     def pick_from(self, ids: list[int], logprobs: list[float]) -> int:
         """Choose among the cloud's top-k tokens, best first."""
@@ -19,11 +41,16 @@ class Sampler(Protocol):
 
 
 class Greedy:
-    def pick(self, logits: torch.Tensor) -> int:
-        return int(logits.argmax())
+    def pick(self, logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> int:
+        best = int(logits.argmax())  # the lowest index among equal maxima
+        if token_ids is None:
+            return best
+        tied = logits == logits[best]  # among equal maxima the lowest vocabulary id, as over the whole vocabulary
+        tied[best] = True  # a NaN maximum equals nothing, itself included
+        return int(token_ids[tied].min())
 
     def pick_from(self, ids: list[int], logprobs: list[float]) -> int:
-        return ids[0]
+        return ids[0]  # the cloud ranks equal logits lowest id first (top_k_ids): its argmax
 
     def verify(self, draft: int, ids: list[int], logprobs: list[float]) -> int:
         return ids[0]  # the draft is kept exactly when it is the full model's greedy token
@@ -38,8 +65,9 @@ class TopP:
         self.temperature, self.top_p = temperature, top_p
         self.generator = torch.Generator().manual_seed(seed)
 
-    def pick(self, logits: torch.Tensor) -> int:
-        return self._draw(*self._nucleus(torch.arange(logits.shape[-1]), logits.detach().float().cpu()))
+    def pick(self, logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> int:
+        ids = torch.arange(logits.shape[-1]) if token_ids is None else token_ids.cpu()
+        return self._draw(*self._nucleus(ids, logits.detach().float().cpu()))
 
     def pick_from(self, ids: list[int], logprobs: list[float]) -> int:
         return self._draw(*self._nucleus(torch.tensor(ids), torch.tensor(logprobs)))
@@ -58,7 +86,7 @@ class TopP:
         """The ids, most likely first, and their probabilities after temperature and the nucleus cut (0 outside
         it; sum 1)."""
         probs = torch.softmax(scores / self.temperature, dim=-1)
-        order = probs.argsort(descending=True)
+        order = probs.sort(descending=True, stable=True).indices  # equal probabilities in the order given
         sorted_probs = probs[order]
         keep = sorted_probs.cumsum(0) - sorted_probs < self.top_p  # always keeps the best token
         kept = sorted_probs * keep

@@ -12,6 +12,7 @@ import torch
 
 from plugin.model.decoder import DecoderModel
 from plugin.model.kv import position_mark, SequenceKV
+from plugin.model.sampling import top_k_ids
 from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
@@ -203,10 +204,13 @@ class CloudPartition:
         heads = [len(b.drafts) if b.drafts is not None else 1 for b in blocks]
         owner = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(heads))  # [H]
         row = torch.cat([torch.arange(n - r, n) for n, r in zip(lengths, heads)])  # [H]
-        logprobs = torch.log_softmax(model.exit_logits(h[owner, row], model.cfg.num_layers).float(), dim=-1)  # [H, V]
+        logits = model.exit_logits(h[owner, row], model.cfg.num_layers).float()  # [H, V]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [H, V]
         finite = torch.isfinite(logprobs).all(dim=-1)  # [H]; rows are per sequence, so one bad block spoils no other
-        top = logprobs.topk(self.top_k, dim=-1)
-        ids, values = top.indices.tolist(), top.values.tolist()
+        # ranked on the float32 logits, equal ones lowest id first: the first is the token Hugging Face's greedy
+        # decoding takes (its argmax over float32 logits), even where log_softmax rounds two logits to one value
+        top = top_k_ids(logits, self.top_k)  # [H, K]
+        ids, values = top.tolist(), logprobs.gather(-1, top).tolist()
         self.rows_computed += sum(lengths) * (model.cfg.num_layers - split)
         replies: list[CloudReply | ProtocolError] = []
         for b, (block, end) in enumerate(zip(blocks, torch.tensor(heads).cumsum(0).tolist())):

@@ -43,9 +43,9 @@ class ExitOutput:
     token_ids: torch.Tensor | None = None  # [C] vocabulary ids of the candidates; None: every id in order
 
     def pick(self, sampler: Sampler) -> int:
-        """The sampler's choice among the head's candidates, as a vocabulary id."""
-        choice = sampler.pick(self.logits)
-        return choice if self.token_ids is None else int(self.token_ids[choice])
+        """The sampler's choice among the head's candidates, as a vocabulary id (greedy: among equal logits the
+        lowest id, as over the whole vocabulary)."""
+        return sampler.pick(self.logits, self.token_ids)
 
 
 @dataclass
