@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config
+from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from plugin.model.architectures import CheckpointError, config_from_dict
@@ -28,7 +28,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0, "l
 def configs(tmp_path_factory) -> dict[str, dict]:
     """kind -> config.json of a tiny checkpoint as transformers saves it."""
     out = {}
-    for kind in ("llama", "gemma3", "mistral", "gpt2"):
+    for kind in ("llama", "gemma3", "mistral", "gpt2", "qwen3", "olmo2"):
         path = tmp_path_factory.mktemp(kind)
         save_tiny(kind, path)
         out[kind] = json.loads((path / "config.json").read_text())
@@ -52,7 +52,13 @@ REFUSED = [  # (kind, fields changed, the field the message must name)
     ("mistral", {"layer_types": ["full_attention"] * 6}, "layer_types"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("gpt2", {"activation_function": "relu"}, "activation_function"),
-    ("gpt2", {"model_type": "qwen3"}, "model_type"),
+    ("qwen3", {"hidden_act": "gelu"}, "hidden_act"),
+    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope_type"),
+    ("qwen3", {"layer_types": ["chunked_attention"] * 6}, "layer_types"),
+    ("olmo2", {"hidden_act": "gelu"}, "hidden_act"),
+    ("olmo2", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("olmo2", {"sliding_window": 16}, "sliding_window"),  # Olmo2Config has none
+    ("gpt2", {"model_type": "falcon"}, "model_type"),
 ]
 
 
@@ -104,13 +110,15 @@ def test_gemma3_config_in_the_older_format():
     assert (glob.theta, glob.scaling, glob.factor) == (1_000_000.0, "linear", 8.0)
 
 
-def test_qwen2_sliding_layers_follow_transformers_layer_types():
-    hf_cfg = Qwen2Config(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, use_sliding_window=True,
-                         sliding_window=8, max_window_layers=2)
+@pytest.mark.parametrize("config_class, biases", [(Qwen2Config, (True, False)), (Qwen3Config, (False, False))],
+                         ids=["qwen2", "qwen3"])
+def test_qwen_sliding_layers_follow_transformers_layer_types(config_class, biases):
+    hf_cfg = config_class(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, use_sliding_window=True,
+                          sliding_window=8, max_window_layers=2)
     cfg = config_from_dict(hf_cfg.to_dict())
     assert [a.window for a in cfg.attention] == [8 if t == "sliding_attention" else None for t in hf_cfg.layer_types]
     assert [a.window for a in cfg.attention] == [None, None, 8, 8]
-    assert cfg.bias_qkv and not cfg.bias_out
+    assert (cfg.bias_qkv, cfg.bias_out) == biases
 
 
 def test_untied_lm_head_is_loaded(tmp_path):

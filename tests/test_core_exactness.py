@@ -3,8 +3,9 @@
 1. Threshold 1.0 through edge + context manager + cloud == Hugging Face greedy generate.
 2. With exits forced or mixed, once pending rows are flushed, every layer's K/V equals a
    full-model forward over the same tokens; breaking the catch-up breaks this test.
-Each on tiny random Llama, GPT-2, Gemma 3 (local + global layers), Llama 3 rope and Mistral
-(sliding window) checkpoints; the prompts and tokens cross the sliding window many times.
+Each on tiny random Llama, GPT-2, Gemma 3 (local + global layers), Llama 3 rope, Mistral (sliding
+window), Qwen3 (q/k norms per head, local + global layers) and OLMo 2 (output norms, q/k norms over all
+heads) checkpoints; the prompts and tokens cross the sliding windows many times.
 """
 from __future__ import annotations
 

@@ -6,12 +6,13 @@ from pathlib import Path
 import torch
 from transformers import (
     Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-    MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+    MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB = 96
 LAYERS = 6
-WINDOW = 4  # sliding window of the gemma3 and mistral kinds: the tests' prompts + tokens cross it many times
-KINDS = ("llama", "gpt2", "gemma3", "llama3", "mistral")
+WINDOW = 4  # sliding window of the gemma3, mistral and qwen3 kinds: the tests' prompts + tokens cross it many times
+KINDS = ("llama", "gpt2", "gemma3", "llama3", "mistral", "qwen3", "olmo2")
+RANDOM_NORMS = ("gemma3", "llama3", "mistral", "qwen3", "olmo2")
 _LLAMA = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
               num_key_value_heads=2, intermediate_size=96, max_position_embeddings=256,
               initializer_range=0.08, bos_token_id=None, eos_token_id=None)
@@ -22,7 +23,8 @@ def save_tiny(kind: str, path: Path, seed: int = 0, identity_from: int | None = 
 
     gemma3: local layers (window WINDOW) and global ones (1 in 3), linear rope scaling on the global
     ones, query_pre_attn_scalar != head_dim. llama3: Llama 3.1 rope scaling with every frequency band
-    in use. The new kinds get random norm weights, so that a norm mapped to the wrong place shows.
+    in use. qwen3: head_dim != hidden / heads, local layers (window WINDOW) from layer 3 on. olmo2: an untied
+    LM head. RANDOM_NORMS get random norm weights, so that a norm mapped to the wrong place shows.
     identity_from (llama, qwen2): layers from this one on add nothing to the residual stream (their output
     projections are zero), so the full model's logits are those of the final norm and head on the hidden
     state entering that layer: an edge split there, with an exit at the split, guesses every token of it.
@@ -52,9 +54,14 @@ def save_tiny(kind: str, path: Path, seed: int = 0, identity_from: int | None = 
         model = LlamaForCausalLM(LlamaConfig(**_LLAMA, tie_word_embeddings=True, rope_parameters=rope))
     elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**_LLAMA, sliding_window=WINDOW, tie_word_embeddings=True))
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**_LLAMA, head_dim=32, use_sliding_window=True, sliding_window=WINDOW,
+                                             max_window_layers=3, tie_word_embeddings=True))
+    elif kind == "olmo2":
+        model = Olmo2ForCausalLM(Olmo2Config(**_LLAMA, tie_word_embeddings=False))
     else:
         raise ValueError(kind)
-    if kind in ("gemma3", "llama3", "mistral"):
+    if kind in RANDOM_NORMS:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "norm" in name:

@@ -1,8 +1,9 @@
-"""The architectures the layer loop runs: how each one's config.json and weight names map onto it.
+"""The families the layer loop runs: how each one's config.json and weight names map onto it.
 
 One section per family, as vLLM keeps one file per architecture: a reader that turns config.json
-into a `ModelConfig`, and the weight names of one layer. Every field of a config is accounted for:
-read and implemented, listed as leaving the forward pass alone (metadata, decoding defaults,
+into a `ModelConfig` with the family's block features (what layers.py builds), and a weight map
+from the checkpoint's tensors to the layer loop's parameters. Every field of a config is accounted
+for: read and implemented, listed as leaving the forward pass alone (metadata, decoding defaults,
 training-only settings), or refused with one line that names it, before anything runs. Fields no
 reader lists are refused too: a checkpoint from a newer transformers may carry one that matters.
 Missing fields take the defaults of transformers' own config class for that architecture.
@@ -10,7 +11,7 @@ Missing fields take the defaults of transformers' own config class for that arch
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -114,42 +115,6 @@ def _window(f: ConfigFields, name: str, default: int | None) -> int | None:
     return window
 
 
-# -- Llama, Qwen2, Mistral: RMSNorm, SwiGLU, rotary ----------------------------------------------------
-def read_llama_family(f: ConfigFields) -> ModelConfig:
-    mt = f.model_type
-    heads, hidden, layers = f.take("num_attention_heads"), f.take("hidden_size"), f.take("num_hidden_layers")
-    max_positions = f.take("max_position_embeddings", {"llama": 2048, "mistral": 131072, "qwen2": 32768}[mt])
-    f.expect("hidden_act", ("silu", "swish"), "silu")
-    f.ignore("attention_dropout", "pretraining_tp")  # pretraining_tp: tensor-parallel slicing, the same product
-    # transformers' priority: rope_scaling (older configs) over rope_parameters; rope_theta fills in the base
-    scaling, params = f.take("rope_scaling", None), f.take("rope_parameters", None)
-    params = dict(scaling or params or {})
-    params.setdefault("rope_theta", f.take("rope_theta", 10000.0))
-    params.setdefault("partial_rotary_factor", f.take("partial_rotary_factor", 1.0))
-    rope = _rope(f, params, "rope_scaling" if scaling else "rope_parameters", max_positions)
-    windows: list[int | None] = [None] * layers
-    if mt == "mistral":  # one window on every layer (MistralConfig's default: 4096)
-        windows = [_window(f, "sliding_window", 4096)] * layers
-    elif mt == "qwen2":  # Qwen2Config: the window applies only with use_sliding_window, on sliding_attention layers
-        window = _window(f, "sliding_window", 4096)
-        if not f.take("use_sliding_window", False):
-            window = None  # transformers' Qwen2 applies sliding_window only with use_sliding_window
-        first_local = f.take("max_window_layers", 28)
-        types = f.take("layer_types", None) or [
-            "sliding_attention" if window is not None and i >= first_local else "full_attention" for i in range(layers)]
-        windows = [window if t == "sliding_attention" else None for t in _layer_types(f, types, layers)]
-    bias_attn = {"llama": f.take("attention_bias", False), "mistral": False, "qwen2": True}[mt]
-    return ModelConfig(
-        arch="llama", vocab_size=f.take("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=f.take("num_key_value_heads", None) or heads, head_dim=f.take("head_dim", None) or hidden // heads,
-        intermediate_size=f.take("intermediate_size"), norm_eps=f.take("rms_norm_eps", 1e-6),
-        max_positions=max_positions, attention=tuple(LayerAttention(rope, w) for w in windows),
-        eos_token_ids=_eos(f, None), tie_embeddings=f.take("tie_word_embeddings", False),
-        bias_qkv=bias_attn, bias_out=bias_attn and mt == "llama",
-        bias_mlp=f.take("mlp_bias", False) if mt == "llama" else False,
-    )
-
-
 def _layer_types(f: ConfigFields, types: list[str], layers: int) -> list[str]:
     if len(types) != layers or not set(types) <= {"sliding_attention", "full_attention"}:
         raise CheckpointError(f"config.json: layer_types must name {layers} layers, each 'sliding_attention' or "
@@ -157,20 +122,123 @@ def _layer_types(f: ConfigFields, types: list[str], layers: int) -> list[str]:
     return types
 
 
-def llama_layer_weights(i: int) -> dict[str, str]:
-    """Our parameter name -> the checkpoint's, for layer i (biases follow the config)."""
-    p = f"model.layers.{i}."
+def _sizes(f: ConfigFields, kv_heads: int | None = None, head_dim: int | None = None,
+           norm_eps: float = 1e-6) -> dict[str, Any]:
+    """The sizes every config.json but GPT-2's names alike; the arguments are the family's defaults
+    (None: as many KV heads as heads, hidden_size / heads per head)."""
+    heads, hidden = f.take("num_attention_heads"), f.take("hidden_size")
+    return dict(vocab_size=f.take("vocab_size"), hidden_size=hidden, num_layers=f.take("num_hidden_layers"),
+                num_heads=heads, num_kv_heads=f.take("num_key_value_heads", kv_heads) or heads,
+                head_dim=f.take("head_dim", head_dim) or hidden // heads,
+                intermediate_size=f.take("intermediate_size"), norm_eps=f.take("rms_norm_eps", norm_eps))
+
+
+def _llama_style(f: ConfigFields, max_positions: int, eos: int | None, kv_heads: int | None = None,
+                 head_dim: int | None = None, norm_eps: float = 1e-6) -> tuple[dict[str, Any], Rope]:
+    """What Llama, Mistral, Qwen and OLMo 2 configs name alike: the sizes, SiLU, one rotary for every layer
+    (the arguments are the family's defaults). Returns ModelConfig fields and the rotary."""
+    fields = dict(**_sizes(f, kv_heads, head_dim, norm_eps), eos_token_ids=_eos(f, eos),
+                  max_positions=f.take("max_position_embeddings", max_positions),
+                  tie_embeddings=f.take("tie_word_embeddings", False))
+    f.expect("hidden_act", ("silu", "swish"), "silu")
+    f.ignore("attention_dropout")
+    # transformers' priority: rope_scaling (older configs) over rope_parameters; rope_theta fills in the base
+    scaling, params = f.take("rope_scaling", None), f.take("rope_parameters", None)
+    params = dict(scaling or params or {})
+    params.setdefault("rope_theta", f.take("rope_theta", 10000.0))
+    params.setdefault("partial_rotary_factor", f.take("partial_rotary_factor", 1.0))
+    return fields, _rope(f, params, "rope_scaling" if scaling else "rope_parameters", fields["max_positions"])
+
+
+def _qwen_windows(f: ConfigFields, layers: int) -> list[int | None]:
+    """Qwen2Config and Qwen3Config: sliding_window applies only with use_sliding_window, on sliding_attention layers."""
+    window = _window(f, "sliding_window", 4096)
+    if not f.take("use_sliding_window", False):
+        window = None
+    first_local = f.take("max_window_layers", 28)
+    types = f.take("layer_types", None) or [
+        "sliding_attention" if window is not None and i >= first_local else "full_attention" for i in range(layers)]
+    return [window if t == "sliding_attention" else None for t in _layer_types(f, types, layers)]
+
+
+class Tensors(Protocol):
+    """A checkpoint's tensors by name (checkpoint.py reads them from its safetensors files)."""
+
+    def names(self) -> set[str]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+WeightMap = Callable[[Tensors, ModelConfig, range], dict[str, torch.Tensor]]  # our parameter name -> tensor
+
+
+def _biases(cfg: ModelConfig) -> set[str]:
+    return ({"attn.q_proj", "attn.k_proj", "attn.v_proj"} if cfg.bias_qkv else set()) | (
+        {"attn.o_proj"} if cfg.bias_out else set()) | (
+        {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"} if cfg.bias_mlp else set())
+
+
+def _model_layers(layer_names: Callable[[int], dict[str, str]]) -> WeightMap:
+    """The weight map of a transformers decoder under `model.`: embeddings, final norm, and per layer
+    `layer_names(i)`, our module -> the checkpoint's (biases as the config says)."""
+
+    def weights(t: Tensors, cfg: ModelConfig, layers: range) -> dict[str, torch.Tensor]:
+        state = {"embed.weight": t.get("model.embed_tokens.weight"), "final_norm.weight": t.get("model.norm.weight")}
+        for i in layers:
+            names = layer_names(i)
+            state.update({f"layers.{i}.{ours}.weight": t.get(theirs + ".weight") for ours, theirs in names.items()})
+            state.update({f"layers.{i}.{ours}.bias": t.get(names[ours] + ".bias") for ours in _biases(cfg)})
+        return state
+
+    return weights
+
+
+# -- Llama, Qwen2, Mistral: RMSNorm before attention and MLP, SwiGLU, rotary ---------------------------
+LLAMA_BLOCK: dict[str, Any] = dict(  # the block features the other families vary
+    norm="rms", norm_offset=0.0, norm_weight_in_float=False, pre_norms=True, post_norms=False, qk_norm=None,
+    mlp_gated=True, mlp_activation="silu", learned_positions=False)
+
+
+def read_llama_family(f: ConfigFields) -> ModelConfig:
+    mt = f.model_type
+    fields, rope = _llama_style(f, {"llama": 2048, "mistral": 131072, "qwen2": 32768}[mt], None)
+    f.ignore("pretraining_tp")  # tensor-parallel slicing, the same product
+    windows: list[int | None] = [None] * fields["num_layers"]
+    if mt == "mistral":  # one window on every layer (MistralConfig's default: 4096)
+        windows = [_window(f, "sliding_window", 4096)] * fields["num_layers"]
+    elif mt == "qwen2":
+        windows = _qwen_windows(f, fields["num_layers"])
+    bias_attn = {"llama": f.take("attention_bias", False), "mistral": False, "qwen2": True}[mt]
+    return ModelConfig(
+        arch="llama", **fields, **LLAMA_BLOCK, attention=tuple(LayerAttention(rope, w) for w in windows),
+        bias_qkv=bias_attn, bias_out=bias_attn and mt == "llama",
+        bias_mlp=f.take("mlp_bias", False) if mt == "llama" else False, attn_scale=None, embed_scale=None,
+    )
+
+
+def _projections(p: str) -> dict[str, str]:
+    """Our module name -> the checkpoint's, for the attention's and the MLP's projections of the layer at `p`."""
     return {
-        "norm1": p + "input_layernorm", "norm2": p + "post_attention_layernorm",
         "attn.q_proj": p + "self_attn.q_proj", "attn.k_proj": p + "self_attn.k_proj",
         "attn.v_proj": p + "self_attn.v_proj", "attn.o_proj": p + "self_attn.o_proj",
         "mlp.gate_proj": p + "mlp.gate_proj", "mlp.up_proj": p + "mlp.up_proj", "mlp.down_proj": p + "mlp.down_proj",
     }
 
 
+def llama_layer_weights(i: int) -> dict[str, str]:
+    """Our module name -> the checkpoint's, for layer i."""
+    p = f"model.layers.{i}."
+    return {**_projections(p), "norm1": p + "input_layernorm", "norm2": p + "post_attention_layernorm"}
+
+
 # -- Gemma 3 (text): (1 + w) RMSNorm, q/k norms, sandwich norms, GELU gate, local and global layers -------
+GEMMA3_BLOCK = LLAMA_BLOCK | dict(norm_offset=1.0, norm_weight_in_float=True, post_norms=True, qk_norm="head",
+                                  mlp_activation="gelu_tanh")
+
+
 def read_gemma3(f: ConfigFields) -> ModelConfig:
-    heads, hidden, layers = f.take("num_attention_heads"), f.take("hidden_size"), f.take("num_hidden_layers")
+    sizes = _sizes(f, kv_heads=4, head_dim=256)
+    layers, hidden = sizes["num_layers"], sizes["hidden_size"]
     max_positions = f.take("max_position_embeddings", 131072)
     f.expect("hidden_activation", ("gelu_pytorch_tanh",), "gelu_pytorch_tanh")
     f.expect("final_logit_softcapping", (None,), None)
@@ -201,14 +269,10 @@ def read_gemma3(f: ConfigFields) -> ModelConfig:
              "sliding_attention": _rope(f, local_params, "rope_parameters.sliding_attention", max_positions)}
     bias = f.take("attention_bias", False)
     return ModelConfig(
-        arch="gemma3", vocab_size=f.take("vocab_size"), hidden_size=hidden, num_layers=layers, num_heads=heads,
-        num_kv_heads=f.take("num_key_value_heads"), head_dim=f.take("head_dim", 256),
-        intermediate_size=f.take("intermediate_size"), norm_eps=f.take("rms_norm_eps", 1e-6),
-        max_positions=max_positions,
+        arch="gemma3", **sizes, max_positions=max_positions,
         attention=tuple(LayerAttention(ropes[t], window if t == "sliding_attention" else None) for t in types),
-        eos_token_ids=_eos(f, 1), tie_embeddings=f.take("tie_word_embeddings", True),
-        bias_qkv=bias, bias_out=bias,
-        attn_scale=f.take("query_pre_attn_scalar", 256) ** -0.5,
+        eos_token_ids=_eos(f, 1), tie_embeddings=f.take("tie_word_embeddings", True), **GEMMA3_BLOCK,
+        bias_qkv=bias, bias_out=bias, bias_mlp=False, attn_scale=f.take("query_pre_attn_scalar", 256) ** -0.5,
         embed_scale=float(torch.tensor(math.sqrt(hidden), dtype=torch.float32)),  # as Gemma3TextScaledWordEmbedding
     )
 
@@ -216,14 +280,56 @@ def read_gemma3(f: ConfigFields) -> ModelConfig:
 def gemma3_layer_weights(i: int) -> dict[str, str]:
     p = f"model.layers.{i}."
     return {
-        **llama_layer_weights(i),
-        "norm2": p + "pre_feedforward_layernorm", "post_attn_norm": p + "post_attention_layernorm",
-        "post_mlp_norm": p + "post_feedforward_layernorm",
-        "attn.q_norm": p + "self_attn.q_norm", "attn.k_norm": p + "self_attn.k_norm",
+        **_projections(p), "attn.q_norm": p + "self_attn.q_norm", "attn.k_norm": p + "self_attn.k_norm",
+        "norm1": p + "input_layernorm", "post_attn_norm": p + "post_attention_layernorm",
+        "norm2": p + "pre_feedforward_layernorm", "post_mlp_norm": p + "post_feedforward_layernorm",
+    }
+
+
+# -- Qwen3: the Llama block with a norm on each query and key head ------------------------------------
+QWEN3_BLOCK = LLAMA_BLOCK | dict(qk_norm="head")
+
+
+def read_qwen3(f: ConfigFields) -> ModelConfig:
+    fields, rope = _llama_style(f, 32768, None, kv_heads=32, head_dim=128)
+    bias = f.take("attention_bias", False)
+    return ModelConfig(
+        arch="qwen3", **fields, **QWEN3_BLOCK,
+        attention=tuple(LayerAttention(rope, w) for w in _qwen_windows(f, fields["num_layers"])),
+        bias_qkv=bias, bias_out=bias, bias_mlp=False, attn_scale=None, embed_scale=None,
+    )
+
+
+def qwen3_layer_weights(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {**llama_layer_weights(i), "attn.q_norm": p + "self_attn.q_norm", "attn.k_norm": p + "self_attn.k_norm"}
+
+
+# -- OLMo 2: norms on the attention's and the MLP's output only, q/k norms over all heads at once -------
+OLMO2_BLOCK = LLAMA_BLOCK | dict(norm_weight_in_float=True, pre_norms=False, post_norms=True, qk_norm="width")
+
+
+def read_olmo2(f: ConfigFields) -> ModelConfig:
+    fields, rope = _llama_style(f, 2048, 50279, norm_eps=1e-5)
+    bias = f.take("attention_bias", False)
+    return ModelConfig(
+        arch="olmo2", **fields, **OLMO2_BLOCK, attention=(LayerAttention(rope),) * fields["num_layers"],
+        bias_qkv=bias, bias_out=bias, bias_mlp=False, attn_scale=None, embed_scale=None,
+    )
+
+
+def olmo2_layer_weights(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {
+        **_projections(p), "attn.q_norm": p + "self_attn.q_norm", "attn.k_norm": p + "self_attn.k_norm",
+        "post_attn_norm": p + "post_attention_layernorm", "post_mlp_norm": p + "post_feedforward_layernorm",
     }
 
 
 # -- GPT-2: LayerNorm, GELU MLP, learned positions -----------------------------------------------------
+GPT2_BLOCK = LLAMA_BLOCK | dict(norm="layer", mlp_gated=False, mlp_activation="gelu_tanh", learned_positions=True)
+
+
 def read_gpt2(f: ConfigFields) -> ModelConfig:
     hidden, heads, layers = f.take("n_embd"), f.take("n_head"), f.take("n_layer")
     f.expect("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
@@ -238,13 +344,43 @@ def read_gpt2(f: ConfigFields) -> ModelConfig:
         num_kv_heads=heads, head_dim=hidden // heads, intermediate_size=f.take("n_inner", None) or 4 * hidden,
         norm_eps=f.take("layer_norm_epsilon", 1e-5), max_positions=f.take("n_positions", 1024),
         attention=(LayerAttention(None),) * layers, eos_token_ids=_eos(f, 50256),
-        tie_embeddings=f.take("tie_word_embeddings", True), bias_qkv=True, bias_out=True, bias_mlp=True,
+        tie_embeddings=f.take("tie_word_embeddings", True), **GPT2_BLOCK, bias_qkv=True, bias_out=True,
+        bias_mlp=True, attn_scale=None, embed_scale=None,
     )
+
+
+def gpt2_weights(t: Tensors, cfg: ModelConfig, layers: range) -> dict[str, torch.Tensor]:
+    """GPT-2's names, under `transformer.` (GPT2LMHeadModel) or not (GPT2Model)."""
+    prefix = "transformer." if "transformer.wte.weight" in t.names() else ""
+    state = {"embed.weight": t.get(prefix + "wte.weight"), "pos_embed.weight": t.get(prefix + "wpe.weight"),
+             "final_norm.weight": t.get(prefix + "ln_f.weight"), "final_norm.bias": t.get(prefix + "ln_f.bias")}
+    for i in layers:
+        state.update({f"layers.{i}.{name}": w for name, w in _gpt2_layer(t, f"{prefix}h.{i}.").items()})
+    return state
+
+
+def _gpt2_layer(t: Tensors, p: str) -> dict[str, torch.Tensor]:
+    # GPT-2's Conv1D stores [in, out]; nn.Linear wants [out, in]. c_attn holds q, k and v.
+    q, k, v = t.get(p + "attn.c_attn.weight").t().chunk(3, dim=0)
+    qb, kb, vb = t.get(p + "attn.c_attn.bias").chunk(3)
+    return {
+        "norm1.weight": t.get(p + "ln_1.weight"), "norm1.bias": t.get(p + "ln_1.bias"),
+        "norm2.weight": t.get(p + "ln_2.weight"), "norm2.bias": t.get(p + "ln_2.bias"),
+        "attn.q_proj.weight": q, "attn.k_proj.weight": k, "attn.v_proj.weight": v,
+        "attn.q_proj.bias": qb, "attn.k_proj.bias": kb, "attn.v_proj.bias": vb,
+        "attn.o_proj.weight": t.get(p + "attn.c_proj.weight").t(), "attn.o_proj.bias": t.get(p + "attn.c_proj.bias"),
+        "mlp.up_proj.weight": t.get(p + "mlp.c_fc.weight").t(), "mlp.up_proj.bias": t.get(p + "mlp.c_fc.bias"),
+        "mlp.down_proj.weight": t.get(p + "mlp.c_proj.weight").t(), "mlp.down_proj.bias": t.get(p + "mlp.c_proj.bias"),
+    }
 
 
 READERS: dict[str, Callable[[ConfigFields], ModelConfig]] = {
     "llama": read_llama_family, "mistral": read_llama_family, "qwen2": read_llama_family,
-    "gemma3_text": read_gemma3, "gpt2": read_gpt2,
+    "gemma3_text": read_gemma3, "qwen3": read_qwen3, "olmo2": read_olmo2, "gpt2": read_gpt2,
+}
+WEIGHT_MAPS: dict[str, WeightMap] = {  # ModelConfig.arch -> its weight map
+    "llama": _model_layers(llama_layer_weights), "gemma3": _model_layers(gemma3_layer_weights),
+    "qwen3": _model_layers(qwen3_layer_weights), "olmo2": _model_layers(olmo2_layer_weights), "gpt2": gpt2_weights,
 }
 
 
@@ -259,3 +395,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     cfg = reader(f)
     f.done()
     return cfg
+
+
+def partition_weights(t: Tensors, cfg: ModelConfig, layers: range) -> dict[str, torch.Tensor]:
+    """The parameters of a DecoderModel holding `layers`, by our names, except a tied LM head."""
+    return WEIGHT_MAPS[cfg.arch](t, cfg, layers)

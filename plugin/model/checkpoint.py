@@ -8,8 +8,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from plugin.model.architectures import (
-    CheckpointError, config_from_dict, gemma3_layer_weights, llama_layer_weights)
+from plugin.model.architectures import CheckpointError, config_from_dict, partition_weights
 from plugin.model.config import ModelConfig
 from plugin.model.decoder import DecoderModel, ExitAdapter, Shortlist
 
@@ -52,35 +51,6 @@ class _Tensors:
         return self._open[path].get_tensor(name)
 
 
-def _named_weights(t: _Tensors, names: dict[str, str], biases: set[str]) -> dict[str, torch.Tensor]:
-    """Our module name -> checkpoint name, for weights (and the biases the config says exist)."""
-    out = {ours + ".weight": t.get(theirs + ".weight") for ours, theirs in names.items()}
-    out.update({ours + ".bias": t.get(names[ours] + ".bias") for ours in biases})
-    return out
-
-
-def _biases(cfg: ModelConfig) -> set[str]:
-    return ({"attn.q_proj", "attn.k_proj", "attn.v_proj"} if cfg.bias_qkv else set()) | (
-        {"attn.o_proj"} if cfg.bias_out else set()) | (
-        {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"} if cfg.bias_mlp else set())
-
-
-def _gpt2_weights(t: _Tensors, prefix: str, i: int) -> dict[str, torch.Tensor]:
-    p = f"{prefix}h.{i}."
-    # GPT-2's Conv1D stores [in, out]; nn.Linear wants [out, in].
-    q, k, v = t.get(p + "attn.c_attn.weight").t().chunk(3, dim=0)
-    qb, kb, vb = t.get(p + "attn.c_attn.bias").chunk(3)
-    return {
-        "norm1.weight": t.get(p + "ln_1.weight"), "norm1.bias": t.get(p + "ln_1.bias"),
-        "norm2.weight": t.get(p + "ln_2.weight"), "norm2.bias": t.get(p + "ln_2.bias"),
-        "attn.q_proj.weight": q, "attn.k_proj.weight": k, "attn.v_proj.weight": v,
-        "attn.q_proj.bias": qb, "attn.k_proj.bias": kb, "attn.v_proj.bias": vb,
-        "attn.o_proj.weight": t.get(p + "attn.c_proj.weight").t(), "attn.o_proj.bias": t.get(p + "attn.c_proj.bias"),
-        "mlp.fc.weight": t.get(p + "mlp.c_fc.weight").t(), "mlp.fc.bias": t.get(p + "mlp.c_fc.bias"),
-        "mlp.proj.weight": t.get(p + "mlp.c_proj.weight").t(), "mlp.proj.bias": t.get(p + "mlp.c_proj.bias"),
-    }
-
-
 def load_model(checkpoint: str | Path, layer_range: range | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", exit_adapters: str | Path | None = None) -> DecoderModel:
     """Build a DecoderModel holding `layer_range` (default: all layers) from a local checkpoint."""
@@ -90,22 +60,7 @@ def load_model(checkpoint: str | Path, layer_range: range | None = None, dtype: 
     if layer_range.start < 0 or layer_range.stop > cfg.num_layers:
         raise CheckpointError(f"layers {layer_range} outside the checkpoint's {cfg.num_layers} layers")
     t = _Tensors(checkpoint)
-    names = t.names()
-    state: dict[str, torch.Tensor] = {}
-    if cfg.arch == "gpt2":
-        prefix = "transformer." if "transformer.wte.weight" in names else ""
-        state["embed.weight"] = t.get(prefix + "wte.weight")
-        state["pos_embed.weight"] = t.get(prefix + "wpe.weight")
-        state["final_norm.weight"] = t.get(prefix + "ln_f.weight")
-        state["final_norm.bias"] = t.get(prefix + "ln_f.bias")
-        for i in layer_range:
-            state.update({f"layers.{i}.{k}": w for k, w in _gpt2_weights(t, prefix, i).items()})
-    else:
-        layer_names = gemma3_layer_weights if cfg.arch == "gemma3" else llama_layer_weights
-        state["embed.weight"] = t.get("model.embed_tokens.weight")
-        state["final_norm.weight"] = t.get("model.norm.weight")
-        for i in layer_range:
-            state.update({f"layers.{i}.{k}": w for k, w in _named_weights(t, layer_names(i), _biases(cfg)).items()})
+    state = partition_weights(t, cfg, layer_range)
     state["lm_head.weight"] = state["embed.weight"] if cfg.tie_embeddings else t.get("lm_head.weight")
     with torch.device("meta"):
         model = DecoderModel(cfg, layer_range)

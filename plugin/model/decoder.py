@@ -54,6 +54,18 @@ class Shortlist(nn.Module):
         return nn.functional.linear(normed, self.weight)  # [..., S]
 
 
+def exit_head(h: torch.Tensor, adapter: nn.Module | None, norm: nn.Module, head: nn.Module,
+              other: nn.Module | None) -> torch.Tensor:
+    """An exit's logits: [adapter ->] final norm -> head (the LM head or a shortlist's rows) [, other logit].
+
+    The one definition `DecoderModel.exit_logits` serves and `training.exit_heads.ExitHeads` trains.
+    """
+    normed = norm(h if adapter is None else adapter(h))
+    if other is None:
+        return head(normed)
+    return torch.cat([head(normed), other(normed)], dim=-1)
+
+
 class DecoderModel(nn.Module):
     """Holds only the layers one partition needs (`layer_range`); the others stay None."""
 
@@ -62,7 +74,7 @@ class DecoderModel(nn.Module):
         self.cfg = cfg
         self.layer_range = layer_range
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden_size) if cfg.arch == "gpt2" else None
+        self.pos_embed = nn.Embedding(cfg.max_positions, cfg.hidden_size) if cfg.learned_positions else None
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in layer_range})
         self.final_norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -110,13 +122,8 @@ class DecoderModel(nn.Module):
         (`exit_token_ids`), then the "other" logit.
         """
         adapter = self.exit_adapters[str(layer)] if str(layer) in self.exit_adapters else None
-        if adapter is not None:
-            h = adapter(h)
-        normed = self.final_norm(h)
         other = self.exit_other[str(layer)] if str(layer) in self.exit_other else None
-        if other is None:
-            return self.lm_head(normed)
-        return torch.cat([self.shortlist(normed), other(normed)], dim=-1)
+        return exit_head(h, adapter, self.final_norm, self.lm_head if other is None else self.shortlist, other)
 
     def exit_token_ids(self, layer: int) -> torch.Tensor | None:
         """The vocabulary ids [S] a shortlist exit scores, or None for a full head."""

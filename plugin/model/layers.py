@@ -1,9 +1,9 @@
-"""The transformer layer loop the project owns: Llama/Qwen2/Mistral-style, Gemma 3 and GPT-2-style blocks.
+"""The transformer layer loop the project owns: one block, its parts chosen by the config's features.
 
 Attention is split into `project` (q/k/v with rotary) and `attend` (over keys the caller
 gathered), so the same weights serve the KV-store path here and the past/present-tensor path
-of the ONNX export. What differs between the architectures is chosen in `DecoderLayer.__init__`
-from the config (architectures.py says which config fields set what); the forward pass is one.
+of the ONNX export. The modules read only `ModelConfig`'s features (architectures.py says which
+family sets which); the forward pass is one.
 """
 from __future__ import annotations
 
@@ -15,20 +15,28 @@ from plugin.model.config import ModelConfig, Rope
 
 
 class RMSNorm(nn.Module):
-    """RMS normalisation; Gemma scales by (1 + weight), in the normalisation's precision, as it was trained."""
+    """RMS normalisation, weighed where each family's transformers code weighs it, as it was trained."""
 
-    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
+    def __init__(self, dim: int, eps: float, offset: float, weight_in_float: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.unit_offset = eps, unit_offset
+        self.eps, self.offset, self.weight_in_float = eps, offset, weight_in_float
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in at least fp32: fp16 squares overflow.
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (xf * (1.0 + self.weight.to(xf.dtype))).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        if self.weight_in_float:  # Gemma (offset 1), OLMo 2: weighed in the normalisation's precision
+            return (xf * (self.offset + self.weight.to(xf.dtype))).to(x.dtype)
+        return self.weight * xf.to(x.dtype)  # Llama, Qwen: weighed after the cast back
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """A norm over `dim` features (default: the hidden size): block, q/k and final norms alike."""
+    dim = dim or cfg.hidden_size
+    if cfg.norm == "layer":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset, cfg.norm_weight_in_float)
 
 
 class Rotary(nn.Module):
@@ -59,18 +67,23 @@ class Attention(nn.Module):
         rope = cfg.attention[layer].rope
         self.rotary = Rotary(cfg.head_dim, rope) if rope is not None else None
         self.scale = cfg.attn_scale
-        # Gemma 3 normalises each query and key head before the rotation
-        gemma = cfg.arch == "gemma3"
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, unit_offset=True) if gemma else nn.Identity()
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, unit_offset=True) if gemma else nn.Identity()
+        # q/k norms, before the rotation: over each head's Dh ("head") or over all heads at once ("width")
+        self.qk_norm = cfg.qk_norm
+        q_heads, k_heads = (1, 1) if cfg.qk_norm == "head" else (cfg.num_heads, cfg.num_kv_heads)  # one norm's span
+        self.q_norm = make_norm(cfg, q_heads * cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, k_heads * cfg.head_dim) if cfg.qk_norm else None
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
         """Queries, keys and values of the new rows; keys already rotated."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H * Dh], [B, T, Hkv * Dh] (2x)
+        if self.qk_norm == "width":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, Dh]
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, Dh]
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         return q, k, v
@@ -86,57 +99,45 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
-class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)): SiLU (SwiGLU) for Llama/Qwen2/Mistral, tanh-GELU for Gemma 3."""
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
-    def __init__(self, hidden: int, inner: int, bias: bool, gelu: bool):
+
+ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}  # config.ACTIVATIONS
+
+
+class MLP(nn.Module):
+    """Gated: down(act(gate(x)) * up(x)) (SwiGLU in Llama, tanh-GELU in Gemma 3); plain: down(act(up(x))) (GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        hidden, inner, bias = cfg.hidden_size, cfg.intermediate_size, cfg.bias_mlp
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias) if cfg.mlp_gated else None
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
-        self.gelu = gelu
+        self.act = ACTIVATION_FUNCTIONS[cfg.mlp_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_proj(x)
-        gate = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
-        return self.down_proj(gate * self.up_proj(x))
-
-
-class GeluMLP(nn.Module):
-    def __init__(self, hidden: int, inner: int):
-        super().__init__()
-        self.fc = nn.Linear(hidden, inner)
-        self.proj = nn.Linear(inner, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
-
-
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    """The norm of every block, and the final one before the LM head and the exit heads."""
-    if cfg.arch == "gpt2":
-        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-    return RMSNorm(cfg.hidden_size, cfg.norm_eps, unit_offset=cfg.arch == "gemma3")
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: x + post_attn_norm(attn(norm1(x))), then x + post_mlp_norm(mlp(norm2(x))).
+    """x + post_attn_norm(attn(norm1(x))), then x + post_mlp_norm(mlp(norm2(x))).
 
-    post_attn_norm / post_mlp_norm are Gemma 3's post-attention and post-feed-forward norms,
-    identities elsewhere.
+    norm1 / norm2 exist with the pre_norms feature, post_attn_norm / post_mlp_norm with post_norms
+    (Gemma 3 has both, OLMo 2 only the latter); an absent norm is the identity.
     """
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.norm1, self.norm2 = make_norm(cfg), make_norm(cfg)
+        self.norm1 = make_norm(cfg) if cfg.pre_norms else nn.Identity()
         self.attn = Attention(cfg, layer)
-        if cfg.arch == "gpt2":
-            self.mlp: nn.Module = GeluMLP(cfg.hidden_size, cfg.intermediate_size)
-        else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.bias_mlp, gelu=cfg.arch == "gemma3")
-        sandwich = cfg.arch == "gemma3"
-        self.post_attn_norm = make_norm(cfg) if sandwich else nn.Identity()
-        self.post_mlp_norm = make_norm(cfg) if sandwich else nn.Identity()
+        self.post_attn_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()
+        self.norm2 = make_norm(cfg) if cfg.pre_norms else nn.Identity()
+        self.mlp = MLP(cfg)
+        self.post_mlp_norm = make_norm(cfg) if cfg.post_norms else nn.Identity()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, gather_kv) -> torch.Tensor:
         """gather_kv(k_new, v_new) stores the new rows and returns (keys, values, mask) to attend."""

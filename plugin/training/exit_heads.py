@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plugin.model.checkpoint import SHORTLIST_IDS
-from plugin.model.decoder import DecoderModel, ExitAdapter
+from plugin.model.decoder import DecoderModel, exit_head, ExitAdapter
 
 # ----------------------------------------------------------------------------------------------
 # text -> token windows (the checkpoint's own tokenizer.json)
@@ -175,7 +175,7 @@ class ExitHeads(nn.Module):
     """The trainable part of the exit heads, plus float32 views of the frozen final norm and LM head.
 
     Per exit an adapter, and with a shortlist (token ids [S]) an "other" logit per exit: the head then
-    scores the S shortlisted tokens and "any other token" (`DecoderModel.exit_logits`), and learns the
+    scores the S shortlisted tokens and "any other token" (`decoder.exit_head`), and learns the
     final layer's distribution folded onto those S + 1 classes.
     """
 
@@ -212,16 +212,10 @@ class ExitHeads(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return list(self.adapters.parameters()) + list(self.other.parameters())
 
-    def normed(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        # h: [..., D] -> the final norm's output after the exit's adapter, float32
-        return self._norm(self.adapters[str(layer)](h.float()))
-
     def logits(self, h: torch.Tensor, layer: int) -> torch.Tensor:
-        # h: [..., D] -> [..., V] or [..., S + 1] float32; same computation as DecoderModel.exit_logits
-        normed = self.normed(h, layer)
-        if self.token_ids is None:
-            return self._head(normed)
-        return torch.cat([self._head(normed), self.other[str(layer)](normed)], dim=-1)
+        # h: [..., D] -> [..., V] or [..., S + 1] float32
+        other = self.other[str(layer)] if self.token_ids is not None else None
+        return exit_head(h.float(), self.adapters[str(layer)], self._norm, self._head, other)
 
     def classes(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The head's class of each token id: itself, or its shortlist index (S for "other"); -1 stays -1."""
