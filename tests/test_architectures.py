@@ -15,8 +15,14 @@ import torch
 from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen3Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from edge_runtime.cloud_only import CloudOnlySession
+from edge_runtime.runners import TorchRunner
+from edge_runtime.session import DecodingSession
 from plugin.model.architectures import CheckpointError, config_from_dict
 from plugin.model.checkpoint import load_model, read_config
+from plugin.protocol.errors import ErrorCode, ProtocolError
+from plugin.split.edge import EdgePartition
+from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
 from tests.tiny_models import save_tiny
 
@@ -167,3 +173,19 @@ def test_both_clis_refuse_before_anything_runs(refused_plans, tmp_path, cli, fie
     assert done.returncode != 0 and field in done.stderr, done.stderr[-2000:]
     assert f"{field} = " in done.stderr  # the refusal's own line, with the value that is not implemented
     assert not (tmp_path / "repo").exists()  # nothing written
+
+
+def test_a_context_past_gpt2s_learned_positions_is_refused_naming_the_limit(tmp_path):
+    """GPT-2 has n_positions learned positions (the tiny one 256): the cloud's max_context is capped to them, so
+    a longer context is LIMIT_EXCEEDED (not "re-send with START", which could only fail again), and the edge
+    stops with one line naming them instead of an IndexError."""
+    save_tiny("gpt2", tmp_path)
+    save_tiny("llama", tmp_path / "rotary")
+    assert read_config(tmp_path).position_limit == 256 and read_config(tmp_path / "rotary").position_limit is None
+    with pytest.raises(ProtocolError) as refused:
+        CloudOnlySession(LocalCloud(load_model(tmp_path)), sequence_id=1).generate([1] * 250, 10)
+    assert refused.value.code is ErrorCode.LIMIT_EXCEEDED and "limit of 256" in str(refused.value)
+    edge = EdgePartition(TorchRunner(load_model(tmp_path, range(0, 4))), PartitionPlan(tmp_path, 4, (2, 4), 1.0))
+    with pytest.raises(ValueError, match="past the model's 256 learned positions"):
+        DecodingSession(edge, None, "standalone").generate([1] * 250, 10)
+

@@ -95,3 +95,9 @@ class ModelConfig:
 
     def window(self, layer: int) -> int | None:
         return self.attention[layer].window
+
+    @property
+    def position_limit(self) -> int | None:
+        """The positions the model can compute at all: a learned position embedding ends at max_positions (GPT-2's
+        n_positions); rotary positions do not end (past max_positions they are extrapolated, as in transformers)."""
+        return self.max_positions if self.learned_positions else None

@@ -101,6 +101,9 @@ class DecoderModel(nn.Module):
         if self.cfg.embed_scale is not None:  # Gemma: the scale rounded to the weights' dtype, as trained
             h = h * torch.tensor(self.cfg.embed_scale, dtype=h.dtype)
         if self.pos_embed is not None:
+            if positions.numel() and int(positions.max()) >= self.cfg.max_positions:
+                raise ValueError(f"position {int(positions.max())} is past the model's {self.cfg.max_positions} learned "
+                                 "positions (n_positions): shorten the prompt or the generation")
             h = h + self.pos_embed(positions)
         return h
 

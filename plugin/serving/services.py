@@ -107,7 +107,7 @@ def checkpoint_path(params: dict[str, str], repository_root: Path) -> Path:
 class ContextManagerService:
     def __init__(self, params: dict[str, str], repository_root: Path, device: str = "cpu"):
         cfg = read_config(checkpoint_path(params, repository_root))
-        self.limits = limits_from(params)
+        self.limits = limits_from(params).within(cfg.position_limit)
         self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits,
                                       min_split_layer=min_split_layer(params), vocab_size=cfg.vocab_size,
                                       max_split_layer=max_split_layer(params))  # rows stay in RAM

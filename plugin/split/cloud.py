@@ -44,7 +44,8 @@ class CloudPartition:
 
     def __init__(self, model: DecoderModel, limits: Limits | None = None, top_k: int = TOP_K,
                  clock: Callable[[], float] = time.monotonic):
-        self.model, self.limits, self.top_k, self.clock = model, limits or Limits(), top_k, clock
+        self.model, self.top_k, self.clock = model, top_k, clock
+        self.limits = (limits or Limits()).within(model.cfg.position_limit)
         # the context manager in front admits sessions by the same rule, with this partition's first layer
         self.admission = Admission(self.limits, model.cfg.num_layers, model.layer_range.start)
         self.budget = MemoryBudget(self.limits, str(model.device))

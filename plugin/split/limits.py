@@ -3,7 +3,7 @@ bytes of session state one model may hold."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Mapping, Protocol
 
 from plugin.protocol.errors import ErrorCode, ProtocolError
@@ -41,6 +41,11 @@ class Limits:
     def slot_idle_us(self) -> int:
         """max_sequence_idle_microseconds of the sequence batchers."""
         return int(min(self.slot_idle_s, self.ttl_s) * 1_000_000)
+
+    def within(self, positions: int | None) -> "Limits":
+        """These limits with max_context no larger than the positions the model can compute (None: no such bound),
+        so a longer context is refused (LIMIT_EXCEEDED, naming the limit) rather than failing inside the model."""
+        return self if positions is None or self.max_context <= positions else replace(self, max_context=positions)
 
     def params(self) -> dict[str, str]:
         """The fields as config.pbtxt parameters (strings that read back to the same values)."""

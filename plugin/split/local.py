@@ -16,7 +16,7 @@ class LocalCloud:
     def __init__(self, model: DecoderModel, limits: Limits | None = None):
         self.partition = CloudPartition(model, limits)
         # hidden rows start at layer 1 at the earliest (a model with every layer also serves cloud-only)
-        self.context = ContextManager(model.cfg.hidden_size, model.cfg.num_layers, limits,
+        self.context = ContextManager(model.cfg.hidden_size, model.cfg.num_layers, self.partition.limits,
                                       min_split_layer=max(1, model.layer_range.start), vocab_size=model.cfg.vocab_size)
 
     def send(self, req: CloudRequest) -> CloudReply:
