@@ -176,7 +176,12 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
                    help="partition plan (JSON or YAML) naming the checkpoint and split (default: %(default)s)")
     p.add_argument("--out", type=Path, default=MODEL_REPOSITORY, metavar="DIR",
                    help="model repository to write (default: %(default)s)")
-    p.add_argument("--gpu", action="store_true", help="KIND_GPU instances and float16 cloud weights")
+    p.add_argument("--gpu", action="store_true",
+                   help="KIND_GPU instances; cloud weights in --dtype auto: float16 where the model's activations fit "
+                        "it (measured once in float32 on a short probe), else bfloat16")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the cloud's weight dtype; auto: float32 on CPU, see --gpu; float16 is refused for a model "
+                        "whose activations leave its range (default: %(default)s)")
     p.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="(default: %(default)s)")
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: %(default)s)")
     _limits_arguments(p)
@@ -188,13 +193,14 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
 
 def _configs(args: argparse.Namespace) -> int:
     """Generate the Triton configs from the partition plan, or check they are up to date."""
+    from plugin.model.ranges import serving_dtype
     from plugin.split.plan import PartitionPlan
     from plugin.serving.repository import ServeOptions, check_repository, write_repository
 
     plan = PartitionPlan.load(args.plan)
     opts = ServeOptions(
         max_batch_size=args.max_batch_size, instances=args.instances,
-        instance_kind="KIND_GPU" if args.gpu else "KIND_CPU", dtype="float16" if args.gpu else "float32",
+        instance_kind="KIND_GPU" if args.gpu else "KIND_CPU", dtype=serving_dtype(plan.checkpoint, args.dtype, args.gpu),
         limits=_limits(args), sequence_slots=args.sequence_slots,
     )
     if args.check:

@@ -29,7 +29,7 @@ class ServeOptions:
     max_batch_size: int = 8
     instance_kind: str = "KIND_CPU"  # KIND_GPU runs the same models on the GPU
     instances: int = 1
-    dtype: str = "float32"  # cloud weights; float16 on GPU
+    dtype: str = "float32"  # cloud weights: what plugin.model.ranges.serving_dtype chose
     limits: Limits = Limits()
     sequence_slots: int = 0  # Triton's max_candidate_sequences; 0: SLOTS_PER_SESSION x limits.max_sessions
 
