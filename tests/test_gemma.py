@@ -25,6 +25,7 @@ from edge_runtime.triton_link import TritonLink
 from edge_runtime.verified import DraftLength
 from plugin.model.checkpoint import load_model
 from plugin.model.gguf_import import default_out_dir, GEMMA_NOTICE, GGUFImportError, import_gguf, PLAN
+from plugin.model.ranges import serving_dtype
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan
@@ -190,3 +191,10 @@ def test_committed_exit_heads_and_plan_exit_on_the_edge_and_agree_teacher_forced
             agree += (stats.token[i] == stats.token[-1])[taken == i].tolist()
     assert sum(e != "cloud" for e in exits) >= 4 and "cloud" in exits, exits
     assert len(agree) >= 8 and sum(agree) / len(agree) >= 0.8, agree
+
+
+def test_gemma_is_never_served_in_float16(gemma):
+    """Its residual stream leaves float16's range: `ce-collm configs --gpu` serves it in bfloat16, and refuses
+    --dtype float16 naming the peak, rather than serve rows that turn into inf."""
+    with pytest.raises(ValueError, match=r"residual stream reaches \d{2,3},\d{3} \(float16 stops at 65,504"):
+        serving_dtype(gemma[0].checkpoint, "float16", gpu=True)
