@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.protocol.codec import encode
+from plugin.protocol.codec import encode, to_tensor
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest
 from plugin.split.context import ContextManager
@@ -31,13 +31,13 @@ class Clock:
 
 def test_uploads_accumulate_until_a_token_needs_them():
     cm = ContextManager(D, 6)
-    assert cm.handle(_req(1, 0, 4, start=True)).hidden.shape == (0, D)  # upload only: nothing to compute
-    assert cm.handle(_req(1, 4, 2)).hidden.shape == (0, D)
+    assert cm.handle(_req(1, 0, 4, start=True)).rows.data.shape == (0, D)  # upload only: nothing to compute
+    assert cm.handle(_req(1, 4, 2)).rows.data.shape == (0, D)
     block = cm.handle(_req(1, 6, 1, want=True))
     assert block.start_pos == 0 and block.split_layer == 3
-    assert block.hidden[:, 0].tolist() == list(range(7))  # all rows, in order, positions preserved
+    assert block.rows.data[:, 0].tolist() == list(range(7))  # all rows, in order, positions preserved
     block = cm.handle(_req(1, 7, 1, want=True))
-    assert block.start_pos == 7 and block.hidden.shape == (1, D)
+    assert block.start_pos == 7 and block.rows.data.shape == (1, D)
 
 
 @pytest.mark.parametrize("bad, error, message", [
@@ -61,7 +61,7 @@ def test_bad_requests_leave_stored_context_intact(bad, error, message):
         with pytest.raises(error, match=message):
             cm.handle(bad)
     block = cm.handle(_req(1, 4, 1, want=True))  # the next valid request still sees every row
-    assert block.hidden[:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert block.rows.data[:, 0].tolist() == [0, 1, 2, 3, 4]
 
 
 def test_limits_on_sessions_and_context():
@@ -97,7 +97,7 @@ def test_ttl_expires_idle_sessions_and_restart_resets():
         cm.handle(_req(1, 3, 1))
     assert set(cm.sessions) == {2}
     cm.handle(_req(2, 0, 2, start=True))  # START again: a new sequence from position 0
-    assert cm.handle(_req(2, 2, 1, want=True)).hidden.shape[0] == 3
+    assert cm.handle(_req(2, 2, 1, want=True)).rows.data.shape[0] == 3
 
 
 @pytest.mark.parametrize("codec", ["int8", "int8g", "fp16s"])
@@ -105,8 +105,9 @@ def test_int8_rows_round_trip_through_the_manager(codec):
     """The scaled codecs: rows kept as they arrived, widened with their scales when handed on."""
     cm = ContextManager(D, 6)
     block = cm.handle(_req(1, 0, 3, want=True, start=True, codec=codec))
-    torch.testing.assert_close(block.hidden[:, 0], torch.tensor([0.0, 1.0, 2.0]), atol=0.02, rtol=0)
-    assert block.hidden.dtype == torch.float32 and np.isfinite(block.hidden.numpy()).all()
+    hidden = to_tensor(block.rows, torch.float32, "cpu")  # as the cloud partition decodes them
+    torch.testing.assert_close(hidden[:, 0], torch.tensor([0.0, 1.0, 2.0]), atol=0.02, rtol=0)
+    assert block.rows.codec == codec and np.isfinite(hidden.numpy()).all()
 
 
 def test_a_start_no_request_follows_is_dropped_after_the_slot_idle_time_not_the_ttl():
@@ -159,10 +160,39 @@ def test_a_start_at_the_next_position_resumes_a_live_session_with_its_key():
     cm = ContextManager(D, 6)
     cm.handle(_req(1, 0, 3, start=True))
     block = cm.handle(_req(1, 3, 1, want=True, start=True))  # resumed: the 3 pending rows are still there
-    assert block.start_pos == 0 and block.hidden[:, 0].tolist() == [0, 1, 2, 3] and cm.sessions[1].confirmed
+    assert block.start_pos == 0 and block.rows.data[:, 0].tolist() == [0, 1, 2, 3] and cm.sessions[1].confirmed
     with pytest.raises(ProtocolError) as refused:
         cm.handle(_req(1, 4, 1, start=True, key=KEY + 1))
     assert refused.value.code is ErrorCode.SESSION_KEY
     with pytest.raises(SequenceNeedsStart) as gap:
         cm.handle(_req(2, 4, 1, want=True, start=True))
     assert gap.value.code is ErrorCode.POSITION_GAP and 2 not in cm.sessions
+
+
+def test_one_codec_per_session():
+    """A session's pending rows cross the ensemble's hop as one block of its codec: another codec is refused
+    (nothing changes), and a START may change it."""
+    cm = ContextManager(D, 6)
+    cm.handle(_req(1, 0, 2, start=True))
+    with pytest.raises(ProtocolError, match="started with codec fp16, not int8") as err:
+        cm.handle(_req(1, 2, 1, codec="int8"))
+    assert err.value.code is ErrorCode.MALFORMED and cm.sessions[1].next_position == 2
+    with pytest.raises(ProtocolError, match="started with codec fp16, not fp32"):  # a resumed START too
+        cm.handle(_req(1, 2, 1, start=True, codec="fp32"))
+    cm.handle(_req(1, 0, 2, start=True, codec="int8"))  # a re-START with another codec
+    block = cm.handle(_req(1, 2, 1, want=True, codec="int8"))
+    assert block.rows.codec == "int8" and block.rows.data.shape == (3, D) and block.rows.scale.shape == (3, 1)
+
+
+def test_a_resumed_start_cannot_change_the_split_layer():
+    """A START at a live session's next position resumes it (SLOT_EXPIRED): it may name the session's split layer,
+    or none, but not another (found by tests/test_fuzz.py: such a START was accepted)."""
+    cm = ContextManager(D, 6)
+    cm.handle(_req(1, 0, 2, start=True))
+    with pytest.raises(ProtocolError, match="started with split layer 3, not 5") as err:
+        cm.handle(_req(1, 2, 1, start=True, split=5))
+    assert err.value.code is ErrorCode.SPLIT_LAYER and cm.sessions[1].next_position == 2
+    cm.handle(_req(1, 2, 1, start=True))  # its own split layer: resumed
+    resumed = _req(1, 3, 1, want=True, start=True)
+    resumed.split_layer = None  # as the edge resends a request after SLOT_EXPIRED
+    assert cm.handle(resumed).rows.data.shape == (4, D)

@@ -274,9 +274,10 @@ def test_limits_reach_the_client_with_clear_errors(fz):
     assert wait_for_gauges(server.metrics_url, idle) == idle
 
 
-def test_refused_end_for_a_live_session_costs_a_resync_not_data(fz):
+def test_refused_end_for_a_live_session_costs_a_resume_not_data(fz):
     """Triton ends a sequence on END even when the model refuses that request: the stored context
-    outlives the slot, and the session's next request (no START) is answered "needs START"."""
+    outlives the slot, the session's next request (no START) is answered SLOT_EXPIRED, and the same
+    request with START resumes the context the models kept."""
     server, edge, ckpt = fz
     link = TritonLink(server.grpc_url)
     sid = 0x0DDBA11_0003
@@ -290,4 +291,4 @@ def test_refused_end_for_a_live_session_costs_a_resync_not_data(fz):
     reference = DecodingSession(edge, LocalCloud(load_model(ckpt, range(SPLIT, LAYERS))), "collaborative", threshold=1.0,
                                 sequence_id=1).generate(PROMPT, 12)
     assert [r.token_id for r in records] == reference.token_ids
-    assert gen.stats.resyncs == 1  # Triton released the slot; the edge re-sent its context
+    assert (gen.stats.resumes, gen.stats.resyncs) == (1, 0)  # Triton released the slot; nothing was re-sent

@@ -22,7 +22,8 @@ from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudRequest, PendingBlock
 from plugin.serving.repository import render_configs
 from plugin.serving.services import limits_from
-from plugin.split.cloud import CloudPartition, token_block
+from plugin.split.cloud import CloudPartition
+from plugin.split.cloud_only import CloudOnly
 from plugin.split.context import ContextManager
 from plugin.split.edge import EdgePartition
 from plugin.split.limits import Limits, RateLimiter
@@ -73,16 +74,16 @@ def test_rate_limit_is_per_session_and_loses_nothing():
         cm.handle(_req(1, 0, 1, start=True))
     clock.now = 0.2
     block = cm.handle(_req(1, 5, 1, want=True))  # refused requests changed nothing
-    assert block.hidden[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert block.rows.data[:, 0].tolist() == [0, 1, 2, 3, 4, 5]
 
 
 def test_payload_bytes_limit_is_checked_before_decoding():
     cm = ContextManager(D, 6, Limits(max_request_bytes=1000))
-    cm.handle(_req(1, 0, 4, start=True, codec="fp32"))  # 4 x 16 x 4 = 256 bytes of rows
+    cm.handle(_req(1, 0, 4, start=True))  # 4 x 16 x 2 = 128 bytes of rows
     with pytest.raises(ProtocolError, match=r"payload of 1041 bytes exceeds the limit of 1000 bytes per request"):
         cm.handle(_req(1, 4, 16, codec="fp32"))  # 1024 bytes of rows + START_POS + WANT_TOKEN + SESSION_KEY
     cm.handle(_req(1, 4, 16, codec="fp16"))  # the same rows in fp16 fit
-    assert cm.handle(_req(1, 20, 1, want=True)).hidden.shape == (21, D)
+    assert cm.handle(_req(1, 20, 1, want=True)).rows.data.shape == (21, D)
 
 
 def test_every_limit_has_a_clear_error():
@@ -92,7 +93,7 @@ def test_every_limit_has_a_clear_error():
     cases = [
         (_req(2, 0, 1, start=True), r"too many live sessions \(1\)"),
         (_req(1, 4, 5), r"block of 5 rows exceeds the limit of 4 rows per request"),
-        (_req(1, 4, 4, codec="fp32"), None),  # 256 bytes: fine
+        (_req(1, 4, 4), None),  # 128 bytes: fine
         (_req(1, 8, 1), r"context of 9 positions exceeds the limit of 8"),
     ]
     for req, message in cases:
@@ -170,16 +171,16 @@ def test_limits_are_config_parameters_and_back():
     assert Limits().params()["ttl_s"] == "600" and Limits.from_params({}) == Limits()
 
 
-def test_cloud_only_token_blocks_have_limits_too():
-    limits = Limits(max_block_rows=4, max_request_bytes=64)
+def test_cloud_only_token_blocks_have_limits_too(tiny):
+    model, limits = load_model(tiny), Limits(max_block_rows=4, max_request_bytes=64)
     ids = lambda n: np.arange(n, dtype=np.int64)  # noqa: E731
     with pytest.raises(ProtocolError, match="rows per request"):
-        token_block(CloudRequest(1, 0, True, token_ids=ids(5)), 96, Limits(max_block_rows=4))
+        CloudOnly(model, Limits(max_block_rows=4)).block(CloudRequest(1, 0, True, token_ids=ids(5)))
     with pytest.raises(ProtocolError, match="bytes per request"):
-        token_block(CloudRequest(1, 0, True, token_ids=ids(7)), 96, Limits(max_request_bytes=64))
+        CloudOnly(model, Limits(max_request_bytes=64)).block(CloudRequest(1, 0, True, token_ids=ids(7)))
     with pytest.raises(ProtocolError, match="WANT_TOKEN true"):  # nothing would keep them: refused, not dropped
-        token_block(CloudRequest(1, 0, False, token_ids=ids(2)), 96, limits)
-    assert token_block(CloudRequest(1, 2, False, token_ids=ids(0), end=True), 96, limits).num_rows == 0
+        CloudOnly(model, limits).block(CloudRequest(1, 0, False, token_ids=ids(2)))
+    assert CloudOnly(model, limits).block(CloudRequest(1, 2, False, token_ids=ids(0), end=True)).num_rows == 0
 
 
 # -- the reconnecting link -----------------------------------------------------------------------------

@@ -160,7 +160,7 @@ def test_a_session_answers_only_to_its_key():
             cm.handle(req)
         assert err.value.code is ErrorCode.SESSION_KEY
     block = cm.handle(_req(1, 2, 1, want=True))  # nothing changed, and the refusals did not spend its rate
-    assert block.hidden.shape == (3, D) and block.start_pos == 0
+    assert block.rows.data.shape == (3, D) and block.start_pos == 0
     cm.handle(_req(1, 0, 1, start=True))  # its own key may START it again (a re-sync)
 
 
@@ -196,7 +196,7 @@ def test_pending_rows_stay_as_they_arrived_and_the_budget_refuses_before_storing
     rows_fp16, rows_int8 = 10 * D * 2, 10 * D + 10 * 4
     cm = ContextManager(D, LAYERS, Limits(max_state_bytes=2 * rows_fp16 + rows_int8))
     cm.handle(_req(1, 0, 10, start=True))
-    cm.handle(_req(1, 10, 10, codec="int8"))
+    cm.handle(_req(3, 0, 10, start=True, codec="int8"))
     assert cm.pending_bytes == rows_fp16 + rows_int8  # not widened to fp32
     cm.handle(_req(2, 0, 10, start=True))
     with pytest.raises(ProtocolError, match=r"memory budget: this request needs 1280 more bytes") as err:
@@ -204,10 +204,10 @@ def test_pending_rows_stay_as_they_arrived_and_the_budget_refuses_before_storing
     assert err.value.code is ErrorCode.MEMORY_BUDGET and cm.budget.refusals == 1
     assert cm.pending_bytes == 2 * rows_fp16 + rows_int8  # nothing stored
     block = cm.handle(_req(2, 10, 1, want=True))  # a token request hands its rows on: it needs no more memory
-    assert block.hidden.shape == (11, D) and block.hidden.dtype == torch.float32
+    assert block.rows.data.shape == (11, D) and block.rows.codec == "fp16"  # handed on as they arrived
     reference = ContextManager(D, LAYERS).handle(_req(1, 0, 10, start=True, want=True))
-    assert torch.equal(cm.handle(_req(1, 20, 0, want=True)).hidden[:10], reference.hidden)
-    cm.handle(_req(1, 20, 0, end=True))
+    assert np.array_equal(cm.handle(_req(1, 10, 0, want=True)).rows.data, reference.rows.data)
+    cm.handle(_req(1, 10, 0, end=True))
     cm.handle(_req(2, 11, 10))  # memory freed by END is there for others
 
 

@@ -173,7 +173,7 @@ def test_every_error_kind_reaches_the_edge_by_its_code(setup):
     sid = 1100
     _raw(link, sid, 0, rows(3), start=True, split=SPLIT)
     cases = [
-        (dict(sid=1101, pos=0, rows=rows(1), want=True), ErrorCode.NEEDS_START),  # Triton's own words
+        (dict(sid=1101, pos=0, rows=rows(1), want=True), ErrorCode.SLOT_EXPIRED),  # Triton's own words
         (dict(sid=sid, pos=5, rows=rows(1)), ErrorCode.POSITION_GAP),
         (dict(sid=sid, pos=1, rows=rows(1)), ErrorCode.POSITION_OVERLAP),
         (dict(sid=sid, pos=3, rows=rows(1), split=SPLIT + 1), ErrorCode.SPLIT_LAYER),

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.protocol.codec import CODEC_DTYPES, encode
+from plugin.protocol.codec import CODEC_DTYPES, encode, to_tensor
 from plugin.protocol.errors import ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
-from plugin.protocol.tensors import HIDDEN_INPUTS, SCALE_INPUTS, SESSION_KEY, SPLIT_LAYER, START_POS, WANT_TOKEN
+from plugin.protocol.tensors import HIDDEN_ROWS, PENDING_HIDDEN, SESSION_KEY, SPLIT_LAYER, START_POS, WANT_TOKEN
 from plugin.protocol.wire import (
     block_from_inputs, block_outputs, reply_from_outputs, reply_outputs, request_from_inputs, request_inputs)
 
@@ -17,12 +17,13 @@ from plugin.protocol.wire import (
 def test_request_round_trip(codec):
     req = CloudRequest(7, 12, True, rows=encode(torch.randn(3, 40), codec), split_layer=4, start=True)
     inputs = request_inputs(req)
-    assert set(inputs) - {START_POS, WANT_TOKEN, SPLIT_LAYER, SESSION_KEY} == {HIDDEN_INPUTS[codec]} | (
-        {SCALE_INPUTS[codec]} if codec in SCALE_INPUTS else set())
+    scale = HIDDEN_ROWS.scale(codec)
+    assert set(inputs) - {START_POS, WANT_TOKEN, SPLIT_LAYER, SESSION_KEY} == {HIDDEN_ROWS.data(codec)} | (
+        {scale} if scale else set())
     back = request_from_inputs(inputs, 7, True, False)
     assert (back.sequence_id, back.start_pos, back.want_token, back.split_layer) == (7, 12, True, 4)
     assert back.rows.codec == codec and np.array_equal(back.rows.data, req.rows.data)
-    if codec in SCALE_INPUTS:  # int8g: [3, ceil(40 / 16)] scales
+    if scale:  # int8g: [3, ceil(40 / 16)] scales
         assert np.array_equal(back.rows.scale, req.rows.scale) and back.rows.scale.shape[1] in (1, 3)
 
 
@@ -58,11 +59,17 @@ def test_malformed_requests_are_refused(changes, sequence_id, message):
         request_from_inputs(_inputs(**changes), sequence_id, False, False)
 
 
-def test_block_and_reply_round_trip():
-    block = PendingBlock(9, 4, 10, torch.randn(3, 16), True)
+@pytest.mark.parametrize("codec", sorted(CODEC_DTYPES))
+def test_block_and_reply_round_trip(codec):
+    block = PendingBlock(9, 4, 10, encode(torch.randn(3, 40), codec), True)
     back = block_from_inputs(block_outputs(block), 9, False, True)
     assert (back.split_layer, back.start_pos, back.want_token, back.end) == (4, 10, True, True)
-    assert torch.equal(back.hidden, block.hidden)
+    assert back.rows.codec == codec and np.array_equal(back.rows.data, block.rows.data)
+    assert (back.rows.scale is None) == (block.rows.scale is None)
+    if block.rows.scale is not None:
+        assert np.array_equal(back.rows.scale, block.rows.scale)
+    decoded = block_outputs(block, decoded_hop=True)[PENDING_HIDDEN]  # the TensorRT variant's hop
+    assert decoded.dtype == np.float32 and np.array_equal(decoded[0], to_tensor(block.rows, torch.float32, "cpu"))
     reply = CloudReply(42, 0.5, [42, 7], [-0.69, -1.2], 5)
     assert reply_from_outputs(reply_outputs(reply)) == CloudReply(42, 0.5, [42, 7], pytest.approx([-0.69, -1.2]), 5)
     upload_only = reply_from_outputs(reply_outputs(CloudReply()))

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,18 @@ class EncodedRows:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+
+
+def concat(codec: str, hidden_size: int, blocks: Sequence[EncodedRows]) -> EncodedRows:
+    """Blocks of one codec as one block of their rows in order (0 rows for none), values untouched: a session's
+    pending rows cross the ensemble's hop as they arrived. One block is handed on as it is (no copy)."""
+    if len(blocks) == 1:
+        return blocks[0]
+    columns = scale_columns(codec, hidden_size)
+    data = np.concatenate([np.empty((0, hidden_size), CODEC_DTYPES[codec]), *(b.data for b in blocks)])
+    if columns is None:
+        return EncodedRows(codec, data)
+    return EncodedRows(codec, data, np.concatenate([np.empty((0, columns), np.float32), *(b.scale for b in blocks)]))
 
 
 def encode(hidden: torch.Tensor, codec: str) -> EncodedRows:

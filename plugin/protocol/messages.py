@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from plugin.protocol.codec import EncodedRows
+from plugin.protocol.codec import encode, EncodedRows
 from plugin.protocol.tensors import TOP_K
 
 
@@ -112,16 +112,19 @@ class PendingBlock:
     sequence_id: int
     split_layer: int
     start_pos: int
-    hidden: torch.Tensor  # [n, D]; n == 0 for upload-only requests
+    rows: EncodedRows  # [n, D] as the edge encoded them (the partition decodes them); n == 0 for upload-only requests
     want_token: bool
     start: bool = False
     end: bool = False
-    token_ids: torch.Tensor | None = None  # [n] int64 instead of hidden, for the cloud-only baseline (split 0)
-    session_key: int = 0  # the client's key (from the context manager, which checked it; or a cloud-only client's)
+    session_key: int = 0  # the client's key (from the context manager, which checked it)
     drafts: Drafts | None = None  # validated by the context manager: at most num_rows of them
     rollback_to: int | None = None  # validated by the context manager; the partition re-checks its own KV
     client: str = ""  # as in CloudRequest
 
+    def __post_init__(self) -> None:
+        if isinstance(self.rows, torch.Tensor):  # float rows given decoded (a naive split, a test): fp32, exact
+            self.rows = encode(self.rows, "fp32")
+
     @property
     def num_rows(self) -> int:
-        return self.hidden.shape[0] if self.token_ids is None else self.token_ids.shape[0]
+        return self.rows.data.shape[0]

@@ -44,6 +44,7 @@ class TensorSpec:
     ragged: bool = False  # an input whose ROWS differ between the requests of one batch (allow_ragged_batch)
     meaning: str = ""
     verification: bool = False  # verified mode / exit fidelity: drafts, rollbacks, per-row verdicts
+    hop: str = ""  # the ensemble's hop of the pending rows it carries: "encoded" (python partition) or "decoded"
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -70,18 +71,46 @@ _HIDDEN_MEANINGS = {
 }
 
 
-def _hidden(codec: str) -> TensorSpec:
-    meaning = _HIDDEN_MEANINGS[codec]
-    return TensorSpec(f"HIDDEN_{codec.upper()}", np.dtype(CODEC_DTYPES[codec]).name, (ROWS, HIDDEN), _EDGE_FACING,
-                      optional=True, ragged=True, meaning=meaning)
+@dataclass(frozen=True)
+class RowTensors:
+    """The tensors one block of encoded rows travels in: one per codec (a block uses one) and the scales of the
+    codecs that scale. The edge's upload (HIDDEN_*) and the ensemble's internal hop (PENDING_*) are both this, so
+    the rows cross the hop as they crossed the network."""
 
+    prefix: str
+
+    def data(self, codec: str) -> str:
+        return f"{self.prefix}_{codec.upper()}"
+
+    def scale(self, codec: str) -> str | None:
+        """The tensor of the codec's float32 scale (None: the codec sends none)."""
+        return {"int8": f"{self.prefix}_SCALE", "fp16s": f"{self.prefix}_SCALE",
+                "int8g": f"{self.prefix}_GROUP_SCALE"}.get(codec)
+
+    def specs(self, meanings: dict[str, str], **spec) -> list[TensorSpec]:
+        """Its table entries; `meanings`: per codec, and "scale" and "group_scale"."""
+        data = [TensorSpec(self.data(codec), np.dtype(dtype).name, (ROWS, HIDDEN), meaning=meanings[codec], **spec)
+                for codec, dtype in CODEC_DTYPES.items()]
+        return data + [TensorSpec(self.scale("int8"), "float32", (ROWS, 1), meaning=meanings["scale"], **spec),
+                       TensorSpec(self.scale("int8g"), "float32", (ROWS, GROUPS_DIM), meaning=meanings["group_scale"],
+                                  **spec)]
+
+
+HIDDEN_ROWS, PENDING_ROWS = RowTensors("HIDDEN"), RowTensors("PENDING")
+_UPLOAD = HIDDEN_ROWS.specs({
+    **_HIDDEN_MEANINGS, "scale": "float32 scale of each HIDDEN_INT8 or HIDDEN_FP16S row",
+    "group_scale": f"float32 scale of each group of {GROUP} channels of each HIDDEN_INT8G row"},
+    inputs_of=_EDGE_FACING, optional=True, ragged=True)
+_HOP = PENDING_ROWS.specs({
+    **{codec: f"the session's pending rows (every row not computed yet) as {HIDDEN_ROWS.data(codec)} carried them: "
+              "the one of the session's codec holds them, the others 0 rows (all 0 rows for an upload)"
+       for codec in CODEC_DTYPES},
+    "scale": "their scale, as HIDDEN_SCALE (0 rows for the codecs without)",
+    "group_scale": "their scale, as HIDDEN_GROUP_SCALE (0 rows for the codecs without)"},
+    inputs_of=(CLOUD_PARTITION,), outputs_of=(CONTEXT_MANAGER,), ragged=True, hop="encoded")
 
 TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
-    *(_hidden(codec) for codec in CODEC_DTYPES),
-    TensorSpec("HIDDEN_SCALE", "float32", (ROWS, 1), _EDGE_FACING, optional=True, ragged=True,
-               meaning="float32 scale of each HIDDEN_INT8 or HIDDEN_FP16S row"),
-    TensorSpec("HIDDEN_GROUP_SCALE", "float32", (ROWS, GROUPS_DIM), _EDGE_FACING, optional=True, ragged=True,
-               meaning=f"float32 scale of each group of {GROUP} channels of each HIDDEN_INT8G row"),
+    *_UPLOAD,
     TensorSpec("TOKEN_IDS", "int64", (ROWS,), (CLOUD_ONLY,), ragged=True,
                meaning="token ids of positions [START_POS, START_POS + n), for the cloud-only baseline"),
     TensorSpec("START_POS", "int64", (1,), (*_EDGE_FACING, CLOUD_ONLY),
@@ -110,8 +139,10 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                        "valid only in the request right after one with DRAFT_TOKENS, between its first drafted row + 1 "
                        "and the next position, and START_POS must equal it"),
     # between the ensemble's two steps (context_manager -> cloud_partition); edges never see them
-    TensorSpec("PENDING_HIDDEN", "float32", (ROWS, HIDDEN), (CLOUD_PARTITION,), (CONTEXT_MANAGER,), ragged=True,
-               meaning="the session's pending rows (every row not computed yet); 0 rows for an upload"),
+    *_HOP,
+    TensorSpec("PENDING_HIDDEN", "float32", (ROWS, HIDDEN), outputs_of=(CONTEXT_MANAGER,), hop="decoded",
+               meaning="the TensorRT variant's hop instead of PENDING_FP32 ... PENDING_GROUP_SCALE: the pending rows "
+                       "decoded, for the engine's float hidden_in (plugin/serving/trt_repository.py)"),
     TensorSpec("PENDING_START", "int64", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
                meaning="position of the first pending row"),
     TensorSpec("PENDING_SPLIT", "int32", (1,), (CLOUD_PARTITION,), (CONTEXT_MANAGER,),
@@ -149,14 +180,12 @@ def inputs_of(model: str) -> list[TensorSpec]:
     return [t for t in TENSORS.values() if model in t.inputs_of]
 
 
-def outputs_of(model: str) -> list[TensorSpec]:
-    return [t for t in TENSORS.values() if model in t.outputs_of]
+def outputs_of(model: str, decoded_hop: bool = False) -> list[TensorSpec]:
+    """decoded_hop: the context manager of the TensorRT variant, which hands the pending rows on decoded."""
+    skipped = "encoded" if decoded_hop else "decoded"
+    return [t for t in TENSORS.values() if model in t.outputs_of and t.hop != skipped]
 
 
-HIDDEN_INPUTS = {codec: _hidden(codec).name for codec in CODEC_DTYPES}
-HIDDEN_SCALE = "HIDDEN_SCALE"
-HIDDEN_GROUP_SCALE = "HIDDEN_GROUP_SCALE"
-SCALE_INPUTS = {"int8": HIDDEN_SCALE, "fp16s": HIDDEN_SCALE, "int8g": HIDDEN_GROUP_SCALE}  # codec -> its scale
 TOKEN_IDS = "TOKEN_IDS"
 START_POS = "START_POS"
 WANT_TOKEN = "WANT_TOKEN"

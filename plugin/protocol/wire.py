@@ -8,14 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from plugin.protocol.codec import EncodedRows
+from plugin.protocol.codec import CODEC_DTYPES, EncodedRows, to_tensor
 from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import (
-    CATCHUP_ROWS, CONFIDENCE, CONTEXT_ROWS, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_INPUTS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
-    PENDING_HIDDEN, PENDING_KEY, PENDING_ROLLBACK, PENDING_SPLIT, PENDING_START, PENDING_WANT, ROLLBACK_TO, ROW_TOPK_IDS,
-    ROW_TOPK_LOGPROBS, SCALE_INPUTS, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS,
-    TOPK_LOGPROBS, WANT_TOKEN)
+    CATCHUP_ROWS, CONFIDENCE, CONTEXT_ROWS, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_ROWS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
+    PENDING_HIDDEN, PENDING_KEY, PENDING_ROLLBACK, PENDING_ROWS, PENDING_SPLIT, PENDING_START, PENDING_WANT,
+    ROLLBACK_TO, ROW_TOPK_IDS, ROW_TOPK_LOGPROBS, RowTensors, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID,
+    TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
 
 
 Tensors = dict[str, np.ndarray]
@@ -30,9 +30,7 @@ def request_inputs(req: CloudRequest) -> Tensors:
     """Edge side: one request as the ensemble's input tensors (batch dimension 1)."""
     out: Tensors = {START_POS: _one(START_POS, req.start_pos), WANT_TOKEN: _one(WANT_TOKEN, req.want_token)}
     if req.rows is not None:
-        out[HIDDEN_INPUTS[req.rows.codec]] = req.rows.data[None]
-        if req.rows.scale is not None:
-            out[SCALE_INPUTS[req.rows.codec]] = req.rows.scale[None]
+        out.update(_rows_tensors(req.rows, HIDDEN_ROWS))
     if req.token_ids is not None:
         out[TOKEN_IDS] = req.token_ids[None]
     if req.split_layer is not None:
@@ -46,6 +44,21 @@ def request_inputs(req: CloudRequest) -> Tensors:
     if req.rollback_to is not None:
         out[ROLLBACK_TO] = _one(ROLLBACK_TO, req.rollback_to)
     return out
+
+
+def _rows_tensors(rows: EncodedRows, tensors: RowTensors) -> Tensors:
+    """The rows' data and scale (if their codec has one) under `tensors`' names, batch of one."""
+    out = {tensors.data(rows.codec): rows.data[None]}
+    if rows.scale is not None:
+        out[tensors.scale(rows.codec)] = rows.scale[None]
+    return out
+
+
+def _rows_from(inputs: Tensors, tensors: RowTensors, codec: str) -> EncodedRows:
+    """The rows of `codec` under `tensors`' names (their dtype, width and scale are the codec's to check)."""
+    name, scale_name = tensors.data(codec), tensors.scale(codec)
+    scale = inputs.get(scale_name) if scale_name else None
+    return EncodedRows(codec, _unbatched(inputs[name], name), None if scale is None else _unbatched(scale, scale_name))
 
 
 def _scalar(inputs: Tensors, name: str):
@@ -76,9 +89,10 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
         raise ProtocolError(ErrorCode.MALFORMED, f"requests need a non-zero sequence_id, an integer (one per "
                                                  f"generation session), got {sequence_id!r}; string sequence ids "
                                                  "are not supported")
-    hidden = [(codec, name) for codec, name in HIDDEN_INPUTS.items() if name in inputs]
+    hidden = [codec for codec in CODEC_DTYPES if HIDDEN_ROWS.data(codec) in inputs]
     if len(hidden) + (TOKEN_IDS in inputs) != 1:
-        raise ProtocolError(ErrorCode.MALFORMED, f"send exactly one of {sorted(HIDDEN_INPUTS.values())} or {TOKEN_IDS}")
+        names = sorted(HIDDEN_ROWS.data(codec) for codec in CODEC_DTYPES)
+        raise ProtocolError(ErrorCode.MALFORMED, f"send exactly one of {names} or {TOKEN_IDS}")
     start_pos = _scalar(inputs, START_POS)
     if start_pos < 0:
         raise ProtocolError(ErrorCode.MALFORMED, f"START_POS must be >= 0, got {start_pos}")
@@ -88,11 +102,7 @@ def request_from_inputs(inputs: Tensors, sequence_id: int | str, start: bool, en
     req = CloudRequest(sequence_id, start_pos, bool(_scalar(inputs, WANT_TOKEN)),
                        split_layer=_scalar(inputs, SPLIT_LAYER), start=start, end=end, session_key=key or 0)
     if hidden:
-        codec, name = hidden[0]
-        scale_name = SCALE_INPUTS.get(codec)
-        scale = inputs.get(scale_name) if scale_name else None
-        req.rows = EncodedRows(codec, _unbatched(inputs[name], name),
-                               _unbatched(scale, scale_name) if scale is not None else None)
+        req.rows = _rows_from(inputs, HIDDEN_ROWS, hidden[0])
     else:
         req.token_ids = _unbatched(inputs[TOKEN_IDS], TOKEN_IDS)
     req.drafts = _drafts(inputs)
@@ -120,16 +130,27 @@ def _drafts(inputs: Tensors) -> Drafts | None:
     return Drafts(tokens, exits)
 
 
-def block_outputs(block: PendingBlock) -> Tensors:
-    """context_manager -> cloud_partition: the pending block of one request."""
+def block_outputs(block: PendingBlock, decoded_hop: bool = False) -> Tensors:
+    """context_manager -> cloud_partition: the pending block of one request, its rows as they arrived (decoded_hop:
+    decoded to PENDING_HIDDEN, for the TensorRT variant's engine)."""
+    rows = ({PENDING_HIDDEN: to_tensor(block.rows, torch.float32, "cpu").numpy()[None]} if decoded_hop
+            else _hop_rows(block.rows))
     return {
-        PENDING_HIDDEN: block.hidden.numpy()[None].astype(TENSORS[PENDING_HIDDEN].np_dtype, copy=False),
+        **rows,
         PENDING_START: _one(PENDING_START, block.start_pos),
         PENDING_SPLIT: _one(PENDING_SPLIT, block.split_layer),
         PENDING_WANT: _one(PENDING_WANT, block.want_token),
         PENDING_KEY: _one(PENDING_KEY, block.session_key),
         **_pending_verification(block),
     }
+
+
+def _hop_rows(rows: EncodedRows) -> Tensors:
+    """Every encoded PENDING_* row tensor (the ensemble maps them all): the block's codec holds its rows, the
+    others 0 rows."""
+    own = _rows_tensors(rows, PENDING_ROWS)
+    return {t.name: own.get(t.name, np.zeros((1, 0, *t.config_dims(rows.data.shape[1])[1:]), t.np_dtype))
+            for t in TENSORS.values() if t.hop == "encoded"}
 
 
 def _pending_verification(block: PendingBlock) -> Tensors:
@@ -141,11 +162,12 @@ def _pending_verification(block: PendingBlock) -> Tensors:
 
 
 def block_from_inputs(inputs: Tensors, sequence_id: int, start: bool, end: bool) -> PendingBlock:
-    hidden = inputs[PENDING_HIDDEN][0]  # [n, D]; the context manager already validated it and the drafts
+    # the rows are the codec's that holds any (an upload's block holds none); the context manager checked them
+    codec = next((c for c in CODEC_DTYPES if inputs[PENDING_ROWS.data(c)].shape[1]), "fp32")
     drafts = Drafts(inputs[PENDING_DRAFTS][0], inputs[PENDING_DRAFT_EXITS][0])
     rollback = int(inputs[PENDING_ROLLBACK][0, 0])
     return PendingBlock(sequence_id, int(inputs[PENDING_SPLIT][0, 0]), int(inputs[PENDING_START][0, 0]),
-                        torch.from_numpy(np.ascontiguousarray(hidden)), bool(inputs[PENDING_WANT][0, 0]),
+                        _rows_from(inputs, PENDING_ROWS, codec), bool(inputs[PENDING_WANT][0, 0]),
                         start, end, drafts=drafts if len(drafts) else None, rollback_to=None if rollback < 0 else rollback,
                         session_key=int(inputs[PENDING_KEY][0, 0]))
 

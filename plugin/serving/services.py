@@ -13,10 +13,12 @@ from typing import Callable, Protocol
 import torch
 
 from plugin.model.checkpoint import load_model, read_config
+from plugin.model.decoder import DecoderModel
 from plugin.protocol.errors import ErrorCode, ProtocolError
-from plugin.protocol.messages import CloudRequest, PendingBlock
+from plugin.protocol.messages import CloudRequest
 from plugin.protocol.wire import block_from_inputs, block_outputs, reply_outputs, request_from_inputs, Tensors
-from plugin.split.cloud import CloudPartition, token_block
+from plugin.split.cloud import Block, CloudPartition
+from plugin.split.cloud_only import CloudOnly
 from plugin.split.context import ContextManager
 from plugin.split.limits import Limits, MemoryBudget
 
@@ -111,12 +113,14 @@ class ContextManagerService:
         self.manager = ContextManager(cfg.hidden_size, cfg.num_layers, self.limits,
                                       min_split_layer=min_split_layer(params), vocab_size=cfg.vocab_size,
                                       max_split_layer=max_split_layer(params))  # rows stay in RAM
+        # a TensorRT engine behind it takes the rows decoded (trt_repository.py); the python partition, encoded
+        self.decoded_hop = params.get("decoded_hop") == "true"
 
     def execute(self, batch: list[RequestData]) -> list[Result]:
         return one_by_one(batch, self._answer)
 
     def _answer(self, r: RequestData) -> Tensors:
-        return block_outputs(self.manager.handle(r.request()))
+        return block_outputs(self.manager.handle(r.request()), self.decoded_hop)
 
     def sweep(self) -> list[int]:
         return self.manager.expire()
@@ -138,7 +142,7 @@ class CloudPartitionService:
         layers = range(self._first_layer(params), num_layers)
         model = load_model(checkpoint, layers, DTYPES[params.get("dtype", "float32")], device)
         self.limits = limits_from(params)
-        self.partition = CloudPartition(model, self.limits)
+        self.partition = self._partition(model)
         # the plan's exits: the per-exit agreement metrics count drafts from these alone, so a client that names
         # other exits cannot add series of its own (theirs are counted under "other")
         self.exits = {int(e) for e in params["exit_layers"].split(",")} if params.get("exit_layers") else None
@@ -146,7 +150,11 @@ class CloudPartitionService:
     def _first_layer(self, params: dict[str, str]) -> int:
         return min_split_layer(params)
 
-    def _block(self, r: RequestData) -> PendingBlock:
+    def _partition(self, model: DecoderModel) -> CloudPartition:
+        """The partition this model computes with: over the context manager's blocks here."""
+        return CloudPartition(model, self.limits)
+
+    def _block(self, r: RequestData) -> Block:
         block = block_from_inputs(r.inputs, r.sequence_id, r.start, r.end)
         block.client = r.client
         return block
@@ -192,5 +200,10 @@ class CloudOnlyService(CloudPartitionService):
     def _first_layer(self, params: dict[str, str]) -> int:
         return 0
 
-    def _block(self, r: RequestData) -> PendingBlock:
-        return token_block(r.request(), self.partition.model.cfg.vocab_size, self.partition.limits)
+    def _partition(self, model: DecoderModel) -> CloudPartition:
+        """Cloud-only's own, fed token ids; the CloudOnly is kept for its request checks."""
+        self.cloud_only = CloudOnly(model, self.limits)
+        return self.cloud_only.partition
+
+    def _block(self, r: RequestData) -> Block:
+        return self.cloud_only.block(r.request())

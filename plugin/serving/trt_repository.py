@@ -2,7 +2,8 @@
 KV cache is Triton implicit state, beside the python-backend repository of `repository.py`.
 
   ce_collm         ensemble: context_manager -> cloud_partition (max_batch_size 1: see below)
-  context_manager  python, as in the python repository (keeps the uploaded layer-k rows)
+  context_manager  python, as in the python repository (keeps the uploaded layer-k rows), but hands them on
+                   decoded (PENDING_HIDDEN, float32): the engine's hidden_in is a float input
   cloud_partition  tensorrt_plan: the cloud graph of build/export_onnx.py, built by
                    build/build_engines.py --target cloud; past_key_LL/past_value_LL are
                    `sequence_batching { state [...] }` pairs fed back from present_key_LL/present_value_LL,
@@ -136,7 +137,7 @@ def render_trt_repository(plan: PartitionPlan, onnx_dir: Path, repository_dir: P
     manifest.check_plan(plan)
     cfg = read_config(plan.checkpoint)
     spec = cloud_spec(manifest)
-    python = render_configs(plan, repository_dir, opts.python, only_plan_split=True)  # the engine's split only
+    python = render_configs(plan, repository_dir, opts.python, engine=True)  # the engine's split only, rows decoded
     return {
         "ce_collm": render_trt_ensemble(plan, cfg.hidden_size),
         "context_manager": python["context_manager"],

@@ -5,7 +5,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -13,11 +13,12 @@ import torch
 from plugin.model.decoder import DecoderModel
 from plugin.model.kv import position_mark, SequenceKV
 from plugin.model.sampling import top_k_ids
+from plugin.protocol.codec import to_tensor
 from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
-from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock, RowVerdict
+from plugin.protocol.messages import CloudReply, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
-from plugin.split.context import drafted_rows, resumes, window_text
-from plugin.split.limits import Admission, check_session_key, drop_idle, Limits, MemoryBudget, require_session_key
+from plugin.split.context import drafted_rows, window_text
+from plugin.split.limits import Admission, check_context, drop_idle, Limits, MemoryBudget
 
 
 @dataclass
@@ -34,17 +35,61 @@ class _Sequence:
         return self.kv.nbytes
 
 
+class Block(Protocol):
+    """What the partition computes for one request: a PendingBlock of the context manager, or a cloud-only
+    request (plugin/split/cloud_only.py)."""
+
+    sequence_id: int
+    split_layer: int | None
+    start_pos: int
+    want_token: bool
+    start: bool
+    end: bool
+    session_key: int
+    drafts: Drafts | None
+    rollback_to: int | None
+    client: str
+
+    @property
+    def num_rows(self) -> int: ...
+
+
+class Inputs(Protocol):
+    """What a partition's blocks carry, turned into the rows entering their split layer, and whose mistake a block
+    out of step with its sequence's KV is."""
+
+    from_client: bool  # True: the client's (refused); False: the context manager's, whose state disagrees
+
+    def rows(self, block: Block, positions: torch.Tensor) -> torch.Tensor:
+        """[n, D] in the model's dtype, on its device; positions: the block's [n], on the device."""
+
+
+class HandedRows:
+    """The context manager's blocks: the layer-k rows as the edge encoded them, decoded here, once, in the
+    model's dtype (the ensemble's hop carried them encoded)."""
+
+    from_client = False
+
+    def __init__(self, model: DecoderModel):
+        self.model = model
+
+    def rows(self, block: PendingBlock, positions: torch.Tensor) -> torch.Tensor:
+        return to_tensor(block.rows, self.model.dtype, self.model.device)
+
+
 class CloudPartition:
     """Resumes each session at its split layer; batches the blocks of many sessions in one pass.
 
-    A block with split layer 0 holds token ids (the cloud-only baseline); otherwise it holds the
-    layer-k hidden states that the context manager handed over. Each block is answered on its own:
-    one that is refused or fails leaves the others of its batch as if it had not been there.
+    The blocks' rows come from `inputs`: the layer-k hidden states the context manager handed over
+    (HandedRows), or token ids (cloud-only's TokenIds, which composes a partition over every layer).
+    Each block is answered on its own: one that is refused or fails leaves the others of its batch as
+    if it had not been there.
     """
 
     def __init__(self, model: DecoderModel, limits: Limits | None = None, top_k: int = TOP_K,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, inputs: Inputs | None = None):
         self.model, self.top_k, self.clock = model, top_k, clock
+        self.inputs = inputs or HandedRows(model)
         self.limits = (limits or Limits()).within(model.cfg.position_limit)
         # the context manager in front admits sessions by the same rule, with this partition's first layer
         self.admission = Admission(self.limits, model.cfg.num_layers, model.layer_range.start)
@@ -56,7 +101,7 @@ class CloudPartition:
         self.drafts_agreed: Counter[int] = Counter()  # exit layer -> ... that were its greedy token
 
     @torch.inference_mode()
-    def step(self, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
+    def step(self, blocks: list[Block]) -> list[CloudReply | ProtocolError]:
         """One reply (or the error for that request alone) per block, in order."""
         now = self.clock()
         self.expire(now)
@@ -90,7 +135,7 @@ class CloudPartition:
                 self.sequences.pop(blocks[i].sequence_id, None)
         return replies
 
-    def _admit(self, block: PendingBlock, now: float, held: int, batch: frozenset[int]) -> tuple[_Sequence, int]:
+    def _admit(self, block: Block, now: float, held: int, batch: frozenset[int]) -> tuple[_Sequence, int]:
         """The block's sequence once every check passed, and the bytes the state will grow by (less those of the
         sessions evicted to make room); nothing changes before, except a sequence found out of step with its
         context manager, which is dropped."""
@@ -98,30 +143,18 @@ class CloudPartition:
         if block.want_token and block.num_rows == 0:
             raise ProtocolError(ErrorCode.MALFORMED, "token request with no rows: the cloud has nothing to compute "
                                                      "a token from")
-        evict: list[int] = []
-        if block.start and old is not None and resumes(block.start_pos, block.rollback_to):
-            check_session_key(block.sequence_id, block.session_key, old.key)  # SLOT_EXPIRED: the KV is kept
-            seq = old
-        elif block.start:
-            require_session_key(block.session_key)
-            if old is not None:
-                check_session_key(block.sequence_id, block.session_key, old.key)
-            victim = self.admission.check_start(block.sequence_id, block.split_layer, self.sequences, block.client,
+        # a resumed START (SLOT_EXPIRED) finds its KV kept
+        seq, evict = self.admission.session_for(self.sequences, block.sequence_id, block.start, block.start_pos,
+                                                block.rollback_to, block.session_key, block.split_layer, block.client,
                                                 batch)
-            evict += [] if victim is None else [victim]
+        if seq is None:
             seq = _Sequence(block.split_layer, self.model.new_sequence(block.split_layer, self.model.cfg.num_layers),
                             now, block.session_key, block.client)
-        elif old is None:
-            raise SequenceNeedsStart(f"sequence {block.sequence_id} has no cloud state: re-send its context with START")
-        else:
-            check_session_key(block.sequence_id, block.session_key, old.key)
-            seq = old
         positions = self._held_after_rollback(block, seq)
         if block.want_token and block.start_pos != positions:
             self._out_of_step(block, positions)
-        if block.want_token and positions + block.num_rows > self.limits.max_context:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {positions + block.num_rows} positions exceeds "
-                                                          f"the limit of {self.limits.max_context}")
+        if block.want_token:
+            check_context(self.limits, positions + block.num_rows)
         more = seq.kv.nbytes_after(block.num_rows if block.want_token else 0) - (old.kv.nbytes if old else 0)
         evict += self.budget.check(held - sum(self.sequences[sid].nbytes for sid in evict), more, self.sequences,
                                    block.client, batch | set(evict))
@@ -133,19 +166,19 @@ class CloudPartition:
             seq.kv.rewind(position_mark(seq.kv.layers, block.rollback_to))
         return seq, more
 
-    def _out_of_step(self, block: PendingBlock, positions: int) -> None:
+    def _out_of_step(self, block: Block, positions: int) -> None:
         """A block that does not start where the sequence's KV ends. From a cloud-only client it is the
         client's mistake, refused; from the context manager it means the two steps of the ensemble disagree
         (a step failed after the other had applied the request, a stub was reloaded): the sequence is
         dropped and the edge re-syncs both."""
-        if block.token_ids is not None:
+        if self.inputs.from_client:
             raise position_error(block.sequence_id, positions, block.start_pos, "token")
         self.sequences.pop(block.sequence_id, None)  # not stored yet when a resumed START found no KV here
         raise SequenceNeedsStart(f"sequence {block.sequence_id}: the context manager's block starts at "
                                  f"{block.start_pos}, the cloud partition holds {positions} positions; state dropped, "
                                  "re-send the context with START")
 
-    def _compute(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
+    def _compute(self, split: int, blocks: list[Block]) -> list[CloudReply | ProtocolError]:
         """The blocks as one batch; when that fails, each alone (rewound first), so that one failing block
         fails alone and the others are computed as if it had not been there."""
         marks = [self.sequences[block.sequence_id].kv.mark() for block in blocks]
@@ -158,7 +191,7 @@ class CloudPartition:
                 return [self._lost(blocks[0], e)]
         return [self._compute(split, [block])[0] for block in blocks]
 
-    def _lost(self, block: PendingBlock, error: Exception) -> SequenceNeedsStart:
+    def _lost(self, block: Block, error: Exception) -> SequenceNeedsStart:
         """An unexpected failure on one sequence: its state cannot be vouched for, so it is dropped and the
         edge re-syncs it (a failure that repeats fails the re-sync too, and the edge gives up)."""
         self.sequences.pop(block.sequence_id, None)
@@ -166,7 +199,7 @@ class CloudPartition:
                                   f"({type(error).__name__}: {error}) and dropped its state; re-send its context with "
                                   "START", details="".join(traceback.format_exception(error)))
 
-    def _held_after_rollback(self, block: PendingBlock, seq: _Sequence) -> int:
+    def _held_after_rollback(self, block: Block, seq: _Sequence) -> int:
         """Positions the KV holds once the block's rollback (checked by the context manager) is applied. A rollback
         this partition cannot apply means the two halves of the ensemble disagree: this sequence is dropped and the
         edge re-syncs both (needs START), rather than going on with a half-applied rollback."""
@@ -180,7 +213,7 @@ class CloudPartition:
                                      f"{window_text(seq.rollback_window)}): re-send the context with START")
         return block.rollback_to
 
-    def _run(self, split: int, blocks: list[PendingBlock]) -> list[CloudReply | ProtocolError]:
+    def _run(self, split: int, blocks: list[Block]) -> list[CloudReply | ProtocolError]:
         model = self.model
         lengths = [b.num_rows for b in blocks]
         width = max(lengths)
@@ -190,15 +223,9 @@ class CloudPartition:
             row_pos = torch.arange(block.start_pos, block.start_pos + width).clamp(max=block.start_pos + lengths[b] - 1)
             positions[b] = row_pos
         positions = positions.to(model.device)
-        if split == 0:
-            ids = torch.zeros(len(blocks), width, dtype=torch.long)
-            for b, block in enumerate(blocks):
-                ids[b, : lengths[b]] = block.token_ids
-            h = model.embed_tokens(ids.to(model.device), positions)
-        else:
-            h = torch.zeros(len(blocks), width, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
-            for b, block in enumerate(blocks):
-                h[b, : lengths[b]] = block.hidden.to(model.device, model.dtype)
+        h = torch.zeros(len(blocks), width, model.cfg.hidden_size, dtype=model.dtype, device=model.device)
+        for b, block in enumerate(blocks):
+            h[b, : lengths[b]] = self.inputs.rows(block, positions[b, : lengths[b]])
         kvs = [self.sequences[block.sequence_id].kv for block in blocks]
         h = model.run_layers(h, positions, split, model.cfg.num_layers, kvs, lengths)
         # the head runs on each block's last row, or on every row its drafts name (the last row among them)
@@ -230,7 +257,7 @@ class CloudPartition:
             replies.append(reply)
         return replies
 
-    def _count_agreement(self, block: PendingBlock, rows: list[RowVerdict]) -> None:
+    def _count_agreement(self, block: Block, rows: list[RowVerdict]) -> None:
         """Live exit fidelity: how often each edge exit's guess was the full model's greedy token."""
         for token, exit_layer, verdict in zip(block.drafts.tokens.tolist(), block.drafts.exits.tolist(), rows):
             self.drafts_checked[exit_layer] += 1
@@ -244,27 +271,4 @@ class CloudPartition:
     @property
     def kv_bytes(self) -> int:
         return sum(seq.kv.nbytes for seq in self.sequences.values())
-
-
-def token_block(req: CloudRequest, vocab_size: int, limits: Limits | None = None) -> PendingBlock:
-    """A cloud-only request: token ids for the whole model (split layer 0)."""
-    limits = limits or Limits()
-    ids = req.token_ids
-    if ids is None or ids.ndim != 1 or ids.dtype != np.int64:
-        raise ProtocolError(ErrorCode.MALFORMED, "TOKEN_IDS must be int64 of shape [1, n]")
-    if req.nbytes > limits.max_request_bytes:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"request payload of {req.nbytes} bytes exceeds the limit of "
-                                                      f"{limits.max_request_bytes} bytes per request")
-    if ids.size > limits.max_block_rows:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                            f"block of {ids.size} rows exceeds the limit of {limits.max_block_rows} rows per request")
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ProtocolError(ErrorCode.MALFORMED, f"token ids must lie in [0, {vocab_size})")
-    if ids.size and not req.want_token:  # no context manager in front of cloud_only: nothing would keep them
-        raise ProtocolError(ErrorCode.MALFORMED, "cloud_only keeps no pending tokens: send TOKEN_IDS with WANT_TOKEN true")
-    if req.drafts is not None or req.rollback_to is not None:
-        raise ProtocolError(ErrorCode.MALFORMED, "cloud_only checks no drafts and rolls nothing back: send those "
-                                                 "to the ce_collm ensemble")
-    return PendingBlock(req.sequence_id, 0, req.start_pos, torch.empty(0, 0), req.want_token, req.start, req.end,
-                        token_ids=torch.from_numpy(ids.copy()), session_key=req.session_key, client=req.client)
 

@@ -6,19 +6,18 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
-from plugin.protocol.codec import check, EncodedRows, to_tensor
+from plugin.protocol.codec import check, concat, EncodedRows
 from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
 from plugin.split.limits import (
-    Admission, check_session_key, drop_idle, Limits, MemoryBudget, RateLimiter, require_session_key)
+    Admission, check_context, check_request, drop_idle, Limits, MemoryBudget, RateLimiter)
 
 
 @dataclass(frozen=True)
 class _Context:
     """What a session holds: positions [0, next_position) arrived; rows [first_pending, next_position) wait
-    for a token request, as they arrived (fp16/int8 stay fp16/int8)."""
+    for a token request, as they arrived (fp16/int8 stay fp16/int8), all in the session's codec."""
 
     next_position: int = 0
     first_pending: int = 0
@@ -36,6 +35,8 @@ class _Session:
     split_layer: int
     key: int  # SESSION_KEY of its START: every later request must carry it
     requests: RateLimiter  # this session's request rate; kept across a re-START
+    # the codec of its START: its pending rows are handed on as one block of it, as they arrived
+    codec: str
     client: str = ""  # who started it (the front's CLIENT_HEADER): sessions and bytes are shared per client
     # False until a request after its START arrives: a START the cloud partition refused after this manager took
     # it is followed by none, and such a session is dropped after limits.slot_idle_s, not the TTL
@@ -105,9 +106,11 @@ class ContextManager:
         if req.start_pos != base.next_position:
             raise position_error(req.sequence_id, base.next_position, req.start_pos, "row")
         announced = req.context_rows if req.start and req.context_rows is not None else 0
-        if max(base.next_position + n, announced) > self.limits.max_context:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {max(base.next_position + n, announced)} "
-                                                          f"positions exceeds the limit of {self.limits.max_context}")
+        check_context(self.limits, max(base.next_position + n, announced))
+        if req.rows.codec != session.codec:  # the pending block is handed on as one block of the session's codec
+            raise ProtocolError(ErrorCode.MALFORMED, f"sequence {req.sequence_id} started with codec "
+                                                     f"{session.codec}, not {req.rows.codec}: one codec per session "
+                                                     "(START to change it)")
         if req.want_token and base.pending_rows + n == 0:
             raise ProtocolError(ErrorCode.MALFORMED,
                                 "token request with no rows: the cloud has nothing to compute a token from")
@@ -132,11 +135,10 @@ class ContextManager:
         session.before_last = None if req.start or req.want_token else base
         session.last_seen, session.confirmed = now, not req.start or session is live
         self.rows_uploaded += n
-        hidden = torch.cat([to_tensor(block, torch.float32, "cpu") for block in handed]) if handed \
-            else torch.empty(0, self.hidden_size)  # [pending rows, D], widened only now
         if req.end:
             self.sessions.pop(req.sequence_id, None)
-        return PendingBlock(req.sequence_id, session.split_layer, base.first_pending, hidden, req.want_token,
+        return PendingBlock(req.sequence_id, session.split_layer, base.first_pending,
+                            concat(session.codec, self.hidden_size, handed), req.want_token,
                             req.start, req.end, session_key=session.key, drafts=req.drafts, rollback_to=req.rollback_to,
                             client=req.client)
 
@@ -144,37 +146,22 @@ class ContextManager:
         """The session a request applies to: a new one for START (not stored yet), else the live one; both
         only with the session's key. And the session a START takes the place of in a full table (if any)."""
         live = self.sessions.get(req.sequence_id)
-        if req.start:
-            require_session_key(req.session_key)
-            if live is not None:
-                check_session_key(req.sequence_id, req.session_key, live.key)
-                if resumes(req.start_pos, req.rollback_to):
-                    return live, []
-            victim = self.admission.check_start(req.sequence_id, req.split_layer, self.sessions, req.client)
+        session, evict = self.admission.session_for(self.sessions, req.sequence_id, req.start, req.start_pos,
+                                                    req.rollback_to, req.session_key, req.split_layer, req.client)
+        if session is None:
             # a re-START (re-sync) replaces the context once every check passes, not the rate budget
             requests = live.requests if live is not None else RateLimiter(self.limits.max_requests_per_s, now)
-            return _Session(req.split_layer, req.session_key, requests, req.client), [] if victim is None else [victim]
-        if live is None:
-            raise SequenceNeedsStart(f"sequence {req.sequence_id} is unknown here (never started, ended or expired): "
-                                     "re-send its context with START")
-        check_session_key(req.sequence_id, req.session_key, live.key)
-        if req.split_layer is not None and req.split_layer != live.split_layer:
-            raise ProtocolError(ErrorCode.SPLIT_LAYER, f"sequence {req.sequence_id} started with split layer "
-                                                       f"{live.split_layer}, not {req.split_layer}")
-        return live, []
+            codec = req.rows.codec if req.rows is not None else ""  # no rows: refused by _check_size
+            return _Session(req.split_layer, req.session_key, requests, codec, req.client), evict
+        return session, evict
 
     def _check_size(self, req: CloudRequest) -> int:
         """The request's row count, once it carries rows within the per-request limits."""
         if req.rows is None:
             raise ProtocolError(ErrorCode.MALFORMED,
                                 "request carries no hidden rows (HIDDEN_FP32, HIDDEN_FP16 or HIDDEN_INT8)")
-        if req.nbytes > self.limits.max_request_bytes:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"request payload of {req.nbytes} bytes exceeds the limit "
-                                                          f"of {self.limits.max_request_bytes} bytes per request")
         n = req.rows.data.shape[0] if req.rows.data.ndim == 2 else -1
-        if n > self.limits.max_block_rows:
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
-                                f"block of {n} rows exceeds the limit of {self.limits.max_block_rows} rows per request")
+        check_request(self.limits, req.nbytes, n)
         return n
 
     @staticmethod
@@ -248,13 +235,6 @@ def _owned(rows: EncodedRows) -> EncodedRows:
     the server reuses once the request is answered."""
     scale = None if rows.scale is None else np.array(rows.scale, copy=True)
     return EncodedRows(rows.codec, np.array(rows.data, copy=True), scale)
-
-
-def resumes(start_pos: int, rollback_to: int | None) -> bool:
-    """Whether a START of a live session (its key checked) resumes it rather than replacing its context: a
-    START past position 0 is the edge's answer to SLOT_EXPIRED (Triton freed the sequence's slot, the models
-    kept the session), and it must then start where the session stands (checked like any request)."""
-    return start_pos > 0 and rollback_to is None
 
 
 def window_text(window: range) -> str:

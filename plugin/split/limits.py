@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Mapping, Protocol
 
-from plugin.protocol.errors import ErrorCode, ProtocolError
+from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 
 
 def _limit(default: float, metavar: str, help_text: str, flag: str = "") -> object:
@@ -72,6 +72,27 @@ class Admission:
     min_split_layer: int  # the first layer the cloud partition holds: edges must run every layer before it
     max_split_layer: int | None = None  # the last split it serves (None: any it holds; an engine: its own only)
 
+    def session_for(self, live: Mapping[int, "Keyed"], sequence_id: int, start: bool, start_pos: int,
+                    rollback_to: int | None, key: int, split_layer: int | None, client: str = "",
+                    keep: frozenset[int] = frozenset()) -> tuple["Keyed | None", list[int]]:
+        """The live session a request applies to, or None for a START that begins one (a new session, or a
+        re-START replacing a live one), with the sessions it takes the place of in a full table; only with the
+        session's key. The one rule of the context manager, the cloud partition and cloud-only."""
+        session = live.get(sequence_id)
+        if start:
+            require_session_key(key)
+            if session is not None:
+                check_session_key(sequence_id, key, session.key)
+                if resumes(start_pos, rollback_to):
+                    return _same_split(sequence_id, session, split_layer), []
+            victim = self.check_start(sequence_id, split_layer, live, client, keep)
+            return None, [] if victim is None else [victim]
+        if session is None:
+            raise SequenceNeedsStart(f"sequence {sequence_id} is unknown here (never started, ended or expired): "
+                                     "re-send its context with START")
+        check_session_key(sequence_id, key, session.key)
+        return _same_split(sequence_id, session, split_layer), []
+
     def check_start(self, sequence_id: int, split_layer: int | None, live: Mapping[int, "Owned"],
                     client: str = "", keep: frozenset[int] = frozenset()) -> int | None:
         """Raise unless a START of `sequence_id` by `client` at `split_layer` may begin (or restart) with `live`
@@ -92,6 +113,38 @@ class Admission:
                                 f"too many live sessions ({self.limits.max_sessions}), and client {client or '(none)'} "
                                 f"holds its share of them; retry later")
         return victim
+
+
+def _same_split(sequence_id: int, session: "Keyed", split_layer: int | None) -> "Keyed":
+    """A request to a live session (a resumed START too) may name its split layer, not another."""
+    if split_layer is not None and split_layer != session.split_layer:
+        raise ProtocolError(ErrorCode.SPLIT_LAYER, f"sequence {sequence_id} started with split layer "
+                                                   f"{session.split_layer}, not {split_layer}")
+    return session
+
+
+def resumes(start_pos: int, rollback_to: int | None) -> bool:
+    """Whether a START of a live session (its key checked) resumes it rather than replacing its context: a
+    START past position 0 is the edge's answer to SLOT_EXPIRED (Triton freed the sequence's slot, the models
+    kept the session), and it must then start where the session stands (checked like any request)."""
+    return start_pos > 0 and rollback_to is None
+
+
+def check_request(limits: Limits, nbytes: int, rows: int) -> None:
+    """The per-request limits: tensor payload bytes, then rows."""
+    if nbytes > limits.max_request_bytes:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"request payload of {nbytes} bytes exceeds the limit of "
+                                                      f"{limits.max_request_bytes} bytes per request")
+    if rows > limits.max_block_rows:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED,
+                            f"block of {rows} rows exceeds the limit of {limits.max_block_rows} rows per request")
+
+
+def check_context(limits: Limits, positions: int) -> None:
+    """A session's context may hold max_context positions."""
+    if positions > limits.max_context:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"context of {positions} positions exceeds the limit of "
+                                                      f"{limits.max_context}")
 
 
 def require_session_key(given: int) -> None:
@@ -126,6 +179,13 @@ class Owned(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+
+class Keyed(Owned, Protocol):
+    """A session bound to the SESSION_KEY its START carried, at the split layer it named."""
+
+    key: int
+    split_layer: int
 
 
 def _by_client(held: Mapping[int, Owned]) -> dict[str, list[int]]:
