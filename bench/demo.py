@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 from bench.link_emulator import LinkEmulator
-from bench.run import heldout_texts, limit_server_threads
+from bench.run import limit_server_threads
+from bench.systems import heldout_texts
 from edge_runtime.app import EdgeApp, ModelMissing
 from edge_runtime.generation import Generation, total_stats
 from edge_runtime.display import summary_table, TokenPrinter
+from edge_runtime.parts import SessionOptions
 from edge_runtime.triton_link import TritonLink
 from plugin.paths import GEMMA_PLAN, MODEL_REPOSITORY
 from plugin.serving.repository import check_repository, write_repository
@@ -101,7 +103,7 @@ def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
             if i == 1 and printer.legend():
                 print(printer.legend() + "\n")
             print(f"--- prompt {i}, collaborative (threshold {app.plan.threshold}) ---\n{prompt}", end="")
-            session = app.session("collaborative", edge_link, fidelity=True)
+            session = app.session("collaborative", edge_link, SessionOptions(async_uploads=True, fidelity=True))
             records = []
             for record in session.stream(ids, args.max_new_tokens):
                 printer.add(record)

@@ -24,8 +24,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
-from edge_runtime.cloud_only import CloudOnlySession
-from edge_runtime.session import DecodingSession
+from edge_runtime.parts import SessionOptions
+from edge_runtime.session import session_for
 from edge_runtime.runners import load_runner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
@@ -74,11 +74,8 @@ def _generate(edge, link, mode: str, prompt: list[int]):
     ids = iter(range(1, 1 << 30))
 
     def run(k: int) -> None:
-        if mode == "cloud-only":
-            session = CloudOnlySession(link, sequence_id=next(ids))
-        else:
-            session = DecodingSession(edge, link, mode, threshold=1.0, codec="fp32", sequence_id=next(ids))
-        session.generate(prompt, k)
+        options = SessionOptions(threshold=1.0, codec="fp32", sequence_id=next(ids))
+        session_for(mode, edge, link, options).generate(prompt, k)
     return run
 
 

@@ -116,7 +116,7 @@ def write_bench_repository(plan: PartitionPlan, out_dir: Path, opts: ServeOption
 class NaiveSplitSession:
     """The edge side of the naive split: layers [0, k) for every token, then the whole context up.
 
-    Streams TokenRecords like `edge_runtime.session.DecodingSession`, with the same SessionStats.
+    Streams TokenRecords like the sessions of `edge_runtime.session.session_for`, with the same SessionStats.
     """
 
     def __init__(self, edge: EdgePartition, link: CloudLink, codec: str = "fp16"):

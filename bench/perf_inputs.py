@@ -31,7 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
-from bench.run import DEFAULT_PLAN, load_prompts, record_trace, System, Trace
+from bench.args import DEFAULT_PLAN
+from bench.clients import record_trace, Trace
+from bench.systems import load_prompts, System
 from edge_runtime.runners import load_runner
 from plugin.model.checkpoint import load_model, read_config
 from plugin.protocol.messages import CloudRequest

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.perf_inputs import record_sessions, write_input_data
-from bench.run import DEFAULT_OUT, DEFAULT_PLAN, load_prompts
+from bench.args import DEFAULT_OUT, DEFAULT_PLAN
+from bench.systems import load_prompts
 from plugin.serving.repository import write_repository
 from plugin.serving.server import find_perf_analyzer, perf_analyzer_env, TritonServer
 from plugin.split.plan import PartitionPlan

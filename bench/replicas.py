@@ -26,8 +26,9 @@ import torch
 
 from bench.args import DEFAULT_OUT, DEFAULT_PLAN, write_json
 from bench.link_emulator import LinkEmulator
-from bench.run import (CE_MODELS, LinkSpec, System, _busy_delta, _SequenceIds, clients_sweep, load_prompts,
-                       record_trace, replay_session, server_busy_ns)
+from bench.clients import clients_sweep, record_trace, replay_session
+from bench.measures import busy_delta, server_busy_ns
+from bench.systems import CE_MODELS, LinkSpec, load_prompts, SequenceIds, System
 from edge_runtime.runners import load_runner
 from edge_runtime.triton_link import TritonLink
 from plugin.serving.fleet import Fleet
@@ -79,7 +80,7 @@ def measure(fronts: dict[int, NginxFront], fleet: Fleet, traces: list, clients: 
                     [row] = clients_sweep({"ce": traces}, em.address, fleet.replicas[0].http_url, [n],
                                           sessions_per_client, new_id, {"ce": CE_MODELS})
                 after = [server_busy_ns(s.http_url) for s in fleet.replicas]
-                busy = [_busy_delta(b, a, CE_MODELS)["busy_s"] for b, a in zip(before, after)]
+                busy = [busy_delta(b, a, CE_MODELS)["busy_s"] for b, a in zip(before, after)]
                 served = [rec["upstream"] for rec in front.access_log()[routed:]]
                 raw.setdefault((replicas, n), []).append({
                     "throughput_tok_s": row["throughput_tok_s"], "p50_ms": row["p50_ms"], "p99_ms": row["p99_ms"],
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     link = LinkSpec.parse(args.link)
     plan = PartitionPlan.load(args.plan)
     prompts, _, _ = load_prompts(plan, args.prompts)
-    new_id = _SequenceIds()
+    new_id = SequenceIds()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # the model processes inherit it
         os.environ[var] = str(args.server_threads)
     t0 = time.perf_counter()

@@ -2,22 +2,20 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from edge_runtime.cloud_only import CloudOnlySession
-from edge_runtime.policy import LatencyPolicy, Mode, session_mode
-from edge_runtime.session import DecodingSession
-from edge_runtime.verified import DraftLength
+from edge_runtime.generation import TokenLoop
+from edge_runtime.link import CloudLink
+from edge_runtime.parts import SessionOptions
+from edge_runtime.policy import Mode
+from edge_runtime.session import session_for
 from plugin.model.checkpoint import read_config
-from plugin.model.sampling import Greedy, Sampler
 from plugin.paths import DEMO_PLAN
 from plugin.split.edge import EdgePartition
 from plugin.split.plan import PartitionPlan
-
-
 
 
 class ModelMissing(FileNotFoundError):
@@ -48,17 +46,10 @@ class EdgeApp:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
-    def session(self, mode: Mode | str, link=None, threshold: float | None = None, codec: str | None = None,
-                sampler: Sampler | None = None, sequence_id: int | None = None, async_uploads: bool = True,
-                latency: LatencyPolicy | None = None, speculate: bool = True, fidelity: bool = False,
-                draft_length: DraftLength | None = None) -> DecodingSession | CloudOnlySession:
-        """A fresh session; sequence ids are random 63-bit numbers unless given (0 is reserved by Triton).
-        mode: any of policy.SESSION_MODES ("verified" and "verified-latency-aware" check every token)."""
-        sequence_id = sequence_id or secrets.randbits(63) | 1
-        mode, verify = session_mode(mode)
-        if mode is Mode.CLOUD_ONLY:
-            return CloudOnlySession(link, sampler, self.eos_token_ids, sequence_id)
-        return DecodingSession(self.edge, link, mode, threshold=threshold, codec=codec, sampler=sampler or Greedy(),
-                               eos_token_ids=self.eos_token_ids, sequence_id=sequence_id,
-                               async_uploads=async_uploads, latency=latency, speculate=speculate, verify=verify,
-                               fidelity=fidelity, draft_length=draft_length)
+    def session(self, mode: Mode | str, link: CloudLink | None = None,
+                options: SessionOptions = SessionOptions(async_uploads=True)) -> TokenLoop:
+        """A fresh session (any of session.SESSION_MODES) stopping at the model's EOS tokens; the sequence id is a
+        random 63-bit number unless the options give one (0 is reserved by Triton)."""
+        options = replace(options, eos_token_ids=self.eos_token_ids,
+                          sequence_id=options.sequence_id or secrets.randbits(63) | 1)
+        return session_for(mode, self.edge, link, options)

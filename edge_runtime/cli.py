@@ -12,8 +12,10 @@ from typing import Callable, Sequence
 
 from edge_runtime.app import EdgeApp, ModelMissing
 from edge_runtime.link import CloudUnreachable
-from edge_runtime.policy import LatencyPolicy, Mode, session_mode, SESSION_MODES
-from edge_runtime.verified import DraftLength
+from edge_runtime.parts import SessionOptions
+from edge_runtime.policy import LatencyPolicy, Mode
+from edge_runtime.session import network_mode, SESSION_MODES
+from edge_runtime.verified import DraftLength, VerifiedSession
 from edge_runtime.runners import RUNNERS
 from plugin.export.engines import TensorRTUnavailable
 from plugin.export.manifest import ExportError
@@ -151,9 +153,19 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="print the traceback of an error before its one-line summary")
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _options(args: argparse.Namespace) -> SessionOptions:
+    """The session's options from the command line."""
     from plugin.model.sampling import Greedy, TopP
 
+    return SessionOptions(
+        threshold=args.threshold, codec=args.codec, sequence_id=args.sequence_id,
+        sampler=Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed),
+        async_uploads=not args.sync_uploads, latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000),
+        speculate=not args.no_speculate, fidelity=args.exit_fidelity,
+        draft_length=DraftLength.fixed(args.gamma) if args.gamma is not None else DraftLength(max_gamma=args.max_gamma))
+
+
+def _generate(args: argparse.Namespace) -> int:
     from edge_runtime.display import TokenPrinter
 
     if args.mode != "standalone" and not args.url:
@@ -162,13 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     try:  # a missing or bad plan, checkpoint, export, TensorRT or certificate: nothing generated yet
         app = EdgeApp.load(args.plan, args.runner, **_runner_options(args))
-        session = app.session(args.mode, _link(args), threshold=args.threshold, codec=args.codec,
-                              sampler=Greedy() if args.temperature == 0 else TopP(args.temperature, args.top_p, args.seed),
-                              sequence_id=args.sequence_id, async_uploads=not args.sync_uploads,
-                              latency=LatencyPolicy(budget_s=args.latency_budget_ms / 1000),
-                              speculate=not args.no_speculate, fidelity=args.exit_fidelity,
-                              draft_length=DraftLength.fixed(args.gamma) if args.gamma is not None
-                              else DraftLength(max_gamma=args.max_gamma))
+        session = app.session(args.mode, _link(args), _options(args))
     except Exception as e:
         return _fail(e, args, 2)
     printer = TokenPrinter(app.tokenizer, app.plan.exit_layers, colour=False if args.no_color else None)
@@ -198,7 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
         "codec": None if args.mode == "cloud-only" else session.codec, "sequence_id": session.sequence_id,
         "exit_agreement": s.exit_agreement(), "unverified": s.unverified,
     }
-    verified = session_mode(args.mode)[1]
+    verified = isinstance(session, VerifiedSession)
     if verified:
         result["verified"] = {**s.verified_summary(len(ids)), "drafts_sent": s.drafts_sent,
                               "drafts_accepted": s.drafts_accepted}
@@ -241,7 +247,7 @@ def _link(args: argparse.Namespace):
     from edge_runtime.triton_link import TritonLink
 
     read = lambda path: path.read_text() if path else None  # noqa: E731
-    mode = session_mode(args.mode)[0]
+    mode = network_mode(args.mode)
     link = TritonLink(args.url, "cloud_only" if mode is Mode.CLOUD_ONLY else "ce_collm", ssl=args.ssl,
                       root_certificates=read(args.root_cert), private_key=read(args.client_key),
                       certificate_chain=read(args.client_cert),

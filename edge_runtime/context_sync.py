@@ -22,6 +22,7 @@ from edge_runtime.link import CloudLink, CloudUnreachable
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, new_session_key
+from plugin.split.limits import Limits
 
 
 class RowLog:
@@ -50,6 +51,18 @@ class RowLog:
         return self._rows[first:stop]
 
 
+@dataclasses.dataclass(frozen=True)
+class CloudSequence:
+    """What every request of one sequence says the same way: its id, the layer, codec and width of its rows, and
+    how many rows the cloud takes in one request (Limits.max_block_rows)."""
+
+    sequence_id: int
+    split_layer: int
+    codec: str
+    hidden_size: int
+    max_block_rows: int = Limits.max_block_rows
+
+
 class ContextSync:
     """The edge's side of one cloud sequence: the rows kept, the rows sent, START/END and re-sync.
 
@@ -57,15 +70,15 @@ class ContextSync:
     aware mode: the rows stay unsent and the next request carries them); None raises.
     """
 
-    def __init__(self, link: CloudLink, sequence_id: int, split_layer: int, codec: str, hidden_size: int,
-                 stats: SessionStats, max_block_rows: int = 1024, background: bool = False,
+    def __init__(self, link: CloudLink, sequence: CloudSequence, stats: SessionStats, background: bool = False,
                  on_unreachable: Callable[[], None] | None = None):
-        self.link, self.sequence_id, self.split_layer, self.codec = link, sequence_id, split_layer, codec
+        self.link, self.sequence_id, self.split_layer, self.codec = (link, sequence.sequence_id, sequence.split_layer,
+                                                                     sequence.codec)
         self.session_key = new_session_key()  # binds the cloud's session to this edge (SESSION_KEY)
         self.stats = stats
-        self.max_block_rows = max_block_rows  # the cloud's rows-per-request limit (Limits.max_block_rows)
+        self.max_block_rows = sequence.max_block_rows
         self.on_unreachable = on_unreachable
-        self.log = RowLog(hidden_size)  # every row that reached the split: the context to re-sync
+        self.log = RowLog(sequence.hidden_size)  # every row that reached the split: the context to re-sync
         self.sent = 0  # positions the cloud holds (once a pending rollback is applied)
         self.rollback_to: int | None = None  # the cloud holds rows from here on that the edge dropped
         self.started = False  # the cloud holds this sequence

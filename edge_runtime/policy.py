@@ -12,7 +12,8 @@ from plugin.split.edge import ExitPolicy
 
 
 class Mode(Enum):
-    """The decoding modes (docs/design.md, "Decoding modes"), resolved once from their names."""
+    """How a session treats the network (docs/design.md, "Decoding modes"), resolved once from their names; each
+    session mode's loop (edge_runtime/session.py, LOOPS) runs under one of them."""
 
     COLLABORATIVE = "collaborative"  # exit when confident, else the cloud answers
     STANDALONE = "standalone"  # never waits on the network: the last edge exit answers
@@ -48,20 +49,12 @@ class Mode(Enum):
 
 
 MODES = tuple(mode.value for mode in Mode)
-# Verified decoding on top of a mode that splits: the edge's exits draft, the full model checks every token
-# (edge_runtime/verified.py); the latency-aware flavour emits drafts unchecked while the cloud is down or slow.
-VERIFIED_MODES = {"verified": Mode.COLLABORATIVE, "verified-latency-aware": Mode.LATENCY_AWARE}
-SESSION_MODES = MODES + tuple(VERIFIED_MODES)  # what a session (EdgeApp.session, ce-collm-edge --mode) takes
 
 
-def session_mode(name: "str | Mode") -> tuple[Mode, bool]:
-    """A session's mode name as (mode, verified)."""
-    if isinstance(name, str) and name in VERIFIED_MODES:
-        return VERIFIED_MODES[name], True
-    try:
-        return Mode.parse(name), False
-    except ValueError:
-        raise ValueError(f"mode must be one of {SESSION_MODES}, got {name!r}") from None
+def moving_average(estimate: float | None, sample: float, alpha: float) -> float:
+    """A round trip's (or an edge step's) moving estimate: the newest sample weighs `alpha`, the first is taken
+    as it is. One rule for the exit decider and the draft length, so both see the same link."""
+    return sample if estimate is None else (1 - alpha) * estimate + alpha * sample
 
 
 @dataclass
@@ -110,8 +103,7 @@ class ExitDecider:
 
     def round_trip(self, seconds: float) -> None:
         """A token request took `seconds`: update the moving estimate."""
-        alpha = self.latency.alpha
-        self.rtt = seconds if self.rtt is None else (1 - alpha) * self.rtt + alpha * seconds
+        self.rtt = moving_average(self.rtt, seconds, self.latency.alpha)
 
     def cloud_unreachable(self) -> None:
         """The cloud did not answer: stay on the edge for retry_after_s."""

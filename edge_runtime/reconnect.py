@@ -14,7 +14,7 @@ The one ambiguous case is a request that reached the server and was applied, but
 lost with the link. The context manager takes an upload sent again as a replacement of its last
 request (plugin/split/context.py), so its retry is simply applied; a token request sent again may
 have been computed by the cloud partition already, so it is answered NEEDS_START, and the
-DecodingSession re-sends the whole context with START (a re-sync), exactly as after a server
+edge session re-sends the whole context with START (a re-sync), exactly as after a server
 restart. Should the cloud still
 answer POSITION_OVERLAP (or ROLLBACK_REFUSED for a retried rollback, whose window that request
 closed) after an unreachable attempt for a sequence, that refusal is turned into SequenceNeedsStart

@@ -16,20 +16,18 @@ class TritonLink:
     """Sends CloudRequests through one model (`ce_collm`, or `cloud_only` for the baseline)."""
 
     def __init__(self, url: str, model: str = "ce_collm", timeout_s: float = 30.0, reconnect_backoff_ms: int = 500,
-                 ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
-                 certificate_chain: str | None = None, headers: dict[str, str] | None = None):
-        """ssl/root_certificates/private_key/certificate_chain: TLS (and mutual TLS) to a server started
-        with --grpc-use-ssl; headers: sent with every request (e.g. a token for an authenticating proxy).
-        Every infer call also carries its sequence id in SESSION_HEADER: a front routes sessions on it."""
+                 headers: dict[str, str] | None = None, **tls: bool | str | None):
+        """tls: ssl, root_certificates, private_key, certificate_chain, as tritonclient's client takes them: TLS
+        (and mutual TLS) to a server started with --grpc-use-ssl; headers: sent with every request (e.g. a token
+        for an authenticating proxy). Every infer call also carries its sequence id in SESSION_HEADER: a front
+        routes sessions on it."""
         self.url, self.model, self.timeout_s, self.headers = url, model, timeout_s, headers
         # gRPC's default reconnect backoff grows to minutes while the server is down; an edge
         # wants to notice within a second that the cloud is back.
         backoff = [("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms),
                    ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms),
                    ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms)]
-        self.client = grpcclient.InferenceServerClient(url, ssl=ssl, root_certificates=root_certificates,
-                                                       private_key=private_key, certificate_chain=certificate_chain,
-                                                       channel_args=backoff)
+        self.client = grpcclient.InferenceServerClient(url, channel_args=backoff, **tls)
         self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
         self._row_outputs = [grpcclient.InferRequestedOutput(name) for name in ROW_OUTPUTS]
 

@@ -5,14 +5,14 @@ Positions: the edge step whose input token sits at position q computes the layer
 guesses the token of q + 1 (the first confident exit's argmax, else the last exit's). A request
 carries the rows the cloud has not seen and the guesses of its last m + 1 rows: the m drafts d_1..d_m
 after the last accepted token, and d_{m+1}, the guess of the token the cloud adds after them. One
-round (`Verifier._round`):
+round (`VerifiedSession._round`):
 
   1. while the request is out, the edge drafts ahead as if every guess were kept;
   2. `accept`: each guess while the full model keeps it, then its correction (greedy: its argmax;
      sampling: speculative sampling, `Sampler.verify`);
   3. all kept: the steps drafted ahead are the next request's. Else the edge cuts its caches back to
-     the correction's position (`EdgePartition.rewind_to`) and forgets the rows from there
-     (`ContextSync.rewind`), so the next request rolls the cloud back (ROLLBACK_TO) in passing;
+     the correction's position (`Drafter.cut`) and forgets the rows from there (`ContextSync.rewind`),
+     so the next request rolls the cloud back (ROLLBACK_TO) in passing;
   4. the next request leaves at once, with gamma + 1 guesses (`DraftLength`).
 
 Rows of drafts that exited early wait at their exit; they are carried to the split before a request
@@ -25,13 +25,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Callable, Collection
+from dataclasses import dataclass, field, replace
 
-from edge_runtime.context_sync import ContextSync
 from edge_runtime.generation import SessionStats, TokenRecord
-from edge_runtime.link import CloudUnreachable
-from edge_runtime.policy import ExitDecider
+from edge_runtime.link import CloudLink, CloudUnreachable
+from edge_runtime.parts import EdgeSession, SessionOptions
+from edge_runtime.policy import ExitDecider, Mode, moving_average
 from plugin.model.kv import PendingRows
 from plugin.model.sampling import Greedy, Sampler
 from plugin.protocol.messages import CloudReply, Drafts, RowVerdict
@@ -86,13 +85,10 @@ class DraftLength:
         self.rejected = self.decay * self.rejected + rejected
 
     def time_round_trip(self, seconds: float) -> None:
-        self.rtt_s = self._moving(self.rtt_s, seconds)
+        self.rtt_s = moving_average(self.rtt_s, seconds, self.alpha)
 
     def time_step(self, seconds: float) -> None:
-        self.step_s = self._moving(self.step_s, seconds)
-
-    def _moving(self, estimate: float | None, seconds: float) -> float:
-        return seconds if estimate is None else (1 - self.alpha) * estimate + self.alpha * seconds
+        self.step_s = moving_average(self.step_s, seconds, self.alpha)
 
     def choose(self, tokens_left: int) -> int:
         """gamma for a request that may yield at most `tokens_left` tokens (>= 1)."""
@@ -129,6 +125,55 @@ class Draft:
         return TokenRecord(token, exit_name, self.confidences, self.rows_by_layer)
 
 
+class Drafter:
+    """The edge's side of verified decoding: steps on its own guesses, the rows they bring to the split, and
+    the cut back to a correction. All it sees of the session: the sequence, the exit threshold, the stats."""
+
+    def __init__(self, edge: EdgePartition, seq: SequenceState, decider: ExitDecider, lengths: DraftLength,
+                 stats: SessionStats):
+        self.edge, self.seq, self.decider, self.lengths, self.stats = edge, seq, decider, lengths, stats
+        self.drafts: list[Draft] = []  # steps since the last request left (or since the cut), in order
+        self.rows: list[PendingRows] = []  # rows they brought to the split, not yet in the sync's log
+        self.next_input: tuple[list[int], int] | None = None  # (tokens, position) of the next edge step
+
+    def draft_until(self, steps: int) -> list[Draft]:
+        """Draft until `steps` steps are waiting to be checked; returns them."""
+        while len(self.drafts) < steps:
+            t0 = time.perf_counter()
+            self.draft()
+            self.stats.edge_s += time.perf_counter() - t0
+        return list(self.drafts)
+
+    def draft(self) -> Draft:
+        """One edge step on the next input; the first confident exit answers, else the last one."""
+        block, pos = self.next_input
+        t0 = time.perf_counter()
+        step = self.edge.step(self.seq, block, pos, ExitPolicy(self.decider.threshold, local_only=True), Greedy())
+        if len(block) == 1:  # a prompt's step says nothing about a draft's
+            self.lengths.time_step(time.perf_counter() - t0)
+        if step.split_rows is not None:
+            self.rows.append(step.split_rows)
+        draft = Draft(pos + len(block) - 1, step.token_id, step.exit_layer, step.confidences, step.rows_by_layer)
+        self.drafts.append(draft)
+        self.next_input = ([draft.token], draft.position + 1)
+        return draft
+
+    def hand_over(self) -> list[PendingRows]:
+        """The rows of the drafts waiting, carried to the split, for the request that checks them."""
+        t0 = time.perf_counter()
+        carried = self.edge.carry_to_split(self.seq)
+        self.stats.edge_s += time.perf_counter() - t0
+        rows = self.rows + ([carried] if carried is not None else [])
+        self.drafts, self.rows = [], []
+        return rows
+
+    def cut(self, position: int, token: int) -> None:
+        """Drop every edge row from `position` on; the next step runs `token`, the full model's correction."""
+        self.edge.rewind_to(self.seq, position)
+        self.drafts, self.rows = [], []
+        self.next_input = ([token], position)
+
+
 @dataclass
 class _Flight:
     """A verification request on the wire: the drafts it checks, the reply to come, how long it took."""
@@ -139,39 +184,34 @@ class _Flight:
     round_trip_s: list[float] = field(default_factory=list)  # filled by the request thread
 
 
-class Verifier:
-    """Verified decoding for one DecodingSession: rounds of drafts checked by the cloud, one record per call."""
+class VerifiedSession(EdgeSession):
+    """Verified: rounds of drafts checked by the cloud; the output is the full model's tokens."""
 
-    def __init__(self, edge: EdgePartition, seq: SequenceState, sync: ContextSync, sampler: Sampler,
-                 decider: ExitDecider, stats: SessionStats, tokens_left: Callable[[], int], falls_back: bool,
-                 lengths: DraftLength | None = None, eos: Collection[int] = ()):
-        """tokens_left: tokens the generation still wants (0: no limit known); eos: tokens that end it."""
-        self.edge, self.seq, self.sync, self.sampler = edge, seq, sync, sampler
-        self.decider, self.stats, self.tokens_left, self.falls_back = decider, stats, tokens_left, falls_back
-        self.eos = set(eos)
-        self.lengths = lengths or DraftLength()
+    mode = Mode.COLLABORATIVE
+
+    def __init__(self, edge: EdgePartition, link: CloudLink | None, options: SessionOptions):
+        super().__init__(edge, link, options)
+        self.lengths = replace(options.draft_length) if options.draft_length is not None else DraftLength()
+        self.drafter = Drafter(edge, self.seq, self.decider, self.lengths, self.stats)
         self.queue: deque[TokenRecord] = deque()  # tokens known, not yet handed out
-        self.drafts: list[Draft] = []  # steps since the last request left (or since the cut), in order
-        self.rows: list[PendingRows] = []  # rows they brought to the split, not yet in the sync's log
-        self.next_input: tuple[list[int], int] | None = None  # (tokens, position) of the next edge step
         self.flight: _Flight | None = None
         self._requests = ThreadPoolExecutor(1, thread_name_prefix="ce-collm-verify")
 
-    def next_record(self, block: list[int], pos: int) -> TokenRecord:
+    def step(self, block: list[int], pos: int) -> TokenRecord:
         """The record of the token after `block` (at positions [pos, pos + len(block))), as the token loop asks."""
-        if self.next_input is None:
-            self.next_input = (list(block), pos)  # the prompt
+        if self.drafter.next_input is None:
+            self.drafter.next_input = (list(block), pos)  # the prompt
             self.seq.keep_rewindable(pos + len(block) - 1)
         if not self.queue:
             self.queue.extend(self._round())
         return self.queue.popleft()
 
-    # -- one round ------------------------------------------------------------------------------------------
     def _round(self) -> list[TokenRecord]:
-        left = self.tokens_left() or self.lengths.max_gamma + 1
+        left = self.tokens_left or self.lengths.max_gamma + 1
         if self.flight is None:
             if self.decider.next_policy().local_only:  # verified-latency-aware: the cloud is down or too slow
-                drafts, self.drafts = self._draft_until(min(self.lengths.choose(left) + 1, left)), []
+                drafts = self.drafter.draft_until(min(self.lengths.choose(left) + 1, left))
+                self.drafter.drafts = []  # emitted unchecked: their rows go with the next request
                 return self._unverified(drafts)
             self._send(left)
         flight, self.flight = self.flight, None
@@ -184,7 +224,8 @@ class Verifier:
         self._count(flight, tokens, kept_all)
         last = flight.drafts[0].position + len(tokens)  # the position of the last token accepted
         if not kept_all:  # the correction's: every row from there was computed on a rejected token
-            self._cut(last, tokens[-1])
+            self.drafter.cut(last, tokens[-1])
+            self.sync.rewind(last)
         self.seq.keep_rewindable(last)  # no later rejection goes back before it
         records = [d.record(t) for d, t in zip(flight.drafts, tokens)]
         records[0].cloud_rows = reply.catchup_rows
@@ -196,14 +237,11 @@ class Verifier:
     def _send(self, left: int) -> None:
         """Draft up to gamma + 1 steps (keeping those drafted ahead), carry waiting rows to the split, and send
         every row the cloud has not seen with the guesses of these steps."""
-        drafts = self._draft_until(max(len(self.drafts), min(self.lengths.choose(left) + 1, left)))
-        t0 = time.perf_counter()
-        carried = self.edge.carry_to_split(self.seq)
-        self.stats.edge_s += time.perf_counter() - t0
-        for rows in self.rows + ([carried] if carried is not None else []):
+        wanted = min(self.lengths.choose(left) + 1, left)
+        drafts = self.drafter.draft_until(max(len(self.drafter.drafts), wanted))
+        for rows in self.drafter.hand_over():
             assert rows.start == self.sync.log.length, (rows.start, self.sync.log.length)  # contiguous
             self.sync.append(rows.hidden)
-        self.drafts, self.rows = [], []
         after = left - len(drafts)  # tokens still wanted if every guess is kept
         flight = _Flight(drafts, ahead_limit=min(self.lengths.choose(max(1, after)) + 1, after))
         guesses = Drafts.of([(d.token, d.exit_layer) for d in drafts])
@@ -218,11 +256,11 @@ class Verifier:
 
     def _await(self, flight: _Flight) -> CloudReply | None:
         """The reply, drafting ahead (up to flight.ahead_limit steps) until it arrives; None when the cloud is
-        unreachable in a mode that falls back."""
+        unreachable and the mode falls back (VerifiedLatencyAwareSession)."""
         t0 = time.perf_counter()
         ahead = 0
         while not flight.reply.done() and ahead < flight.ahead_limit:
-            self._draft()
+            self.drafter.draft()
             ahead += 1
         drafting = time.perf_counter() - t0
         self.stats.speculated += ahead
@@ -230,27 +268,16 @@ class Verifier:
         error = flight.reply.exception()  # waits
         self.stats.cloud_wait_s += time.perf_counter() - t0 - drafting
         if error is not None:
-            if not (self.falls_back and isinstance(error, CloudUnreachable)):
-                raise error
-            self.decider.cloud_unreachable()
-            return None
+            raise error
         self.lengths.time_round_trip(flight.round_trip_s[0])
         self.decider.round_trip(flight.round_trip_s[0])
         return flight.reply.result()
-
-    def _cut(self, position: int, token: int) -> None:
-        """Drop every row from `position` on, on the edge and (with the next request) in the cloud; the next
-        edge step runs `token`, the full model's correction, at `position`."""
-        self.edge.rewind_to(self.seq, position)
-        self.sync.rewind(position)
-        self.drafts, self.rows = [], []
-        self.next_input = ([token], position)
 
     def _count(self, flight: _Flight, tokens: list[int], kept_all: bool) -> None:
         kept = len(tokens) if kept_all else len(tokens) - 1
         self.stats.drafts_sent += len(flight.drafts)
         self.stats.drafts_accepted += kept
-        self.stats.speculation_hits += len(self.drafts) if kept_all else 0
+        self.stats.speculation_hits += len(self.drafter.drafts) if kept_all else 0
         self.lengths.observe(kept, rejected=not kept_all)
 
     def _unverified(self, drafts: list[Draft], fallback: bool = False) -> list[TokenRecord]:
@@ -264,33 +291,25 @@ class Verifier:
             record.unverified, record.fallback = True, fallback
         return records
 
-    # -- edge steps ------------------------------------------------------------------------------------------
-    def _draft_until(self, steps: int) -> list[Draft]:
-        """Draft until `steps` steps are waiting to be checked; returns them."""
-        while len(self.drafts) < steps:
-            t0 = time.perf_counter()
-            self._draft()
-            self.stats.edge_s += time.perf_counter() - t0
-        return list(self.drafts)
-
-    def _draft(self) -> Draft:
-        """One edge step on the next input; the first confident exit answers, else the last one."""
-        block, pos = self.next_input
-        t0 = time.perf_counter()
-        step = self.edge.step(self.seq, block, pos, ExitPolicy(self.decider.threshold, local_only=True), Greedy())
-        if len(block) == 1:  # a prompt's step says nothing about a draft's
-            self.lengths.time_step(time.perf_counter() - t0)
-        if step.split_rows is not None:
-            self.rows.append(step.split_rows)
-        draft = Draft(pos + len(block) - 1, step.token_id, step.exit_layer, step.confidences, step.rows_by_layer)
-        self.drafts.append(draft)
-        self.next_input = ([draft.token], draft.position + 1)
-        return draft
-
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
         """Wait for a request still out (the generation no longer needs its tokens; its failure changes nothing
-        here: END follows and says whether the cloud is there)."""
+        here: END follows and says whether the cloud is there), then END the cloud sequence."""
         if self.flight is not None:
             self.flight.reply.exception()
             self.flight = None
         self._requests.shutdown()
+        super().close(error)
+
+
+class VerifiedLatencyAwareSession(VerifiedSession):
+    """Verified-latency-aware: verified, but while the cloud is unreachable or over the latency budget
+    (ExitDecider) the drafts are the output, marked unverified; their rows reach the cloud with the next request."""
+
+    mode = Mode.LATENCY_AWARE
+
+    def _await(self, flight: _Flight) -> CloudReply | None:
+        try:
+            return super()._await(flight)
+        except CloudUnreachable:
+            self.decider.cloud_unreachable()
+            return None

@@ -11,8 +11,10 @@ import torch
 
 from bench.naive_split import NaiveSplitService, write_bench_repository
 from bench.perf_inputs import input_data, record_sessions
-from bench.run import (
-    BenchConfig, capacity, heldout_texts, LinkSpec, paired_interval, rouge_l, run_benchmark, System, token_agreement)
+from bench.clients import capacity
+from bench.measures import paired_interval, rouge_l, token_agreement
+from bench.run import BenchConfig, run_benchmark
+from bench.systems import heldout_texts, LinkSpec, System
 from plugin.protocol.codec import encode
 from plugin.protocol.messages import CloudRequest
 from plugin.protocol.tensors import START_POS

@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 
 from edge_runtime.app import EdgeApp
+from edge_runtime.parts import SessionOptions
 from bench.demo import repository_for
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
@@ -49,8 +50,9 @@ def test_exact_collaborative_equals_cloud_only_and_in_process(app, server):
     collab = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
                   "--codec", "fp32")
     cloud_only = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--mode", "cloud-only")
-    reference = app.session("collaborative", LocalCloud(load_model(app.plan.checkpoint)), threshold=1.0,
-                            codec="fp32").generate(app.encode(PROMPT), int(n))
+    options = SessionOptions(threshold=1.0, codec="fp32", async_uploads=True)
+    reference = app.session("collaborative", LocalCloud(load_model(app.plan.checkpoint)),
+                            options).generate(app.encode(PROMPT), int(n))
     plain = _cli("--url", server.grpc_url, "--prompt", PROMPT, "--max-new-tokens", n, "--threshold", "1.0",
                  "--codec", "fp32", "--no-speculate")
     assert collab["token_ids"] == cloud_only["token_ids"] == reference.token_ids == plain["token_ids"]
@@ -87,8 +89,8 @@ def test_int8_agrees_with_fp16_on_the_demo_prompts(app, server):
     same = total = 0
     for prompt in prompts:
         ids = app.encode(prompt)
-        fp16 = app.session("collaborative", link, codec="fp16").generate(ids, 32).token_ids
-        int8 = app.session("collaborative", link, codec="int8").generate(ids, 32).token_ids
+        fp16, int8 = (app.session("collaborative", link, SessionOptions(codec=codec, async_uploads=True))
+                      .generate(ids, 32).token_ids for codec in ("fp16", "int8"))
         same += sum(a == b for a, b in zip(fp16, int8))
         total += max(len(fp16), len(int8))
     assert same / total >= 0.99, f"int8 agrees with fp16 on {same}/{total} tokens"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_runtime.context_sync import ContextSync
+from edge_runtime.context_sync import CloudSequence, ContextSync
 from edge_runtime.generation import SessionStats
 from edge_runtime.lookahead import Lookahead
 from edge_runtime.policy import ExitDecider, LatencyPolicy, Mode
@@ -109,7 +109,7 @@ def test_context_sync_sends_in_chunks_and_resyncs_a_restarted_cloud(tiny):
     edge, ckpt = tiny
     link = Recording(_cloud(ckpt))
     stats = SessionStats()
-    sync = ContextSync(link, 9, SPLIT, "fp32", edge.hidden_size, stats, max_block_rows=8)
+    sync = ContextSync(link, CloudSequence(9, SPLIT, "fp32", edge.hidden_size, max_block_rows=8), stats)
     sync.append(_rows(edge, 22))
     first = sync.request_token()
     assert [(r.start_pos, r.num_rows, r.start, r.want_token) for r in link.sent] == [
@@ -121,7 +121,7 @@ def test_context_sync_sends_in_chunks_and_resyncs_a_restarted_cloud(tiny):
     assert stats.resyncs == 1 and sync.sent == 25
     assert [(r.start_pos, r.num_rows, r.start) for r in link.sent] == [
         (22, 3, False), (0, 8, True), (8, 8, False), (16, 8, False), (24, 1, False)]
-    fresh = ContextSync(_cloud(ckpt), 9, SPLIT, "fp32", edge.hidden_size, SessionStats())
+    fresh = ContextSync(_cloud(ckpt), CloudSequence(9, SPLIT, "fp32", edge.hidden_size), SessionStats())
     fresh.append(sync.log.rows(0, 22))
     assert fresh.request_token().token_id == first.token_id
     fresh.append(sync.log.rows(22, 25))
@@ -134,7 +134,7 @@ def test_a_background_upload_failure_is_raised_by_the_next_request(tiny):
     edge, ckpt = tiny
     cloud, clock = _cloud(ckpt, Limits(max_requests_per_s=1)), Clock()
     cloud.context.clock = clock  # the rate limiter's clock: one request per second, none refilled yet
-    sync = ContextSync(cloud, 3, SPLIT, "fp32", edge.hidden_size, SessionStats(), background=True)
+    sync = ContextSync(cloud, CloudSequence(3, SPLIT, "fp32", edge.hidden_size), SessionStats(), background=True)
     sync.append(_rows(edge, 6))
     sync.request_token()  # START: the bucket's one request
     sync.append(_rows(edge, 1, seed=1))
@@ -164,7 +164,7 @@ def test_a_step_computed_ahead_is_rewound_under_another_policy(tiny):
     seq, stats = edge.new_sequence(), SessionStats()
     step = edge.step(seq, PROMPT, 0, ExitPolicy(1.0), Greedy())  # no exit: the token goes to the cloud
     lengths = {layer: seq.length(layer) for layer in range(SPLIT)}
-    sync = ContextSync(_cloud(ckpt), 4, SPLIT, "fp32", edge.hidden_size, stats)
+    sync = ContextSync(_cloud(ckpt), CloudSequence(4, SPLIT, "fp32", edge.hidden_size), stats)
     sync.append(step.split_rows.hidden)
     ahead = Lookahead(edge, seq, Greedy(), stats)
     ahead.while_waiting(sync.request_token, step, len(PROMPT), ExitPolicy(0.0))  # computed ahead at threshold 0
@@ -203,7 +203,7 @@ def test_a_context_over_the_clouds_limit_is_refused_at_its_first_block(tiny):
     edge, ckpt = tiny
     cloud = LocalCloud(load_model(ckpt, range(SPLIT, LAYERS)), Limits(max_context=8, max_block_rows=4))
     link = Recording(cloud)
-    sync = ContextSync(link, 1, SPLIT, "fp32", edge.hidden_size, SessionStats(), max_block_rows=4)
+    sync = ContextSync(link, CloudSequence(1, SPLIT, "fp32", edge.hidden_size, max_block_rows=4), SessionStats())
     sync.append(_rows(edge, 12))
     with pytest.raises(ProtocolError) as refused:
         sync.request_token()

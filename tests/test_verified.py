@@ -37,7 +37,8 @@ from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.policy import LatencyPolicy
 from edge_runtime.reconnect import ReconnectingLink
 from edge_runtime.runners import TorchRunner
-from edge_runtime.session import DecodingSession
+from edge_runtime.parts import SessionOptions
+from edge_runtime.session import session_for
 from edge_runtime.triton_link import TritonLink
 from edge_runtime.verified import accept, DraftLength
 from plugin.model.checkpoint import load_model
@@ -106,11 +107,10 @@ def _cloud_only_tokens(checkpoint: Path, prompt: list[int], n: int) -> list[int]
     return CloudOnlySession(LocalCloud(load_model(checkpoint)), sequence_id=1).generate(prompt, n).token_ids
 
 
-def _verified(edge, link, sid, prompt, n, gamma=None, threshold=None, codec="fp32", **kw):
+def _verified(edge, link, sid, prompt, n, gamma=None, threshold=None, codec="fp32"):
     lengths = DraftLength() if gamma is None else DraftLength.fixed(gamma)
-    session = DecodingSession(edge, link, kw.pop("mode", "collaborative"), threshold=threshold, codec=codec,
-                              sequence_id=sid, verify=True, draft_length=lengths, **kw)
-    return session.generate(prompt, n)
+    options = SessionOptions(threshold=threshold, codec=codec, sequence_id=sid, draft_length=lengths)
+    return session_for("verified", edge, link, options).generate(prompt, n)
 
 
 # -- unit: the accept rule, sampling, gamma ----------------------------------------------------------------
@@ -194,8 +194,8 @@ def test_cloud_and_edge_state_after_accepts_and_rejects_equal_a_fresh_run(tiny, 
     plan = PartitionPlan(tiny[kind], SPLIT, EXITS, threshold=threshold, codec="fp32")
     edge = _edge(plan, shifted)
     cloud = LocalCloud(load_model(plan.checkpoint, range(SPLIT, LAYERS)), LIMITS)
-    session = DecodingSession(edge, KeepAtEnd(cloud), "collaborative", sequence_id=21, verify=True,
-                              draft_length=DraftLength.fixed(gamma))
+    session = session_for("verified", edge, KeepAtEnd(cloud),
+                          SessionOptions(sequence_id=21, draft_length=DraftLength.fixed(gamma)))
     out = session.generate(PROMPTS[1], 30)
     assert out.token_ids == _cloud_only_tokens(plan.checkpoint, PROMPTS[1], 30)
     stats = session.stats
@@ -469,7 +469,8 @@ def test_exit_fidelity_in_collaborative_mode_is_counted_on_the_edge_and_in_trito
     prompt = Tokenizer.from_file(str(demo.checkpoint / "tokenizer.json")).encode("ROMEO:\nI").ids
     before = {name: _metric_series(server, f"ce_collm_{name}_total", CLOUD_PARTITION)
               for name in ("verified_rows", "draft_agreements")}
-    session = DecodingSession(_edge(demo), _link(server, None), "collaborative", sequence_id=5000, fidelity=True)
+    session = session_for("collaborative", _edge(demo), _link(server, None),
+                          SessionOptions(sequence_id=5000, fidelity=True))
     out = session.generate(prompt, 32)
     assert out.token_ids == _cloud_only_tokens(demo.checkpoint, prompt, 32)  # fidelity changes no token
     checked, agreed = session.stats.drafts_checked, session.stats.drafts_agreed
@@ -495,8 +496,8 @@ def test_verified_latency_aware_emits_unverified_drafts_while_the_link_is_cut(se
     policy = LatencyPolicy(budget_s=30.0, retry_after_s=0.3)
     with LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=5) as em:
         link = ReconnectingLink(TritonLink(em.address, f"{ENSEMBLE}_llama", timeout_s=10), patience_s=0)
-        session = DecodingSession(_edge(plan), link, "latency-aware", sequence_id=6000, verify=True, latency=policy,
-                                  draft_length=DraftLength.fixed(2))
+        options = SessionOptions(sequence_id=6000, latency=policy, draft_length=DraftLength.fixed(2))
+        session = session_for("verified-latency-aware", _edge(plan), link, options)
         before, during, after = stream_across_a_cut(em, session.stream(PROMPTS[0], 40), 8, 6, policy)
     records = before + during + after
     assert len(records) == 40 and not any(r.unverified for r in before)
