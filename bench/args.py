@@ -48,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-threads", type=int, default=1, metavar="N",
                    help="OMP/MKL threads of each python-backend model process of the bench's own server; 0 keeps "
                         "torch's default (default: %(default)s)")
+    p.add_argument("--no-pin", action="store_true",
+                   help="do not pin the edge (this process) and the bench's server to separate CPU cores (by default "
+                        "with at least 2: two devices, the edge one core and the cloud one core); both share every core")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -4,12 +4,14 @@ Starts tritonserver on free 127.0.0.1 ports with the plan's repository (model_re
 committed configs match the plan, else one generated from the plan in a temporary directory: the
 source tree is never written), puts the link emulator between the edge and the server (20 ms round
 trip and 100 Mbit/s unless told otherwise), runs each held-out prompt in collaborative (streamed, with
-live exit fidelity), verified, standalone and cloud-only mode, prints the texts and a summary table,
-and stops the server.
+live exit fidelity), verified, standalone and cloud-only mode, and the control (collaborative at
+threshold 1.0: no exit taken, cloud-only's tokens, so it shows what the split alone costs or buys),
+prints the texts and a summary table, and stops the server.
 
-Both sides share this machine's CPU cores: the edge (torch, --edge-threads) and each of the server's
-Python models (--server-threads) take turns on them, so the times show the shape of a deployment
-(which tokens cross the link, what each crossing costs), not a Jetson's or a GPU server's figures.
+With at least 2 CPU cores, the edge runs pinned to one core and the server with its Python models to
+another (--no-pin: both share every core): two devices, the edge one core and the cloud one core. The
+times show the shape of a deployment (which tokens cross the link, what each crossing costs), not a
+Jetson's or a GPU server's figures: the cloud here is one CPU core, not a GPU server shared by many edges.
 The toy model: --plan models/shakespeare-llama/partition_plan.json --rtt-ms 0.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bench.cores import pinned, Pinning
 from bench.link_emulator import LinkEmulator
 from bench.run import limit_server_threads
 from bench.systems import heldout_texts
@@ -35,6 +38,9 @@ from plugin.paths import GEMMA_PLAN, MODEL_REPOSITORY
 from plugin.serving.repository import check_repository, write_repository
 from plugin.serving.server import TritonServer
 from plugin.split.plan import PartitionPlan
+
+
+CONTROL = "control: collaborative @1.0"  # no exit ever taken: cloud-only's tokens through the split
 
 
 def _merge(gens: list[Generation]) -> Generation:
@@ -76,24 +82,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge-threads", type=int, default=1, help="torch threads of the edge (default: %(default)s)")
     parser.add_argument("--server-threads", type=int, default=1,
                         help="torch threads of each of the server's Python models (default: %(default)s)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the edge and the server to separate CPU cores: both share every core")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.edge_threads)
     limit_server_threads(args.server_threads)
-    try:
-        app = EdgeApp.load(args.plan)
-    except ModelMissing as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory(prefix="ce-collm-demo-") as scratch:
-        return _run(app, repository_for(app.plan, args.plan, Path(scratch)), args)
+    with pinned(not args.no_pin) as pinning:
+        try:
+            app = EdgeApp.load(args.plan)
+        except ModelMissing as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="ce-collm-demo-") as scratch:
+            return _run(app, repository_for(app.plan, args.plan, Path(scratch)), args, pinning)
 
 
-def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
+def _run(app: EdgeApp, repository: Path, args: argparse.Namespace, pinning: Pinning | None) -> int:
     print(f"starting tritonserver on {repository} ...", flush=True)
     t0 = time.perf_counter()
-    runs: dict[str, list[Generation]] = {"collaborative": [], "verified": [], "standalone": [], "cloud-only": []}
-    with TritonServer(repository) as server, LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=args.rtt_ms / 2,
-                                                          bandwidth_mbit=args.bandwidth_mbit) as link:
+    runs: dict[str, list[Generation]] = {"collaborative": [], CONTROL: [], "verified": [], "standalone": [],
+                                         "cloud-only": []}
+    server = TritonServer(repository, cpus=pinning.server_cpus if pinning else None)
+    with server, LinkEmulator("127.0.0.1", server.grpc_port, delay_ms=args.rtt_ms / 2,
+                              bandwidth_mbit=args.bandwidth_mbit) as link:
         print(f"server ready in {time.perf_counter() - t0:.1f} s at grpc {server.grpc_url}; the edge reaches it "
               f"through {link.address} ({args.rtt_ms:g} ms round trip, {args.bandwidth_mbit:g} Mbit/s)\n")
         edge_link, cloud_link = TritonLink(link.address), TritonLink(link.address, "cloud_only")
@@ -109,25 +120,28 @@ def _run(app: EdgeApp, repository: Path, args: argparse.Namespace) -> int:
                 printer.add(record)
                 records.append(record)
             runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, session.stats))
+            control = app.session("collaborative", edge_link, SessionOptions(threshold=1.0, async_uploads=True))
+            runs[CONTROL].append(control.generate(ids, args.max_new_tokens))
             runs["verified"].append(app.session("verified", edge_link).generate(ids, args.max_new_tokens))
             runs["standalone"].append(app.session("standalone").generate(ids, args.max_new_tokens))
             runs["cloud-only"].append(app.session("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
-            for mode in ("verified", "standalone", "cloud-only"):
+            for mode in (CONTROL, "verified", "standalone", "cloud-only"):
                 text = app.tokenizer.decode(runs[mode][-1].token_ids, skip_special_tokens=True)
                 print(f"\n--- {mode} ---\n{prompt}{text}")
             print()
     merged = dict((mode, _merge(gens)) for mode, gens in runs.items())
     print(summary_table(list(merged.items()), baseline="cloud-only"))
-    for mode in ("collaborative", "verified"):
+    for mode in ("collaborative", CONTROL, "verified"):
         agree, total = _agreement(runs[mode], runs["cloud-only"])
         print(f"{mode} agrees with cloud-only on {agree}/{total} tokens ({agree / max(1, total):.1%})")
     verified = merged["verified"]
     summary = verified.stats.verified_summary(len(verified.token_ids))
     print(f"verified: {summary['acceptance_rate']:.0%} of drafts kept, {summary['tokens_per_round_trip']:.2f} tokens "
           f"per round trip, gamma {summary['gamma']:.1f}")
-    print(f"\nBoth sides shared this machine's {os.cpu_count()} CPU cores (edge: {args.edge_threads} torch thread(s); "
-          f"server: {args.server_threads} per Python model) behind a {args.rtt_ms:g} ms link: the cloud's layers ran no "
-          "faster than the edge's. On a deployment the cloud is a GPU server and the edge a Jetson; "
+    sides = (pinning.note() if pinning else f"both sides shared this machine's {os.cpu_count()} CPU cores (--no-pin or "
+             "a single core), each slowing the other")
+    print(f"\nBehind a {args.rtt_ms:g} ms link, {sides} (edge: {args.edge_threads} torch thread(s); server: "
+          f"{args.server_threads} per Python model). On a deployment the cloud is a GPU server and the edge a Jetson; "
           "`make bench` measures more prompts, longer generations and other links.")
     return 0
 

@@ -209,7 +209,8 @@ def render_markdown(results: dict, plots: dict[str, str]) -> str:
         f"(python backend, {m['serve_options']['instance_kind']}, {m['serve_options']['instances']} instance per model, "
         f"max batch {m['serve_options']['max_batch_size']}). Machine: {m['cpus']} CPU cores ({m['machine']}), no GPU; "
         f"server (torch with {m.get('server_threads') or 'default'} thread per model process), edge ({m.get('edge_runner', 'torch')} with "
-        f"{m['edge_threads']} thread) and link emulator share them.", "",
+        f"{m['edge_threads']} thread) and link emulator "
+        + (f"run on them. Pinned: {m['pinning']}." if m.get("pinning") else "share them."), "",
     ]
     targets = results.get("targets") or []
     if targets:

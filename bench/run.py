@@ -12,7 +12,9 @@ On a fixed prompt set from the held-out corpus, with one tritonserver (started h
 
 Writes results.json, report.md and PNG plots to --out (default bench/results/), raw per-token data
 to --out/raw/ (git-ignored). Every generation is greedy and exactly --max-new-tokens long (no
-stop at EOS), so all systems decode the same number of tokens.
+stop at EOS), so all systems decode the same number of tokens. With at least 2 CPU cores, the edge (this
+process) runs on one core and the server with its Python-backend stubs on another (--no-pin: both share
+every core): two devices, the edge one core and the cloud one core; not a GPU server shared by many edges.
 """
 from __future__ import annotations
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 from bench.args import DEFAULT_LINKS, DEFAULT_OUT, DEFAULT_PLAN, REPO_ROOT, add_arguments  # noqa: F401 (re-exported)
 from bench.clients import capacities, capacity, clients_sweep, record_trace, traces_summary
+from bench.cores import pinned, Pinning
 from bench.link_emulator import LinkEmulator
 from bench.measures import (add_comparisons, busy_delta, evaluate_targets, evaluate_verified_targets, Scorer,
                             server_busy_ns, summarize_run)
@@ -71,6 +74,7 @@ class BenchConfig:
     edge_threads: int = 1
     edge_runner: str = "onnx"  # onnx (graphs exported into out/raw/onnx) or torch
     server_threads: int | None = 1  # OMP/MKL threads of each python-backend process (None: torch's default)
+    pin: bool = True  # the edge and its own server on separate CPU cores (bench/cores.py), with at least 2
     serve_options: ServeOptions = ServeOptions(limits=Limits(max_sessions=512))
     tokenizer: object | None = None  # tokenizers.Tokenizer, for sample texts in the report
     progress: bool = True
@@ -124,7 +128,13 @@ def limit_server_threads(threads: int | None) -> None:
 
 
 def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
-    """Run everything; returns the results dict (also written to cfg.out/results.json with the report)."""
+    """Run everything; returns the results dict (also written to cfg.out/results.json with the report). With
+    cfg.pin and no server given, the edge (this process) and the server it starts run on separate cores."""
+    with pinned(cfg.pin and server is None) as pinning:
+        return _run_benchmark(cfg, server, pinning)
+
+
+def _run_benchmark(cfg: BenchConfig, server: TritonServer | None, pinning: Pinning | None) -> dict:
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.edge_threads)
     out = Path(cfg.out)
@@ -145,7 +155,8 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
         repo = Path(tmp.name)
         write_bench_repository(plan, repo, cfg.serve_options)
         limit_server_threads(cfg.server_threads)
-        server = TritonServer(repo, log_file=raw / "tritonserver.log", extra_args=["--exit-timeout-secs=5"])
+        server = TritonServer(repo, log_file=raw / "tritonserver.log", extra_args=["--exit-timeout-secs=5"],
+                              cpus=pinning.server_cpus if pinning else None)
         if cfg.progress:
             print(f"bench: starting tritonserver on a generated repository ({repo}) ...", file=sys.stderr, flush=True)
         server.start(timeout_s=300)
@@ -195,7 +206,7 @@ def run_benchmark(cfg: BenchConfig, server: TritonServer | None = None) -> dict:
         if cfg.clients:
             clients_result = _run_clients(cfg, edge, server, new_id, standalone_t)
         results = {
-            "meta": _meta(cfg, server, cfg_model, time.perf_counter() - t_start),
+            "meta": _meta(cfg, server, cfg_model, time.perf_counter() - t_start, pinning),
             "links": [dict(asdict(l), name=l.name) for l in cfg.links],
             "runs": rows,
             "clients": clients_result,
@@ -287,7 +298,7 @@ def _samples(cfg: BenchConfig, runs: dict) -> list[dict]:
     return out
 
 
-def _meta(cfg: BenchConfig, server: TritonServer, model_cfg, wall_s: float) -> dict:
+def _meta(cfg: BenchConfig, server: TritonServer, model_cfg, wall_s: float, pinning: Pinning | None) -> dict:
     try:
         version = server.metadata().get("version")
     except Exception:  # noqa: BLE001 - informational only
@@ -302,7 +313,7 @@ def _meta(cfg: BenchConfig, server: TritonServer, model_cfg, wall_s: float) -> d
         "max_new_tokens": cfg.max_new_tokens, "thresholds": list(cfg.thresholds), "codecs": list(cfg.codecs),
         "triton_version": version, "python": platform.python_version(), "torch": torch.__version__,
         "cpus": os.cpu_count(), "machine": platform.machine(), "edge_threads": cfg.edge_threads, "edge_runner": cfg.edge_runner,
-        "server_threads": cfg.server_threads,
+        "server_threads": cfg.server_threads, "pinning": pinning.note() if pinning else None,
         "serve_options": {"max_batch_size": cfg.serve_options.max_batch_size, "instances": cfg.serve_options.instances,
                           "instance_kind": cfg.serve_options.instance_kind, "dtype": cfg.serve_options.dtype},
         "wall_s": wall_s,
@@ -350,7 +361,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         clients=_ints(clients), client_tokens=pick(args.client_tokens, 16, 8),
         long_tokens=pick(args.long_tokens, 256, 32),
         sessions_per_client=args.sessions_per_client, p99_slo_ms=args.p99_slo_ms, out=args.out,
-        edge_threads=args.edge_threads, edge_runner=args.edge_runner, server_threads=args.server_threads or None, progress=not args.no_progress,
+        edge_threads=args.edge_threads, edge_runner=args.edge_runner, server_threads=args.server_threads or None,
+        pin=not args.no_pin, progress=not args.no_progress,
         command="ce-collm bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
     )
 
@@ -368,6 +380,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def summary_lines(results: dict, out: Path) -> str:
     lines = [f"ce-collm bench: {len(results['runs'])} runs in {results['meta']['wall_s']:.0f} s -> {out}/report.md"]
+    if results["meta"].get("pinning"):
+        lines.append(f"  {results['meta']['pinning']}")
     for t in results.get("targets", []) + results.get("verified_targets", []):
         lines.append(f"  {'met   ' if t['met'] else 'MISSED'} {t['name']}: {t['display']} (target {t['target']}, {t['link']})")
     cap = (results.get("clients") or {}).get("capacity")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import torch
 from bench.naive_split import NaiveSplitService, write_bench_repository
 from bench.perf_inputs import input_data, record_sessions
 from bench.clients import capacity
+from bench.cores import pinned
 from bench.measures import paired_interval, rouge_l, token_agreement
 from bench.run import BenchConfig, run_benchmark
 from bench.systems import heldout_texts, LinkSpec, System
@@ -91,6 +94,7 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
                       serve_options=opts)
     results = run_benchmark(cfg, server=server)
 
+    assert results["meta"]["pinning"] is None  # a server given: its cores are the caller's
     assert json.loads((out / "results.json").read_text())["runs"]  # written and parseable
     assert (out / "report.md").read_text().startswith("# CE-CoLLM benchmark")
     for png in ("quality_vs_cloud_share.png", "time_per_token_vs_link.png", "bytes_up_per_token.png",
@@ -143,6 +147,22 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
         (s, n) for s in ("collaborative@0.1/fp32", "cloud-only") for n in (1, 2)}
     assert all(r["throughput_tok_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in clients["rows"])
     assert set(clients["capacity"]) == {"collaborative@0.1/fp32", "cloud-only"}
+
+
+def test_pinning_gives_the_edge_and_the_server_a_core_each_and_gives_the_cores_back():
+    """All of this process's threads on the edge core inside, the server's core apart; the cores back on exit."""
+    cores = os.sched_getaffinity(0)
+    with pinned(False) as off:
+        assert off is None and os.sched_getaffinity(0) == cores
+    if len(cores) < 2:
+        pytest.skip("one core: nothing to split")
+    worker = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True)
+    worker.start()  # started before the pinning: pinned too
+    with pinned(True) as pinning:
+        assert pinning is not None and pinning.server_cpus == {pinning.server} and pinning.server != pinning.edge
+        assert os.sched_getaffinity(0) == os.sched_getaffinity(worker.native_id) == {pinning.edge}
+        assert "the edge one core and the cloud one core" in pinning.note()
+    assert os.sched_getaffinity(0) == os.sched_getaffinity(worker.native_id) == cores
 
 
 def test_heldout_prompts_come_from_the_checkpoint_or_from_beside_the_exit_heads(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -171,7 +172,8 @@ def test_demo_serves_a_stale_plan_from_a_temporary_repository(app, tmp_path):
 
 def test_demo_runs_every_mode_through_an_emulated_link():
     """`make demo` on the toy plan (Gemma's is its default): its own server behind a 10 ms link, one prompt in the
-    four modes, the table, the agreement with cloud-only, and the note that both sides share the CPU."""
+    four modes and the control (collaborative at threshold 1.0: cloud-only's tokens), the table, the agreement with
+    cloud-only, and the note on the edge and the server pinned to a core each."""
     cmd = [sys.executable, "-m", "bench.demo", "--plan", str(DEMO_PLAN), "--prompts", "1", "--max-new-tokens", "6",
            "--rtt-ms", "10"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -179,6 +181,12 @@ def test_demo_runs_every_mode_through_an_emulated_link():
     out = done.stdout
     assert "10 ms round trip" in out
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
-    assert {"collaborative", "verified", "standalone", "cloud-only"} <= rows.keys()
+    assert {"collaborative", "control: collaborative @1.0", "verified", "standalone", "cloud-only"} <= rows.keys()
     assert rows["standalone"][4].strip() == "0" and int(rows["cloud-only"][4].strip()) == 6  # cloud requests
-    assert "collaborative agrees with cloud-only on" in out and "shared this machine's" in out
+    assert rows["control: collaborative @1.0"][3].strip() == "cloud 100%"  # no exit taken
+    assert "control: collaborative @1.0 agrees with cloud-only on 6/6 tokens" in out
+    assert "collaborative agrees with cloud-only on" in out
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "the edge ran pinned to CPU core" in out and "the edge one core and the cloud one core" in out
+    else:
+        assert "shared this machine's" in out

@@ -20,6 +20,8 @@ import torch
 from plugin import cli
 from plugin.serving.server import (
     find_tritonserver, free_ports, port_is_free, prepare_backend_dir, TritonServer, TritonServerError)
+from tests.identity_model import write_identity_repository
+from tests.soak import descendant_pids
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +184,18 @@ def test_stop_frees_the_ports(start_server, torch_repo: Path) -> None:
     assert all(port_is_free(p) for p in server.ports())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.server
+def test_cpus_pin_the_server_and_its_stubs(start_server, tmp_path: Path) -> None:
+    """The server's cores are set before exec, so its Python-backend stubs (its children) inherit them."""
+    cpus = frozenset({max(os.sched_getaffinity(0))})
+    server = start_server(write_identity_repository(tmp_path / "repo"), cpus=cpus)
+    tree = descendant_pids(server.pid)
+    assert len(tree) >= 2  # the server and the identity model's stub
+    assert {pid: os.sched_getaffinity(pid) for pid in tree} == dict.fromkeys(tree, cpus)
+    assert os.sched_getaffinity(0) != cpus or os.cpu_count() == 1  # the launcher keeps its own cores
+    server.stop()
 
 
 @pytest.mark.server

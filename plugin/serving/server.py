@@ -295,22 +295,26 @@ class _Spawner:
 _SPAWNER = _Spawner()
 
 
-def _die_with_parent(death_signal: int, parent: int) -> None:
+def _die_with_parent(death_signal: int, parent: int, cpus: frozenset[int] | None) -> None:
     """In the child before exec: the kernel sends it death_signal when our process dies, so a launcher
-    killed without warning (SIGKILL) leaves no orphan holding the ports."""
+    killed without warning (SIGKILL) leaves no orphan holding the ports; pinned to cpus when given, which
+    its own children (tritonserver's Python-backend stubs) inherit."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     PR_SET_PDEATHSIG = 1
     libc.prctl(PR_SET_PDEATHSIG, death_signal)
     if os.getppid() != parent:  # the launcher died before prctl: no signal will come
         os.kill(os.getpid(), death_signal)
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
 
 
 def spawn_dying_with_parent(args: Sequence[str], death_signal: int = signal.SIGKILL,
-                            **popen_kwargs: Any) -> subprocess.Popen[bytes]:
+                            cpus: frozenset[int] | None = None, **popen_kwargs: Any) -> subprocess.Popen[bytes]:
     """subprocess.Popen(args) forked by the spawner thread, the child getting death_signal when this process dies
-    (tritonserver: SIGKILL; nginx: SIGTERM, which its master passes on to its workers, a SIGKILL would orphan them)."""
+    (tritonserver: SIGKILL; nginx: SIGTERM, which its master passes on to its workers, a SIGKILL would orphan them)
+    and, when cpus is given, pinned to those CPU cores."""
     return _SPAWNER.call(lambda: subprocess.Popen(
-        args, preexec_fn=functools.partial(_die_with_parent, death_signal, os.getpid()), **popen_kwargs))
+        args, preexec_fn=functools.partial(_die_with_parent, death_signal, os.getpid(), cpus), **popen_kwargs))
 
 
 @atexit.register
@@ -346,11 +350,14 @@ class TritonServer:
         tail_lines: int = 400,
         heal_stubs: bool = False,
         admin_secret: str | None = None,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         """heal_stubs: reload a python model whose backend stub died (plugin/serving/healer.py); this runs
         the server in model-control mode explicit with every model loaded at start unless told otherwise.
         admin_secret: what opens the admin APIs (ADMIN_APIS, admin_headers); a random one by default, so that
-        only this launcher (its readiness checks, its healer) can load or unload a model."""
+        only this launcher (its readiness checks, its healer) can load or unload a model.
+        cpus: the CPU cores the server and its Python-backend stubs run on (None: any), so that a benchmark on one
+        machine can give the edge and the server separate cores, as two devices would have."""
         self.model_repository = Path(model_repository).resolve()
         if not self.model_repository.is_dir():
             raise TritonServerError(f"model repository {self.model_repository} is not a directory")
@@ -367,6 +374,7 @@ class TritonServer:
         self.load_models = list(load_models) or (["*"] if heal_stubs else [])
         self.echo = echo
         self.admin_secret = admin_secret or secrets.token_urlsafe(24)
+        self.cpus = cpus
         self._shm_prefix = f"ce_collm_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         self._tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self._errors: collections.deque[str] = collections.deque(maxlen=40)
@@ -452,6 +460,7 @@ class TritonServer:
         self._errors.clear()
         self._proc = spawn_dying_with_parent(
             self.command(),
+            cpus=self.cpus,
             env=server_env(self.install),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
