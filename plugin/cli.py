@@ -186,7 +186,7 @@ def _configs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instances", type=int, default=1, metavar="N", help="instances per model (default: %(default)s)")
     _limits_arguments(p)
     p.add_argument("--sequence-slots", type=int, default=0, metavar="N",
-                   help="Triton sequence slots per model; 0: 64 x --max-sessions (default: %(default)s)")
+                   help="Triton sequence slots per model; 0: 128 x --max-sessions (default: %(default)s)")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 if the repository's configs differ from what the plan generates")
 
