@@ -263,12 +263,15 @@ def test_reload_with_a_replica_removed_moves_only_its_sessions(fleet, session_pr
     served = requests_of(fleet, ids)
     fleet.front.reload([kept, removed])  # back to both for the next test
     assert [r.tokens for r in runs] == one_server_tokens
-    moved = []
+    moved, ended_before = [], 0
     for run in runs:
         upstreams = [rec["upstream"] for rec in served[run.sequence_id]]
         refused = [i for i, rec in enumerate(served[run.sequence_id]) if rec["grpc_status"] != "0"]
-        if home[run.sequence_id] == kept:  # untouched: never re-synced, never left its replica, never refused
-            assert run.resyncs == 0 and set(upstreams) == {kept} and refused == []
+        if home[run.sequence_id] == kept or kept not in upstreams:
+            # untouched: its replica stayed, or it ended before the reload (no cloud token late enough to wait
+            # for it, see run_sessions): never re-synced, never left its replica, never refused
+            assert run.resyncs == 0 and set(upstreams) == {home[run.sequence_id]} and refused == []
+            ended_before += home[run.sequence_id] == removed
         else:  # its replica left the list: first there, then on the other for good, after one re-sync
             assert run.resyncs == 1 and run.unreachable == 0
             switch = upstreams.index(kept)
@@ -277,7 +280,7 @@ def test_reload_with_a_replica_removed_moves_only_its_sessions(fleet, session_pr
             # session there either); the re-sync followed
             assert refused == [switch, switch + 1]
             moved.append(switch)
-    assert len(moved) == PER_REPLICA
+    assert len(moved) + ended_before == PER_REPLICA and moved
     print(f"\nreload: old nginx workers drained {reload_s * 1000:.0f} ms after the new list came; {PER_REPLICA} sessions of the kept "
           f"replica: 0 re-syncs; {PER_REPLICA} of the removed one moved after {moved} requests there, 1 re-sync each; "
           f"all {len(runs)} x {TOKENS} tokens equal to one server's")
