@@ -27,8 +27,8 @@ class Limits:
     # Triton holds a sequence slot until END or this idle time, even for a START the model refused, and the slot
     # count is fixed: a short idle time is what keeps a flood of refused STARTs from holding every slot
     slot_idle_s: float = _limit(10.0, "S", "Triton's sequence-slot idle timeout (capped by --ttl): an edge idle "
-                                           "longer re-sends its context with START; a session whose START gets no "
-                                           "follow-up request within it is dropped (a START refused downstream)")
+                                           "longer resumes its session with START (SLOT_EXPIRED); a session whose "
+                                           "START gets no follow-up request within it is dropped (a START refused downstream)")
     # tensor payload of one request (1024 fp32 rows of hidden 8192 = 32 MiB)
     max_request_bytes: int = _limit(64 << 20, "N", "tensor payload bytes per request")
     max_requests_per_s: float = _limit(1000.0, "R", "requests per second per session, a token bucket one second "
@@ -221,8 +221,9 @@ def sessions_to_evict_for_bytes(held: Mapping[int, Owned], client: str, need: in
     `client`: least recently used first, each from the client holding the most bytes, while that client holds
     more than `client` will; None when they do not free enough (refuse). `keep`: sessions never evicted (those
     of the batch being admitted)."""
-    owners = {owner: [sid for sid in sids if sid not in keep] for owner, sids in _by_client(held).items()}
-    held_by = {owner: sum(held[sid].nbytes for sid in sids) for owner, sids in _by_client(held).items()}
+    by_client = _by_client(held)
+    owners = {owner: [sid for sid in sids if sid not in keep] for owner, sids in by_client.items()}
+    held_by = {owner: sum(held[sid].nbytes for sid in sids) for owner, sids in by_client.items()}
     mine = held_by.pop(client, 0) + need
     victims: list[int] = []
     while free < need:
