@@ -22,7 +22,7 @@ import torch
 
 from bench.run import load_prompts
 from edge_runtime.cloud_only import CloudOnlySession
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.session import DecodingSession
 from plugin.model.checkpoint import load_model, read_config
 from plugin.paths import DEMO_PLAN, REPO_ROOT

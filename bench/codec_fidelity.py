@@ -44,7 +44,7 @@ def fidelity(model, records: list[cont.Continuation], split: int, codecs: list[s
         rows = states[split][0]  # [T, D]
         positions = torch.arange(ids.shape[1])[None]
         for c in codecs:
-            got = decode(encode(rows, c), D, model.dtype, "cpu")
+            got = torch.from_numpy(decode(encode(rows, c), D)).to(model.dtype)
             h = model.run_layers(got[None], positions, split, n_layers, [model.new_sequence(split, n_layers)])
             tokens_c = model.exit_logits(h[0, first:-1], n_layers).argmax(-1)
             same = tokens_c == reference

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from edge_runtime.generation import Generation, TokenRecord
@@ -66,7 +67,7 @@ class NaiveSplitService:
         if req.split_layer is not None and req.split_layer != self.split_layer:
             raise ProtocolError(ErrorCode.SPLIT_LAYER,
                                 f"this naive_split model resumes at layer {self.split_layer}, not {req.split_layer}")
-        hidden = decode(req.rows, self.partition.model.cfg.hidden_size, torch.float32, "cpu")  # [n, D]
+        hidden = torch.from_numpy(decode(req.rows, self.partition.model.cfg.hidden_size))  # [n, D]
         if hidden.shape[0] == 0:
             raise ProtocolError(ErrorCode.MALFORMED, "no rows: the naive split needs the whole context")
         # start=True and end=True: a fresh KV store for this request alone, dropped after it
@@ -130,24 +131,23 @@ class NaiveSplitSession:
             out.records.append(record)
         return out
 
-    @torch.inference_mode()
     def stream(self, prompt_ids: list[int], max_new_tokens: int, out: Generation | None = None) -> Iterator[TokenRecord]:
         out = out or Generation(list(prompt_ids))
         self.generation = out
         stats, runner, split = out.stats, self.edge.runner, self.edge.plan.split_layer
         state = runner.new_sequence()
-        context: list[torch.Tensor] = []  # layer-k rows of every position so far, [n_i, D] each
+        context: list[np.ndarray] = []  # layer-k rows of every position so far, [n_i, D] each
         block, pos = list(prompt_ids), 0
         t_start = time.perf_counter()
         try:
             for _ in range(max_new_tokens):
                 t0 = time.perf_counter()
-                h, first = torch.tensor(block, dtype=torch.long), 0
+                h, first = np.array(block, np.int64), 0
                 for boundary in self.edge.plan.boundaries:  # the runner's segments; no exit heads
                     h, first = runner.run(first, boundary, h, pos, state, None).hidden, boundary  # [T, D]
                 context.append(h)
                 stats.edge_s += time.perf_counter() - t0
-                rows = encode(torch.cat(context), self.codec)  # the whole context, every time
+                rows = encode(np.concatenate(context), self.codec)  # the whole context, every time
                 req = CloudRequest(0, 0, True, rows=rows, split_layer=split)  # sequence id 0: stateless
                 t1 = time.perf_counter()
                 reply = self.link.send(req)

@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from plugin.export.engines import TensorRTUnavailable, build_engine, calibration_feeds, describe_plan, engine_graphs, engine_profiles, import_tensorrt, options_from_args, read_calibration_tokens, write_engine_manifest
+    from plugin.export.engine_manifest import import_tensorrt, TensorRTUnavailable
+    from plugin.export.engines import build_engine, describe_plan, engine_graphs, engine_profiles, options_from_args, read_calibration_tokens, write_engine_manifest
     from plugin.export.manifest import ExportError, Manifest, default_onnx_dir, graph_path
-    from plugin.export.onnx import load_full_model
     from plugin.split.plan import PartitionPlan
 
     try:
@@ -79,17 +79,22 @@ def main(argv=None) -> int:
     cache_bytes = opts.timing_cache.read_bytes() if opts.timing_cache and opts.timing_cache.is_file() else b""
     timing_cache = trt.Builder(trt.Logger(trt.Logger.WARNING)).create_builder_config().create_timing_cache(cache_bytes)
     tokens = model = None
-    if opts.precision == "int8":
+    if opts.precision == "int8":  # calibration runs the PyTorch layer loop: only int8 builds need torch
+        from plugin.export.int8_calibration import calibration_feeds, entropy_calibrator
+        from plugin.export.onnx import load_full_model
+
         tokens = read_calibration_tokens(opts.calib_data, plan.checkpoint, opts.calib_block)
         model = load_full_model(plan, "fp32")
     engines, t0 = {}, time.perf_counter()
     for spec in tqdm(engine_graphs(manifest, opts), desc=f"engines ({opts.target})", unit="engine", dynamic_ncols=True):
         profiles = engine_profiles(spec, manifest, opts)
-        calibration = calibration_feeds(model, spec, tokens) if tokens is not None and spec.kind != "exit_head" else None
-        precision = opts if calibration is not None or opts.precision != "int8" else _fp16(opts)
+        calibrator = None
+        if tokens is not None and spec.kind != "exit_head":
+            calibrator = entropy_calibrator(trt, calibration_feeds(model, spec, tokens), out / f"{spec.name}.calib")
+        precision = opts if calibrator is not None or opts.precision != "int8" else _fp16(opts)
         try:
             data = build_engine(trt, graph_path(onnx_dir, spec, opts.onnx_precision), spec, profiles, precision,
-                                timing_cache, calibration, out / f"{spec.name}.calib")
+                                timing_cache, calibrator)
         except RuntimeError as e:
             print(f"build_engines: {e}", file=sys.stderr)
             return 1

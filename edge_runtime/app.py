@@ -12,7 +12,7 @@ from edge_runtime.link import CloudLink
 from edge_runtime.parts import SessionOptions
 from edge_runtime.policy import Mode
 from edge_runtime.session import session_for
-from plugin.model.checkpoint import read_config
+from plugin.model.files import read_config
 from plugin.paths import DEMO_PLAN
 from plugin.split.edge import EdgePartition
 from plugin.split.plan import PartitionPlan

@@ -17,7 +17,7 @@ from edge_runtime.policy import LatencyPolicy, Mode
 from edge_runtime.session import network_mode, SESSION_MODES
 from edge_runtime.verified import DraftLength, VerifiedSession
 from edge_runtime.runners import RUNNERS
-from plugin.export.engines import TensorRTUnavailable
+from plugin.export.engine_manifest import TensorRTUnavailable
 from plugin.export.manifest import ExportError
 from plugin.paths import DEMO_PLAN
 from plugin.protocol.codec import CODEC_DTYPES

@@ -15,7 +15,7 @@ import dataclasses
 import threading
 from typing import Callable
 
-import torch
+import numpy as np
 
 from edge_runtime.generation import end_sequence, SessionStats
 from edge_runtime.link import CloudLink, CloudUnreachable
@@ -29,14 +29,14 @@ class RowLog:
     """Rows [0, length) in one growing buffer, so taking the unsent tail costs no concatenation."""
 
     def __init__(self, hidden_size: int = 0):
-        self._rows = torch.empty(0, hidden_size)
+        self._rows = np.empty((0, hidden_size), np.float32)
         self.length = 0
 
-    def append(self, rows: torch.Tensor) -> None:
+    def append(self, rows: np.ndarray) -> None:
         # rows: [n, D]
         end = self.length + rows.shape[0]
         if end > self._rows.shape[0] or self._rows.shape[1] != rows.shape[1]:
-            grown = torch.empty(max(end, 2 * self._rows.shape[0], 64), rows.shape[1], dtype=rows.dtype)
+            grown = np.empty((max(end, 2 * self._rows.shape[0], 64), rows.shape[1]), np.float32)
             grown[: self.length] = self._rows[: self.length]
             self._rows = grown
         self._rows[self.length: end] = rows
@@ -47,7 +47,7 @@ class RowLog:
         assert 0 <= length <= self.length, (length, self.length)
         self.length = length
 
-    def rows(self, first: int, stop: int) -> torch.Tensor:
+    def rows(self, first: int, stop: int) -> np.ndarray:
         return self._rows[first:stop]
 
 
@@ -86,7 +86,7 @@ class ContextSync:
         self.failure: Exception | None = None  # a background upload's error, raised by every later request
         self._uploader = BackgroundUploader(self._upload_in_background) if background else None
 
-    def append(self, rows: torch.Tensor) -> None:
+    def append(self, rows: np.ndarray) -> None:
         # rows: [n, D] at positions [log.length, log.length + n)
         self.log.append(rows)
 

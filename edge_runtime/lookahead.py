@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from edge_runtime.generation import SessionStats
-from plugin.model.kv import KVMark
+from plugin.model.rows import KVMark
 from plugin.model.sampling import Sampler
 from plugin.protocol.messages import CloudReply
 from plugin.split.edge import EdgePartition, EdgeStep, ExitPolicy, SequenceState

@@ -31,7 +31,7 @@ from edge_runtime.generation import SessionStats, TokenRecord
 from edge_runtime.link import CloudLink, CloudUnreachable
 from edge_runtime.parts import EdgeSession, SessionOptions
 from edge_runtime.policy import ExitDecider, Mode, moving_average
-from plugin.model.kv import PendingRows
+from plugin.model.rows import PendingRows
 from plugin.model.sampling import Greedy, Sampler
 from plugin.protocol.messages import CloudReply, Drafts, RowVerdict
 from plugin.split.edge import EdgePartition, ExitPolicy, SequenceState

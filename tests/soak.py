@@ -35,7 +35,7 @@ from edge_runtime.generation import Generation  # noqa: E402
 from edge_runtime.session import DecodingSession  # noqa: E402
 from edge_runtime.triton_link import TritonLink  # noqa: E402
 from plugin.split.edge import EdgePartition  # noqa: E402
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 
 GAUGES = (("ce_collm_sessions_live", "context_manager"), ("ce_collm_sessions_live", "cloud_partition"),
           ("ce_collm_pending_bytes", "context_manager"), ("ce_collm_kv_bytes", "cloud_partition"))

@@ -16,10 +16,11 @@ from transformers import Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, Qwen2C
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from edge_runtime.cloud_only import CloudOnlySession
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.session import DecodingSession
 from plugin.model.architectures import CheckpointError, config_from_dict
 from plugin.model.checkpoint import load_model, read_config
+from plugin.model.layers import rope_inv_freq
 from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
@@ -88,10 +89,10 @@ def test_rope_frequencies_are_transformers_own(rope):
     hf_cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=32, rope_parameters=dict(rope))
     expected, _ = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf_cfg, "cpu")
     cfg = config_from_dict(hf_cfg.to_dict())
-    ours = cfg.attention[0].rope.inv_freq(32)
+    ours = rope_inv_freq(cfg.attention[0].rope, 32)
     assert torch.equal(ours, expected)
-    assert not torch.equal(ours, config_from_dict(LlamaConfig(hidden_size=64, num_attention_heads=4,
-                                                              head_dim=32).to_dict()).attention[0].rope.inv_freq(32))
+    plain = config_from_dict(LlamaConfig(hidden_size=64, num_attention_heads=4, head_dim=32).to_dict())
+    assert not torch.equal(ours, rope_inv_freq(plain.attention[0].rope, 32))
 
 
 def test_llama31_config_in_the_older_format():

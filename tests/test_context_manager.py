@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.protocol.codec import encode, to_tensor
+from plugin.protocol.codec import encode, to_array
 from plugin.protocol.errors import ErrorCode, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudRequest
 from plugin.split.context import ContextManager
@@ -105,7 +105,7 @@ def test_int8_rows_round_trip_through_the_manager(codec):
     """The scaled codecs: rows kept as they arrived, widened with their scales when handed on."""
     cm = ContextManager(D, 6)
     block = cm.handle(_req(1, 0, 3, want=True, start=True, codec=codec))
-    hidden = to_tensor(block.rows, torch.float32, "cpu")  # as the cloud partition decodes them
+    hidden = torch.from_numpy(to_array(block.rows))  # as the cloud partition decodes them
     torch.testing.assert_close(hidden[:, 0], torch.tensor([0.0, 1.0, 2.0]), atol=0.02, rtol=0)
     assert block.rows.codec == codec and np.isfinite(hidden.numpy()).all()
 

@@ -15,9 +15,10 @@ from transformers import DynamicCache
 
 from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.session import DecodingSession
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from plugin.model.checkpoint import load_model
-from plugin.model.kv import BoundaryRows, LayerKV, PositionError, SequenceKV
+from plugin.model.kv import LayerKV, SequenceKV
+from plugin.model.rows import BoundaryRows, PositionError
 from plugin.split.edge import EdgePartition
 from plugin.split.local import LocalCloud
 from plugin.split.plan import PartitionPlan

@@ -10,7 +10,7 @@ import pytest
 
 from edge_runtime.policy import LatencyPolicy
 from edge_runtime.session import DecodingSession
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.serving.repository import write_repository

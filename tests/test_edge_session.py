@@ -9,7 +9,7 @@ from edge_runtime.context_sync import CloudSequence, ContextSync
 from edge_runtime.generation import SessionStats
 from edge_runtime.lookahead import Lookahead
 from edge_runtime.policy import ExitDecider, LatencyPolicy, Mode
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.session import DecodingSession
 from plugin.model.checkpoint import load_model
 from plugin.model.sampling import Greedy

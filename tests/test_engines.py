@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from plugin.export.engine_manifest import TensorRTUnavailable
 from plugin.export.engines import (
-    add_build_arguments, BuildOptions, calibration_feeds, describe_plan, engine_graphs, engine_profiles,
-    options_from_args, read_calibration_tokens, TensorRTUnavailable)
+    add_build_arguments, BuildOptions, describe_plan, engine_graphs, engine_profiles, options_from_args,
+    read_calibration_tokens)
+from plugin.export.int8_calibration import calibration_feeds
 from plugin.export.manifest import new_manifest
 from plugin.model.checkpoint import load_model, read_config
 from plugin.split.plan import PartitionPlan

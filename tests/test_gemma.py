@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.session import DecodingSession
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from edge_runtime.verified import DraftLength
 from plugin.model.checkpoint import load_model

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plugin.model.checkpoint import load_model, read_config
-from plugin.protocol.codec import encode, to_tensor
+from plugin.protocol.codec import encode, to_array
 from plugin.protocol.messages import CloudRequest, PendingBlock
 from plugin.protocol.tensors import TENSORS
 from plugin.protocol.wire import reply_from_outputs, request_inputs
@@ -55,7 +55,7 @@ def test_the_hop_carries_the_encoded_bytes(tiny, codec):
     print(f"\n{codec}: {_hop_bytes(handed)} bytes on the hop for 5 rows of {hidden.shape[1]} "
           f"(fp32: {hidden.numel() * 4})")
     # the partition decodes the block once: the token of the same rows handed over decoded to fp32, as before
-    decoded = torch.cat([to_tensor(uploaded, torch.float32, "cpu"), to_tensor(asked, torch.float32, "cpu")])
+    decoded = torch.cat([torch.from_numpy(to_array(uploaded)), torch.from_numpy(to_array(asked))])
     reference = CloudPartition(load_model(tiny, range(SPLIT, LAYERS))).step([PendingBlock(
         4, SPLIT, 0, decoded, True, start=True, session_key=KEY)])[0]
     assert reply.catchup_rows == 5 and (reply.token_id, reply.topk_ids) == (reference.token_id, reference.topk_ids)

@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from edge_runtime.cloud_only import CloudOnlySession
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.session import DecodingSession
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model

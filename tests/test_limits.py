@@ -15,7 +15,7 @@ from edge_runtime.policy import LatencyPolicy
 from edge_runtime.session import DecodingSession
 from edge_runtime.link import CloudUnreachable
 from edge_runtime.reconnect import ReconnectingLink
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode
 from plugin.protocol.errors import ErrorCode, ProtocolError

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from edge_runtime.session import DecodingSession
-from edge_runtime.runners import load_runner, OnnxRunner, TorchRunner
+from edge_runtime.runners import load_runner, OnnxRunner
+from edge_runtime.torch_runner import TorchRunner
 from plugin.export.manifest import ExportError, graph_path, Manifest
 from plugin.export.onnx import export_plan
 from plugin.export.parity import check_parity, parity_summary, parity_table
 from plugin.model.checkpoint import load_model, read_config
-from plugin.model.kv import PositionError
+from plugin.model.rows import PositionError
 from plugin.model.sampling import Greedy
 from plugin.serving.repository import render_configs, ServeOptions
 from plugin.serving.trt_repository import (check_ensemble, graph_io, parse_config, validate_trt_repository,
@@ -153,17 +154,17 @@ def test_onnx_runner_keeps_the_position_rule(exported):
     runner = OnnxRunner(plan, onnx_dir, threads=1)
     state = runner.new_sequence()
     first = plan.boundaries[0]
-    out = runner.run(0, first, torch.tensor(PROMPT), 0, state, first if first in plan.exit_layers else None)
+    out = runner.run(0, first, np.array(PROMPT), 0, state, first if first in plan.exit_layers else None)
     assert out.hidden.shape == (len(PROMPT), runner.hidden_size) and state.length(0) == len(PROMPT)
     with pytest.raises(PositionError, match="starts at position 3 but layer 0 holds 6"):
-        runner.run(0, first, torch.tensor([1]), 3, state, None)
+        runner.run(0, first, np.array([1]), 3, state, None)
     with pytest.raises(ValueError, match="no exported segment"):
-        runner.run(0, plan.split_layer + 1, torch.tensor([1]), 6, state, None)
+        runner.run(0, plan.split_layer + 1, np.array([1]), 6, state, None)
     # any row goes through the exit-head graph alone
     row = torch.randn(runner.hidden_size)
-    logits = runner.exit_logits(row, plan.exit_layers[0])
+    logits = runner.exit_logits(row.numpy(), plan.exit_layers[0])
     ref = load_model(plan.checkpoint, range(0, plan.split_layer)).exit_logits(row, plan.exit_layers[0])
-    torch.testing.assert_close(logits, ref.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(logits), ref.detach(), atol=1e-4, rtol=1e-4)
 
 
 def test_missing_or_stale_exports_say_what_to_run(exported, tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from plugin.model.checkpoint import load_model
 from plugin.split.edge import EdgePartition
 from plugin.split.plan import PartitionPlan, PlanError

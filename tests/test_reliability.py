@@ -24,7 +24,7 @@ from edge_runtime.generation import TokenRecord
 from edge_runtime.policy import LatencyPolicy
 from edge_runtime.session import DecodingSession
 from edge_runtime.reconnect import ReconnectingLink
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode

@@ -39,7 +39,7 @@ from tritonclient.utils import InferenceServerException
 from edge_runtime.session import DecodingSession
 from edge_runtime.link import CloudUnreachable
 from edge_runtime.reconnect import ReconnectingLink
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.cli import main as cli_main
 from plugin.model.checkpoint import load_model

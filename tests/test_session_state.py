@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.link import CloudUnreachable
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.session import DecodingSession
 from edge_runtime.triton_link import _translate
 from plugin.model.checkpoint import load_model

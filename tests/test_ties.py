@@ -4,12 +4,14 @@ the fix the cloud answered the highest id of a tie on a 96-token vocabulary."""
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.session import DecodingSession
 from plugin.model.checkpoint import load_model
-from plugin.model.sampling import Greedy, top_k_ids, TopP
+from plugin.model.decoder import top_k_ids
+from plugin.model.sampling import Greedy, TopP
 from plugin.protocol.codec import encode
 from plugin.protocol.messages import CloudRequest
 from plugin.split.edge import EdgePartition, ExitOutput
@@ -61,7 +63,7 @@ def test_the_cloud_answers_the_lowest_id_of_a_tie(tmp_path):
 def test_an_edge_exit_picks_the_lowest_id_of_a_tie(token_ids, expected):
     """A shortlist lists its ids by frequency, not in id order: the tie goes to the lowest vocabulary id, as the
     full head over the same logits would choose."""
-    ids = None if token_ids is None else torch.tensor(token_ids)
-    head = ExitOutput(torch.tensor([1.0, 4.0, 4.0, 2.0]), 0.5, -1, ids)
+    ids = None if token_ids is None else np.array(token_ids, np.int64)
+    head = ExitOutput(np.array([1.0, 4.0, 4.0, 2.0], np.float32), 0.5, -1, ids)
     assert head.pick(Greedy()) == expected
     assert head.pick(TopP(top_p=1e-6)) == (1 if ids is None else 30)  # sampling answers a vocabulary id too

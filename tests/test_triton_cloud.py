@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.session import DecodingSession
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode, EncodedRows

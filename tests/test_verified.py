@@ -36,13 +36,13 @@ from bench.perf_inputs import input_data, record_sessions
 from edge_runtime.cloud_only import CloudOnlySession
 from edge_runtime.policy import LatencyPolicy
 from edge_runtime.reconnect import ReconnectingLink
-from edge_runtime.runners import TorchRunner
+from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.parts import SessionOptions
 from edge_runtime.session import session_for
 from edge_runtime.triton_link import TritonLink
 from edge_runtime.verified import accept, DraftLength
 from plugin.model.checkpoint import load_model
-from plugin.model.kv import PositionError
+from plugin.model.rows import PositionError
 from plugin.model.sampling import Greedy, TopP
 from plugin.paths import DEMO_PLAN, MODEL_REPOSITORY
 from plugin.protocol.codec import encode
@@ -83,11 +83,11 @@ class ShiftedExits:
         out = self.runner.run(first_layer, last_layer, x, start_pos, state, exit_layer)
         if out.exit is None:
             return out
-        logits = torch.roll(out.exit.logits, 1)
+        logits = np.roll(out.exit.logits, 1)
         return SegmentOutput(out.hidden, ExitOutput(logits, out.exit.confidence, int(logits.argmax())))
 
     def exit_logits(self, hidden_row, layer):
-        return torch.roll(self.runner.exit_logits(hidden_row, layer), 1)
+        return np.roll(self.runner.exit_logits(hidden_row, layer), 1)
 
 
 def _tiny_checkpoint(kind: str, path: Path) -> Path:
@@ -133,7 +133,7 @@ def test_speculative_sampling_gives_the_distribution_cloud_only_samples():
     inside the nucleus, outside it, and outside the cloud's top-k."""
     ids, logprobs = [5, 3, 9, 1, 7], torch.log_softmax(torch.tensor([2.0, 1.5, 0.3, -1.0, -3.0]), 0).tolist()
     sampler = TopP(temperature=0.8, top_p=0.9, seed=3)
-    kept, probs = sampler._nucleus(torch.tensor(ids), torch.tensor(logprobs))
+    kept, probs = sampler._nucleus(np.array(ids), np.array(logprobs, np.float32))
     expected = {int(i): float(p) for i, p in zip(kept, probs) if p > 0}
     n = 3000  # 4 standard deviations: about 0.035 at p = 0.5; keeping every draft would be off by 0.4
     for draft in (5, 1, 42):

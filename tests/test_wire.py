@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from plugin.protocol.codec import CODEC_DTYPES, encode, to_tensor
+from plugin.protocol.codec import CODEC_DTYPES, encode, to_array
 from plugin.protocol.errors import ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
 from plugin.protocol.tensors import HIDDEN_ROWS, PENDING_HIDDEN, SESSION_KEY, SPLIT_LAYER, START_POS, WANT_TOKEN
@@ -69,7 +69,7 @@ def test_block_and_reply_round_trip(codec):
     if block.rows.scale is not None:
         assert np.array_equal(back.rows.scale, block.rows.scale)
     decoded = block_outputs(block, decoded_hop=True)[PENDING_HIDDEN]  # the TensorRT variant's hop
-    assert decoded.dtype == np.float32 and np.array_equal(decoded[0], to_tensor(block.rows, torch.float32, "cpu"))
+    assert decoded.dtype == np.float32 and np.array_equal(decoded[0], to_array(block.rows))
     reply = CloudReply(42, 0.5, [42, 7], [-0.69, -1.2], 5)
     assert reply_from_outputs(reply_outputs(reply)) == CloudReply(42, 0.5, [42, 7], pytest.approx([-0.69, -1.2]), 5)
     upload_only = reply_from_outputs(reply_outputs(CloudReply()))

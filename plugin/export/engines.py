@@ -2,7 +2,7 @@
 
 Everything but `build_engine` (and the int8 calibrator) runs without TensorRT, so the shapes an
 engine will accept are decided, printed (`build/build_engines.py --dry-run`) and tested here.
-TensorRT itself is imported lazily: where it is missing, `import_tensorrt` raises
+TensorRT itself is imported lazily: where it is missing, `import_tensorrt` (engine_manifest.py) raises
 `TensorRTUnavailable` with what to install and where to run the build.
 
 Profiles (one engine per graph, two profiles each, the order the runners rely on):
@@ -18,41 +18,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from plugin.export.engine_manifest import ENGINE_FORMAT, ENGINE_MANIFEST
 from plugin.export.manifest import GraphSpec, Manifest
-from plugin.model.decoder import DecoderModel
 
-ENGINE_MANIFEST = "engines.json"
-ENGINE_FORMAT = "ce-collm-engines/1"
 PRECISIONS = ("fp16", "fp32", "int8")
-
-TENSORRT_INSTALL_HINT = """\
-TensorRT is not installed here ({reason}). Engines are built on the machine (GPU and TensorRT version)
-that will run them:
-  Jetson:  JetPack ships TensorRT and its Python bindings (`sudo apt install nvidia-jetpack`, or
-           `sudo apt install python3-libnvinfer`); create the venv with --system-site-packages so
-           `import tensorrt` works, then run this command there with --target jetson.
-  cloud:   on the serving GPU, with the TensorRT of the Triton container that will serve the engines:
-           the NGC TensorRT container of the same release ships it,
-           `docker run --gpus all -v $PWD:/work -w /work nvcr.io/nvidia/tensorrt:<yy.mm>-py3`
-           (same <yy.mm> as nvcr.io/nvidia/tritonserver:<yy.mm>-py3), or, inside the Triton
-           container, `pip install tensorrt==<its TensorRT version>`; then run this command there
-           with --target cloud.
-The ONNX files (build/export_onnx.py) and `--runner onnx` / `--runner torch` work without TensorRT."""
-
-
-class TensorRTUnavailable(RuntimeError):
-    """`import tensorrt` failed: the message says what to install and where to build."""
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt  # noqa: PLC0415 (lazy on purpose)
-    except Exception as e:  # ImportError, or a stub wheel that fails while importing
-        raise TensorRTUnavailable(TENSORRT_INSTALL_HINT.format(reason=f"import tensorrt: {e}")) from None
-    return trt
-
 
 @dataclass(frozen=True)
 class EnginePreset:
@@ -217,7 +187,7 @@ def options_from_args(args) -> BuildOptions:
                         calib_block=args.calib_block, timing_cache=args.timing_cache, workspace_gib=args.workspace_gib)
 
 
-# -- calibration data (int8): inputs of each graph computed with the PyTorch layer loop ---------------
+# -- calibration data (int8): token blocks; each graph's inputs come from int8_calibration.py ----------
 def read_calibration_tokens(path: Path, checkpoint: Path, block: int, max_blocks: int = 64) -> np.ndarray:
     """Token blocks [N, block] int64 from a .npy of token ids or a text file (checkpoint's tokenizer)."""
     path = Path(path)
@@ -238,32 +208,11 @@ def read_calibration_tokens(path: Path, checkpoint: Path, block: int, max_blocks
     return ids[: n * block].reshape(n, block)
 
 
-@torch.inference_mode()
-def calibration_feeds(model: DecoderModel, spec: GraphSpec, tokens: np.ndarray, kv_dtype=np.float16) -> list[dict]:
-    """One feed per token block: the graph's inputs for a prefill from an empty cache."""
-    cfg = model.cfg
-    feeds = []
-    for block in tokens:
-        ids = torch.from_numpy(block)[None]  # [1, T]
-        positions = torch.arange(ids.shape[1])[None]
-        feed = {"start_pos": np.zeros((1, 1), np.int64)}
-        if spec.first_layer == 0:
-            feed["input_ids"] = ids.numpy()
-        else:
-            seq = model.new_sequence(0, spec.first_layer)
-            h = model.run_layers(model.embed_tokens(ids, positions), positions, 0, spec.first_layer, [seq])
-            feed["hidden_in"] = h.float().numpy()
-        for name in spec.inputs:
-            if name.startswith("past_"):
-                feed[name] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), kv_dtype)
-        feeds.append(feed)
-    return feeds
-
-
 # -- the build (needs TensorRT) -------------------------------------------------------------------------
 def build_engine(trt, onnx_path: Path, spec: GraphSpec, profiles: list[Profile], opts: BuildOptions,
-                 timing_cache=None, calibration: list[dict] | None = None, calib_cache: Path | None = None) -> bytes:
-    """Parse one ONNX graph and build its serialized engine (TensorRT 8.5+ and 10.x APIs)."""
+                 timing_cache=None, calibrator=None) -> bytes:
+    """Parse one ONNX graph and build its serialized engine (TensorRT 8.5+ and 10.x APIs). int8 needs a
+    `calibrator` (int8_calibration.entropy_calibrator)."""
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     major = int(trt.__version__.split(".")[0])
@@ -287,43 +236,14 @@ def build_engine(trt, onnx_path: Path, spec: GraphSpec, profiles: list[Profile],
     if opts.precision == "int8":
         config.set_flag(trt.BuilderFlag.INT8)
         calib_profile = builder.create_optimization_profile()  # calibration runs at one fixed shape
-        for name, value in calibration[0].items():
+        for name, value in calibrator.feeds[0].items():
             calib_profile.set_shape(name, value.shape, value.shape, value.shape)
         config.set_calibration_profile(calib_profile)
-        config.int8_calibrator = _calibrator(trt, calibration, calib_cache)
+        config.int8_calibrator = calibrator
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     return bytes(serialized)
-
-
-def _calibrator(trt, feeds: list[dict], cache: Path | None):
-    """An entropy calibrator over precomputed feeds (device copies made with torch)."""
-
-    class Calibrator(trt.IInt8EntropyCalibrator2):
-        def __init__(self):
-            super().__init__()
-            self.feeds, self.index, self.buffers = feeds, 0, {}
-
-        def get_batch_size(self) -> int:
-            return 1
-
-        def get_batch(self, names):
-            if self.index >= len(self.feeds):
-                return None
-            feed = self.feeds[self.index]
-            self.index += 1
-            self.buffers = {n: torch.from_numpy(np.ascontiguousarray(feed[n])).cuda() for n in names}
-            return [t.data_ptr() if t.numel() else torch.empty(1, device="cuda").data_ptr() for t in self.buffers.values()]
-
-        def read_calibration_cache(self):
-            return cache.read_bytes() if cache is not None and cache.is_file() else None
-
-        def write_calibration_cache(self, data) -> None:
-            if cache is not None:
-                cache.write_bytes(bytes(data))
-
-    return Calibrator()
 
 
 def write_engine_manifest(out_dir: Path, manifest: Manifest, opts: BuildOptions, engines: dict[str, dict],
@@ -334,13 +254,3 @@ def write_engine_manifest(out_dir: Path, manifest: Manifest, opts: BuildOptions,
             "onnx_manifest": asdict(manifest), "engines": engines}
     path.write_text(json.dumps(info, indent=2) + "\n")
     return path
-
-
-def load_engine_manifest(engine_dir: Path) -> dict:
-    path = Path(engine_dir) / ENGINE_MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: build the engines with build/build_engines.py on this device")
-    info = json.loads(path.read_text())
-    if info.get("format") != ENGINE_FORMAT:
-        raise ValueError(f"{path} has format {info.get('format')!r}, expected {ENGINE_FORMAT!r}: rebuild")
-    return info

@@ -8,19 +8,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from plugin.model.config import ModelConfig
 from plugin.split.plan import PartitionPlan
 OPSET = 17
 MANIFEST = "manifest.json"
 FORMAT = "ce-collm-onnx/1"
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
 class ExportError(RuntimeError):
     """ONNX files missing, stale, or not made from this plan."""
+
+
+def read_manifest(path: Path, fmt: str, error: type[Exception], missing_hint: str, redo: str) -> dict:
+    """A manifest's JSON, refused (`error`) when missing or of another format than `fmt`."""
+    if not path.is_file():
+        raise error(f"{path} not found{missing_hint}")
+    raw = json.loads(path.read_text())
+    if raw.get("format") != fmt:
+        raise error(f"{path} has format {raw.get('format')!r}, expected {fmt!r}: {redo}")
+    return raw
 
 
 def layer_tag(layer: int, num_layers: int) -> str:
@@ -138,13 +146,7 @@ class Manifest:
 
     @classmethod
     def load(cls, onnx_dir: Path) -> "Manifest":
-        path = Path(onnx_dir) / MANIFEST
-        if not path.is_file():
-            raise ExportError(f"{path} not found")
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT:
-            raise ExportError(f"{path} has format {raw.get('format')!r}, expected {FORMAT!r}: re-export")
-        return cls(**raw)
+        return cls(**read_manifest(Path(onnx_dir) / MANIFEST, FORMAT, ExportError, "", "re-export"))
 
     def check_plan(self, plan: PartitionPlan) -> None:
         """Refuse files exported for another split, other exits or other weights."""

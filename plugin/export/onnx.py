@@ -44,13 +44,15 @@ import torch
 from torch import nn
 
 from plugin.export.manifest import (
-    NP_DTYPES, OPSET, PRECISIONS, dynamic_axes, graph_path, GraphSpec, Manifest, new_manifest)
+    NP_DTYPES, OPSET, dynamic_axes, graph_path, GraphSpec, Manifest, new_manifest)
 from plugin.model.checkpoint import load_model, read_config
 from plugin.model.config import ModelConfig
 from plugin.model.decoder import DecoderModel, exit_decision
 from plugin.model.layers import causal_mask
 from plugin.protocol.tensors import TOP_K
 from plugin.split.plan import PartitionPlan
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}  # the graphs' float types (NP_DTYPES on the wire)
 
 
 # -- the exported computations ---------------------------------------------------------------------

@@ -11,11 +11,14 @@ Missing fields take the defaults of transformers' own config class for that arch
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from plugin.model.config import LayerAttention, ModelConfig, Rope
+
+if TYPE_CHECKING:  # the readers run without torch (an edge reads config.json); only the weight maps hand tensors on
+    import torch
 
 
 class CheckpointError(ValueError):
@@ -169,7 +172,7 @@ class Tensors(Protocol):
     def get(self, name: str) -> torch.Tensor: ...
 
 
-WeightMap = Callable[[Tensors, ModelConfig, range], dict[str, torch.Tensor]]  # our parameter name -> tensor
+WeightMap = Callable[[Tensors, ModelConfig, range], "dict[str, torch.Tensor]"]  # our parameter name -> tensor
 
 
 def _biases(cfg: ModelConfig) -> set[str]:
@@ -273,7 +276,7 @@ def read_gemma3(f: ConfigFields) -> ModelConfig:
         attention=tuple(LayerAttention(ropes[t], window if t == "sliding_attention" else None) for t in types),
         eos_token_ids=_eos(f, 1), tie_embeddings=f.take("tie_word_embeddings", True), **GEMMA3_BLOCK,
         bias_qkv=bias, bias_out=bias, bias_mlp=False, attn_scale=f.take("query_pre_attn_scalar", 256) ** -0.5,
-        embed_scale=float(torch.tensor(math.sqrt(hidden), dtype=torch.float32)),  # as Gemma3TextScaledWordEmbedding
+        embed_scale=float(np.float32(math.sqrt(hidden))),  # as Gemma3TextScaledWordEmbedding
     )
 
 

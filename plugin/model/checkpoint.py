@@ -8,20 +8,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from plugin.model.architectures import CheckpointError, config_from_dict, partition_weights
-from plugin.model.config import ModelConfig
+from plugin.model.architectures import CheckpointError, partition_weights
 from plugin.model.decoder import DecoderModel, ExitAdapter, Shortlist
+from plugin.model.files import read_config, SHORTLIST_IDS
 
 __all__ = ["CheckpointError", "load_model", "read_config", "SHORTLIST_IDS"]
-SHORTLIST_IDS = "shortlist.token_ids"  # in an exit heads file: the ids a shortlist head scores
-
-
-def read_config(checkpoint: str | Path) -> ModelConfig:
-    """The checkpoint's ModelConfig; refuses (CheckpointError, one line naming the field) what is not implemented."""
-    path = Path(checkpoint) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: pass a local Hugging Face checkpoint directory")
-    return config_from_dict(json.loads(path.read_text()))
 
 
 class _Tensors:
@@ -101,15 +92,3 @@ def _load_exit_adapters(model: DecoderModel, path: Path) -> None:
             other.load_state_dict({"weight": tensors[f"exit.{layer}.other.weight"],
                                    "bias": tensors[f"exit.{layer}.other.bias"]})
             model.exit_other[str(layer)] = other
-
-
-def read_exit_shortlists(path: str | Path | None) -> dict[int, torch.Tensor]:
-    """exit layer -> the token ids [S] its shortlist head scores, for every shortlist exit in an exit
-    heads file (graph runners map the exported heads' outputs back to vocabulary ids with it)."""
-    if path is None:
-        return {}
-    with safe_open(path, "pt") as f:
-        names = set(f.keys())
-        token_ids = f.get_tensor(SHORTLIST_IDS).long() if SHORTLIST_IDS in names else None
-    layers = {int(name.split(".")[1]) for name in names if name.endswith(".other.weight")}
-    return {layer: token_ids for layer in sorted(layers)} if token_ids is not None else {}

@@ -1,10 +1,7 @@
 """The model configuration the layer loop runs, read from a checkpoint's config.json (architectures.py)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-
-import torch
 
 NORMS = ("rms", "layer")
 QK_NORMS = (None, "head", "width")
@@ -21,23 +18,6 @@ class Rope:
     low_freq_factor: float = 1.0  # llama3 only: the band between the two is interpolated
     high_freq_factor: float = 4.0
     original_max_positions: int = 8192
-
-    def inv_freq(self, head_dim: int) -> torch.Tensor:
-        """Inverse frequencies [Dh/2] in fp32, computed as transformers computes them (same operations, same order)."""
-        inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
-        if self.scaling == "linear":
-            return inv / self.factor
-        if self.scaling == "llama3":
-            low_wavelen = self.original_max_positions / self.low_freq_factor
-            high_wavelen = self.original_max_positions / self.high_freq_factor
-            wavelen = 2 * math.pi / inv
-            scaled = torch.where(wavelen > low_wavelen, inv / self.factor, inv)
-            smooth = (self.original_max_positions / wavelen - self.low_freq_factor) / (
-                self.high_freq_factor - self.low_freq_factor)
-            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
-            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-            return torch.where(medium, smoothed, scaled)
-        return inv
 
 
 @dataclass(frozen=True)

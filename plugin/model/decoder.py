@@ -153,3 +153,19 @@ def exit_decision(logits: torch.Tensor, token_ids: torch.Tensor | None) -> tuple
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [..., S + 1]
     conf, index = probs[..., :-1].max(dim=-1)
     return conf, token_ids[index]
+
+
+def top_k_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [H, k] of the k highest of each row of `scores` [H, V], best first; equal scores lowest index first,
+    so column 0 is torch.argmax's choice. torch.topk orders equal scores as it likes (torch 2.13 on CPU: a row of
+    96 zeros with 5.0 at 3 and 7 came back [7, 3, ...]); this ranks every index scoring at least the k-th."""
+    kth = scores.topk(k, dim=-1).values[:, -1:]  # [H, 1]
+    ranked = []
+    for row, least in zip(scores, kth):
+        candidates = (row >= least).nonzero()[:, 0]  # in index order
+        if len(candidates) < k:  # NaN compares false: a row that holds one has no order (the cloud refuses it)
+            ranked.append(row.topk(k).indices)
+            continue
+        best_first = row[candidates].sort(descending=True, stable=True).indices[:k]  # stable: ties keep index order
+        ranked.append(candidates[best_first])
+    return torch.stack(ranked)

@@ -1,4 +1,4 @@
-"""Per-sequence K/V caches and the pending rows at every boundary.
+"""Per-sequence K/V caches of the PyTorch layer loop (the pending rows at each boundary: rows.py).
 
 The rules that keep early exit exact (docs/design.md, "Exactness of the catch-up"):
 - a layer's cache is filled for positions [0, length), in order;
@@ -11,15 +11,10 @@ The rules that keep early exit exact (docs/design.md, "Exactness of the catch-up
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from plugin.model.layers import causal_mask
-
-
-class PositionError(ValueError):
-    """A block that would leave a gap or overwrite positions in a cache."""
+from plugin.model.rows import BoundaryRows, checked_rewind, KVMark, PositionError
 
 
 class LayerKV:
@@ -110,68 +105,6 @@ def _grown(t: torch.Tensor, cap: int) -> torch.Tensor:
     return out
 
 
-@dataclass
-class PendingRows:
-    start: int  # position of the first row
-    hidden: torch.Tensor  # [n, D] hidden states entering the boundary layer
-
-    @property
-    def end(self) -> int:
-        return self.start + self.hidden.shape[0]
-
-
-class BoundaryRows:
-    """The rows waiting at each boundary (the pending rows), in position order, for one sequence.
-
-    Both kinds of sequence state hold one: `SequenceKV` (PyTorch caches) and the graph runners' state.
-    """
-
-    def __init__(self, rows: dict[int, PendingRows] | None = None):
-        self._rows: dict[int, PendingRows] = dict(rows or {})
-
-    def add(self, boundary: int, start: int, hidden: torch.Tensor) -> None:
-        """Rows that stopped at `boundary` wait there, after any rows already waiting."""
-        held = self._rows.get(boundary)
-        if held is None:
-            self._rows[boundary] = PendingRows(start, hidden)
-            return
-        if start != held.end:
-            raise PositionError(f"pending rows at layer {boundary} end at {held.end}, new rows start at {start}")
-        self._rows[boundary] = PendingRows(held.start, torch.cat([held.hidden, hidden]))
-
-    def take(self, boundary: int) -> PendingRows | None:
-        """The rows waiting at `boundary`, which then wait no more (the caller carries them on)."""
-        return self._rows.pop(boundary, None)
-
-    def __getitem__(self, boundary: int) -> PendingRows:
-        return self._rows[boundary]
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def copy(self) -> "BoundaryRows":
-        return BoundaryRows(self._rows)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(p.hidden.element_size() * p.hidden.numel() for p in self._rows.values())
-
-
-@dataclass(frozen=True)
-class KVMark:
-    """Where a sequence stood: the cached length of every layer and the rows pending at each boundary."""
-
-    lengths: dict[int, int]
-    pending: BoundaryRows
-
-
-def position_mark(layers, position: int) -> KVMark:
-    """The state in which every one of `layers` holds exactly positions [0, position) and no row waits at a
-    boundary: where to rewind a sequence whose rows before `position` all passed every layer (they were carried
-    to the split) when everything from `position` on is dropped (drafts the full model rejected)."""
-    return KVMark({layer: position for layer in layers}, BoundaryRows())
-
-
 class SequenceKV:
     """One sequence's caches for layers [first_layer, last_layer) and its pending rows."""
 
@@ -211,14 +144,6 @@ class SequenceKV:
     def nbytes_after(self, rows: int) -> int:
         """What nbytes will be once every layer holds `rows` more positions."""
         return sum(layer.nbytes_after(layer.length + rows) for layer in self.layers.values()) + self.pending.nbytes
-
-
-def checked_rewind(mark: KVMark, length_of) -> list[tuple[int, int]]:
-    """(layer, length) pairs to truncate to; refuses a mark that lies ahead of what a layer holds."""
-    for layer, length in mark.lengths.items():
-        if not 0 <= length <= length_of(layer):
-            raise PositionError(f"cannot rewind layer {layer} from {length_of(layer)} positions to {length}")
-    return list(mark.lengths.items())
 
 
 _NO_POSITION = torch.iinfo(torch.int64).max  # a key position past every query: padding is never seen

@@ -7,6 +7,8 @@ family sets which); the forward pass is one.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,24 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset, cfg.norm_weight_in_float)
 
 
+def rope_inv_freq(rope: Rope, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [Dh/2] in fp32, computed as transformers computes them (same operations, same order)."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim))
+    if rope.scaling == "linear":
+        return inv / rope.factor
+    if rope.scaling == "llama3":
+        low_wavelen = rope.original_max_positions / rope.low_freq_factor
+        high_wavelen = rope.original_max_positions / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_positions / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
 class Rotary(nn.Module):
     """Rotary position embedding, half-rotation convention of Llama/Qwen2/Gemma checkpoints."""
 
@@ -48,7 +68,7 @@ class Rotary(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # x: [B, H, T, Dh], positions: [B, T]; angles in fp32 as the checkpoints were trained
-        inv_freq = self.rope.inv_freq(self.head_dim).to(x.device)  # [Dh/2]
+        inv_freq = rope_inv_freq(self.rope, self.head_dim).to(x.device)  # [Dh/2]
         freqs = positions.to(torch.float32)[..., None] * inv_freq  # [B, T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, Dh]
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)

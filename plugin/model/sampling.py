@@ -1,34 +1,19 @@
 """Decoding strategies, kept apart from the layer loop: greedy, and temperature/top-p with a seed.
 
-A greedy choice breaks exact ties as torch.argmax does, lowest index first, which is what Hugging Face's greedy
-decoding takes (an argmax over float32 logits): the cloud ranks its top-k that way (`top_k_ids`), and an edge exit
-picks the lowest vocabulary id among its equal maxima (`Greedy.pick`; a shortlist is not in id order). TopP keeps
-equal probabilities in the order it is given them when it cuts the nucleus."""
+The edge's side of decoding, on numpy arrays (an edge without PyTorch runs it). A greedy choice breaks exact ties
+as torch.argmax does, lowest index first, which is what Hugging Face's greedy decoding takes (an argmax over
+float32 logits): the cloud ranks its top-k that way (`plugin.model.decoder.top_k_ids`), and an edge exit picks the
+lowest vocabulary id among its equal maxima (`Greedy.pick`; a shortlist is not in id order). TopP keeps equal
+probabilities in the order it is given them when it cuts the nucleus."""
 from __future__ import annotations
 
 from typing import Protocol
 
-import torch
-
-
-def top_k_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices [H, k] of the k highest of each row of `scores` [H, V], best first; equal scores lowest index first,
-    so column 0 is torch.argmax's choice. torch.topk orders equal scores as it likes (torch 2.13 on CPU: a row of
-    96 zeros with 5.0 at 3 and 7 came back [7, 3, ...]); this ranks every index scoring at least the k-th."""
-    kth = scores.topk(k, dim=-1).values[:, -1:]  # [H, 1]
-    ranked = []
-    for row, least in zip(scores, kth):
-        candidates = (row >= least).nonzero()[:, 0]  # in index order
-        if len(candidates) < k:  # NaN compares false: a row that holds one has no order (the cloud refuses it)
-            ranked.append(row.topk(k).indices)
-            continue
-        best_first = row[candidates].sort(descending=True, stable=True).indices[:k]  # stable: ties keep index order
-        ranked.append(candidates[best_first])
-    return torch.stack(ranked)
+import numpy as np
 
 
 class Sampler(Protocol):
-    def pick(self, logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> int:
+    def pick(self, logits: np.ndarray, token_ids: np.ndarray | None = None) -> int:
         """Choose a token from an edge exit's logits [C]: over the vocabulary (token_ids None), or over the
         vocabulary ids token_ids [C] (a shortlist head's candidates, in no particular order)."""
 
@@ -41,7 +26,7 @@ class Sampler(Protocol):
 
 
 class Greedy:
-    def pick(self, logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> int:
+    def pick(self, logits: np.ndarray, token_ids: np.ndarray | None = None) -> int:
         best = int(logits.argmax())  # the lowest index among equal maxima
         if token_ids is None:
             return best
@@ -63,34 +48,36 @@ class TopP:
         if temperature <= 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature > 0 and top_p in (0, 1], got {temperature}, {top_p}")
         self.temperature, self.top_p = temperature, top_p
-        self.generator = torch.Generator().manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
 
-    def pick(self, logits: torch.Tensor, token_ids: torch.Tensor | None = None) -> int:
-        ids = torch.arange(logits.shape[-1]) if token_ids is None else token_ids.cpu()
-        return self._draw(*self._nucleus(ids, logits.detach().float().cpu()))
+    def pick(self, logits: np.ndarray, token_ids: np.ndarray | None = None) -> int:
+        ids = np.arange(logits.shape[-1]) if token_ids is None else token_ids
+        return self._draw(*self._nucleus(ids, logits))
 
     def pick_from(self, ids: list[int], logprobs: list[float]) -> int:
-        return self._draw(*self._nucleus(torch.tensor(ids), torch.tensor(logprobs)))
+        return self._draw(*self._nucleus(np.array(ids, np.int64), np.array(logprobs, np.float32)))
 
     def verify(self, draft: int, ids: list[int], logprobs: list[float]) -> int:
         """Speculative sampling with a one-hot draft (the edge drafts its argmax): keep `draft` with probability
         p(draft) under the distribution pick_from samples, else draw from p with `draft` taken out. Then
         P(x) = [x = draft] p(draft) + (1 - p(draft)) p(x) / (1 - p(draft)) [x != draft] = p(x)."""
-        kept_ids, probs = self._nucleus(torch.tensor(ids), torch.tensor(logprobs))
+        kept_ids, probs = self._nucleus(np.array(ids, np.int64), np.array(logprobs, np.float32))
         is_draft = kept_ids == draft
-        if torch.rand((), generator=self.generator) < probs[is_draft].sum():
+        if self.rng.random() < probs[is_draft].sum():
             return draft
-        return self._draw(kept_ids, probs.masked_fill(is_draft, 0.0))
+        return self._draw(kept_ids, np.where(is_draft, 0.0, probs))
 
-    def _nucleus(self, ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ids, most likely first, and their probabilities after temperature and the nucleus cut (0 outside
-        it; sum 1)."""
-        probs = torch.softmax(scores / self.temperature, dim=-1)
-        order = probs.sort(descending=True, stable=True).indices  # equal probabilities in the order given
+    def _nucleus(self, ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids, most likely first, and their probabilities (float64) after temperature and the nucleus cut
+        (0 outside it; sum 1)."""
+        z = scores.astype(np.float64) / self.temperature
+        probs = np.exp(z - z.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")  # equal probabilities in the order given
         sorted_probs = probs[order]
-        keep = sorted_probs.cumsum(0) - sorted_probs < self.top_p  # always keeps the best token
+        keep = np.cumsum(sorted_probs) - sorted_probs < self.top_p  # always keeps the best token
         kept = sorted_probs * keep
         return ids[order], kept / kept.sum()
 
-    def _draw(self, ids: torch.Tensor, weights: torch.Tensor) -> int:
-        return int(ids[torch.multinomial(weights, 1, generator=self.generator)])
+    def _draw(self, ids: np.ndarray, weights: np.ndarray) -> int:
+        return int(ids[self.rng.choice(len(ids), p=weights / weights.sum())])

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from plugin.protocol.errors import ErrorCode, ProtocolError
 
@@ -68,11 +67,11 @@ def concat(codec: str, hidden_size: int, blocks: Sequence[EncodedRows]) -> Encod
     return EncodedRows(codec, data, np.concatenate([np.empty((0, columns), np.float32), *(b.scale for b in blocks)]))
 
 
-def encode(hidden: torch.Tensor, codec: str) -> EncodedRows:
-    """hidden: [n, D] -> wire arrays."""
+def encode(hidden: np.ndarray, codec: str) -> EncodedRows:
+    """hidden: [n, D] (any array numpy can read as float32, a CPU torch tensor too) -> wire arrays."""
     if codec not in CODEC_DTYPES:
         raise CodecError(f"unknown codec {codec!r}; choose one of {sorted(CODEC_DTYPES)}")
-    x = hidden.detach().to("cpu", torch.float32).numpy()
+    x = np.asarray(hidden, dtype=np.float32)
     if codec == "fp16" and x.size and np.abs(x).max() > FP16_MAX:
         raise CodecError(f"a hidden row reaches {np.abs(x).max():.6g}, beyond fp16's range ({FP16_MAX:g}): "
                          "use the fp16s codec (fp16 with a per-row scale)")
@@ -133,16 +132,16 @@ def _group_absmax(data: np.ndarray, group: int) -> np.ndarray:
     return np.maximum(top, -np.minimum.reduceat(data, starts, axis=1).astype(np.float32))
 
 
-def to_tensor(rows: EncodedRows, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """Checked wire arrays -> [n, D] tensor."""
+def to_array(rows: EncodedRows) -> np.ndarray:
+    """Checked wire arrays -> [n, D] float32 (the cloud moves them to its device and dtype)."""
     x = rows.data.astype(np.float32)
     group = _scale_group(rows.codec, x.shape[1])
     if group is not None:
         x *= _per_channel(rows.scale, group, x.shape[1])
-    return torch.from_numpy(x).to(device=device, dtype=dtype)
+    return x
 
 
-def decode(rows: EncodedRows, hidden_size: int, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    """Wire arrays -> [n, D] tensor, refusing anything `check` refuses."""
+def decode(rows: EncodedRows, hidden_size: int) -> np.ndarray:
+    """Wire arrays -> [n, D] float32, refusing anything `check` refuses."""
     check(rows, hidden_size)
-    return to_tensor(rows, dtype, device)
+    return to_array(rows)

@@ -11,7 +11,6 @@ import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from plugin.protocol.codec import encode, EncodedRows
 from plugin.protocol.tensors import TOP_K
@@ -122,7 +121,7 @@ class PendingBlock:
     client: str = ""  # as in CloudRequest
 
     def __post_init__(self) -> None:
-        if isinstance(self.rows, torch.Tensor):  # float rows given decoded (a naive split, a test): fp32, exact
+        if not isinstance(self.rows, EncodedRows):  # float rows given decoded (a naive split, a test): fp32, exact
             self.rows = encode(self.rows, "fp32")
 
     @property

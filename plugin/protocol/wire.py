@@ -6,9 +6,8 @@ every shape and dtype rule is unit-tested without a server.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from plugin.protocol.codec import CODEC_DTYPES, EncodedRows, to_tensor
+from plugin.protocol.codec import CODEC_DTYPES, EncodedRows, to_array
 from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import (
@@ -133,7 +132,7 @@ def _drafts(inputs: Tensors) -> Drafts | None:
 def block_outputs(block: PendingBlock, decoded_hop: bool = False) -> Tensors:
     """context_manager -> cloud_partition: the pending block of one request, its rows as they arrived (decoded_hop:
     decoded to PENDING_HIDDEN, for the TensorRT variant's engine)."""
-    rows = ({PENDING_HIDDEN: to_tensor(block.rows, torch.float32, "cpu").numpy()[None]} if decoded_hop
+    rows = ({PENDING_HIDDEN: to_array(block.rows)[None]} if decoded_hop
             else _hop_rows(block.rows))
     return {
         **rows,

@@ -10,10 +10,10 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from plugin.model.decoder import DecoderModel
-from plugin.model.kv import position_mark, SequenceKV
-from plugin.model.sampling import top_k_ids
-from plugin.protocol.codec import to_tensor
+from plugin.model.decoder import DecoderModel, top_k_ids
+from plugin.model.kv import SequenceKV
+from plugin.model.rows import position_mark
+from plugin.protocol.codec import to_array
 from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
 from plugin.protocol.messages import CloudReply, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import TOP_K
@@ -74,7 +74,7 @@ class HandedRows:
         self.model = model
 
     def rows(self, block: PendingBlock, positions: torch.Tensor) -> torch.Tensor:
-        return to_tensor(block.rows, self.model.dtype, self.model.device)
+        return torch.from_numpy(to_array(block.rows)).to(device=self.model.device, dtype=self.model.dtype)
 
 
 class CloudPartition:

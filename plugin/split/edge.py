@@ -2,16 +2,17 @@
 
 The segment loop (pending rows carried across each boundary, the exit decision, rows left waiting
 when a token exits, the rows that reach the split) lives here once. What computes a segment is a
-`SegmentRunner`: the PyTorch layer loop, ONNX Runtime or TensorRT (`edge_runtime/runners.py`).
+`SegmentRunner`: the PyTorch layer loop, ONNX Runtime or TensorRT (`edge_runtime/runners.py`). Rows, logits
+and token ids cross that seam as numpy arrays, so this loop runs on an edge without PyTorch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
-import torch
+import numpy as np
 
-from plugin.model.kv import BoundaryRows, KVMark, PendingRows, position_mark
+from plugin.model.rows import BoundaryRows, KVMark, PendingRows, position_mark
 from plugin.model.sampling import Sampler
 from plugin.split.plan import PartitionPlan
 
@@ -37,10 +38,10 @@ class SequenceState(Protocol):
 class ExitOutput:
     """What the exit head after a segment says about the segment's last row."""
 
-    logits: torch.Tensor  # [C] float32 over the head's candidate tokens: [V], or a shortlist's [S]
+    logits: np.ndarray  # [C] float32 over the head's candidate tokens: [V], or a shortlist's [S]
     confidence: float  # the head's probability of `token` (a shortlist head's "other" mass counted)
     token: int  # its best candidate (a vocabulary id)
-    token_ids: torch.Tensor | None = None  # [C] vocabulary ids of the candidates; None: every id in order
+    token_ids: np.ndarray | None = None  # [C] int64 vocabulary ids of the candidates; None: every id in order
 
     def pick(self, sampler: Sampler) -> int:
         """The sampler's choice among the head's candidates, as a vocabulary id (greedy: among equal logits the
@@ -50,7 +51,7 @@ class ExitOutput:
 
 @dataclass
 class SegmentOutput:
-    hidden: torch.Tensor  # [T, D] rows leaving the segment
+    hidden: np.ndarray  # [T, D] float32 rows leaving the segment
     exit: ExitOutput | None  # set when the segment ends at an exit
 
 
@@ -64,7 +65,7 @@ class SegmentRunner(Protocol):
 
     def new_sequence(self) -> SequenceState: ...
 
-    def run(self, first_layer: int, last_layer: int, x: torch.Tensor, start_pos: int, state: SequenceState,
+    def run(self, first_layer: int, last_layer: int, x: np.ndarray, start_pos: int, state: SequenceState,
             exit_layer: int | None) -> SegmentOutput:
         """Layers [first_layer, last_layer) over one block of rows at positions [start_pos, start_pos + T),
         then the exit head after `exit_layer` (== last_layer, or None for no exit) on the last row.
@@ -73,7 +74,7 @@ class SegmentRunner(Protocol):
         The block must start at the cached length of first_layer (`PositionError` otherwise).
         """
 
-    def exit_logits(self, hidden_row: torch.Tensor, layer: int) -> torch.Tensor:
+    def exit_logits(self, hidden_row: np.ndarray, layer: int) -> np.ndarray:
         """Logits of the exit after `layer` layers for any one hidden row [D] (the exit head alone):
         [V], or a shortlist head's [S + 1] (`DecoderModel.exit_logits`)."""
 
@@ -117,7 +118,6 @@ class EdgePartition:
     def new_sequence(self) -> SequenceState:
         return self.runner.new_sequence()
 
-    @torch.inference_mode()
     def step(self, seq: SequenceState, token_ids: list[int], start_pos: int, policy: ExitPolicy,
              sampler: Sampler) -> EdgeStep:
         """Run a block (a prompt, or one new token) from the embeddings up to where it stops.
@@ -126,7 +126,7 @@ class EdgePartition:
         they skipped are filled before any later token attends to them.
         """
         out, last_exit = EdgeStep(), self.plan.exit_layers[-1]
-        x = torch.tensor(token_ids, dtype=torch.long)  # [T] token ids, then [T, D] hidden rows
+        x = np.asarray(token_ids, np.int64)  # [T] token ids, then [T, D] hidden rows
         for layer, boundary, start, segment in self._segments(seq, x, start_pos, with_exits=True):
             h = segment.hidden  # [T, D]
             out.rows_by_layer.update({i: h.shape[0] for i in range(layer, boundary)})
@@ -144,7 +144,6 @@ class EdgePartition:
                 return out
         return out
 
-    @torch.inference_mode()
     def carry_to_split(self, seq: SequenceState) -> PendingRows | None:
         """Carry every row waiting at a boundary up to the split, with no new token (no exit heads run): the
         rows the cloud needs for positions whose drafts exited early. None when no row was waiting."""
@@ -159,7 +158,7 @@ class EdgePartition:
         `position` reached the split (carry_to_split), as before a verification request leaves."""
         seq.rewind(position_mark(range(self.plan.split_layer), position))
 
-    def _segments(self, seq: SequenceState, x: torch.Tensor | None, start: int,
+    def _segments(self, seq: SequenceState, x: np.ndarray | None, start: int,
                   with_exits: bool) -> Iterator[tuple[int, int, int, SegmentOutput]]:
         """Run the segments in order, each with the rows waiting at its first layer in front of the block; yields
         (first layer, boundary, position of the first row, output). x None: start at the first waiting rows.
@@ -168,7 +167,7 @@ class EdgePartition:
         for boundary in self.plan.boundaries:
             waiting = seq.pending.take(layer)
             if waiting is not None:  # never at layer 0: no boundary lies there
-                x, start = (waiting.hidden if x is None else torch.cat([waiting.hidden, x])), waiting.start
+                x, start = (waiting.hidden if x is None else np.concatenate([waiting.hidden, x])), waiting.start
             if x is not None:
                 exit_layer = boundary if with_exits and boundary in self.plan.exit_layers else None
                 segment = self.runner.run(layer, boundary, x, start, seq, exit_layer)
