@@ -1,10 +1,16 @@
 # The two set-up commands of the README. Both are idempotent: the virtualenv is rebuilt only
-# when requirements.lock or pyproject.toml change.
+# when requirements.lock or pyproject.toml change. `make edge-venv` builds the edge's own, torch-free
+# environment (requirements-edge.lock) in .venv-edge/.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+EDGE_VENV := .venv-edge
+EDGE_PY := $(EDGE_VENV)/bin/python
+EDGE_STAMP := $(EDGE_VENV)/.installed
+# what the edge needs of the project: the same files deploy/jetson/Dockerfile copies
+EDGE_SOURCES := pyproject.toml README.md plugin edge_runtime
 PYTEST_ARGS ?=
 SOAK_ARGS ?=
 DEMO_ARGS ?=
@@ -14,7 +20,7 @@ GEMMA_PLAN := models/gemma-3-270m-exits/partition_plan.json
 GEMMA_BENCH_ARGS ?= --links 20/100 --thresholds 0.95,0.96,1.0 --codecs fp16s --verified-thresholds 0.9 \
 	--prompts 8 --max-new-tokens 96 --clients "" --long-tokens 0 --edge-runner torch
 
-.PHONY: demo test venv sysdeps gemma bench soak clean-venv
+.PHONY: demo test venv edge-venv sysdeps gemma bench soak clean-venv
 
 venv: $(STAMP)
 
@@ -23,6 +29,24 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check pip==24.3.1 setuptools==84.2.1
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+# The edge's own environment: requirements-edge.lock's packages and the project's wheel, nothing else. The main
+# venv's pip installs into it (pip --python) and builds the wheel, so it carries no installer (pip and setuptools:
+# 24 MB) and setuptools never builds in the source tree (<source>/build/ here is the repository's build scripts).
+# The locked packages are reinstalled only when requirements-edge.lock or pyproject.toml change; the project
+# every time (a few seconds), as a plain, not editable, install of the files deploy/jetson/Dockerfile copies.
+# tritonclient's wheel ships the perf_analyzer and perf_client binaries (40 MB), which the edge never runs: removed.
+EDGE_PIP := $(PY) -m pip --python $(EDGE_PY) install -q --disable-pip-version-check
+edge-venv: $(EDGE_STAMP)
+	@src=$$(mktemp -d) && trap 'rm -rf "$$src"' EXIT && cp -r $(EDGE_SOURCES) "$$src" && \
+	  $(PY) -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w "$$src/dist" "$$src" && \
+	  $(EDGE_PIP) --no-deps --force-reinstall "$$src"/dist/*.whl
+
+$(EDGE_STAMP): requirements-edge.lock pyproject.toml | $(STAMP)
+	@test -x $(EDGE_PY) || $(PYTHON) -m venv --without-pip $(EDGE_VENV)
+	$(EDGE_PIP) -r requirements-edge.lock
+	rm -f $(EDGE_VENV)/bin/perf_analyzer $(EDGE_VENV)/bin/perf_client
 	@touch $@
 
 # Debian packages the project uses, installed when missing and running as root (CI); otherwise a note.
@@ -64,4 +88,4 @@ soak: venv sysdeps
 	$(PY) -m tests.soak $(SOAK_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(EDGE_VENV)
