@@ -5,6 +5,9 @@ weights exist.
 """
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +179,23 @@ def test_missing_or_stale_exports_say_what_to_run(exported, tmp_path):
         load_runner("onnx", other, onnx_dir=onnx_dir)
     with pytest.raises(ValueError, match="runner must be one of"):
         load_runner("tflite", plan)
+
+
+def test_an_edge_device_needs_no_weight_files_but_refuses_another_config(exported_tiny, tmp_path):
+    """An edge holds the plan, config.json, the tokenizer, the exit adapters and the graphs: the weights are in the
+    graphs. Without the weight files the graphs are checked against config.json and the adapters alone."""
+    plan, onnx_dir, _ = exported_tiny
+    device = tmp_path / "checkpoint"
+    shutil.copytree(plan.checkpoint, device, ignore=shutil.ignore_patterns("*.safetensors*", "onnx"))
+    if plan.exit_adapters:
+        shutil.copy(plan.exit_adapters, device / plan.exit_adapters.name)
+    on_device = replace(plan, checkpoint=device,
+                        exit_adapters=device / plan.exit_adapters.name if plan.exit_adapters else None)
+    assert load_runner("onnx", on_device, onnx_dir=onnx_dir).num_layers == read_config(plan.checkpoint).num_layers
+    config = json.loads((device / "config.json").read_text())
+    (device / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    with pytest.raises(ExportError, match="other weights"):
+        load_runner("onnx", on_device, onnx_dir=onnx_dir)
 
 
 def test_tensorrt_plan_variant_parses_and_matches_the_cloud_graph(exported, tmp_path):

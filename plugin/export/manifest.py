@@ -99,17 +99,21 @@ def graph_path(out_dir: Path, spec: GraphSpec, precision: str) -> Path:
     return Path(out_dir) / precision / f"{spec.name}.onnx"
 
 
-def checkpoint_fingerprint(plan: PartitionPlan) -> str:
-    """sha256 of config.json and of the weight files' names and sizes (cheap for multi-GB checkpoints),
-    exit adapters included: graphs exported before the adapters changed are refused."""
+def checkpoint_fingerprint(plan: PartitionPlan, weights: bool = True) -> str:
+    """sha256 of config.json, of the weight files' names and sizes (cheap for multi-GB checkpoints) and of the
+    exit adapters: graphs exported before any of them changed are refused. weights=False: what an edge device
+    holds of the checkpoint (config.json and the exit adapters; the weights are inside the graphs)."""
     ckpt = plan.checkpoint
     digest = hashlib.sha256((ckpt / "config.json").read_bytes())
-    index = ckpt / "model.safetensors.index.json"
-    weights = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    files = [ckpt / w for w in weights] + ([plan.exit_adapters] if plan.exit_adapters else [])
+    files = ([ckpt / w for w in _weight_files(ckpt)] if weights else []) + ([plan.exit_adapters] if plan.exit_adapters else [])
     for f in files:
         digest.update(f"{f.name}:{f.stat().st_size if f.is_file() else -1}".encode())
     return digest.hexdigest()[:16]
+
+
+def _weight_files(checkpoint: Path) -> list[str]:
+    index = checkpoint / "model.safetensors.index.json"
+    return sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
 
 
 @dataclass
@@ -127,6 +131,7 @@ class Manifest:
     precisions: list[str]
     fingerprint: str
     graphs: list[dict] = field(default_factory=list)  # GraphSpec fields
+    device_fingerprint: str = ""  # checkpoint_fingerprint(weights=False); "" in exports that predate it
     format: str = FORMAT
     opset: int = OPSET
 
@@ -153,14 +158,17 @@ class Manifest:
         if self.split_layer != plan.split_layer or tuple(self.exit_layers) != tuple(plan.exit_layers):
             raise ExportError(f"the ONNX files were exported for split {self.split_layer}, exits {self.exit_layers}; "
                               f"the plan says split {plan.split_layer}, exits {list(plan.exit_layers)}")
-        if self.fingerprint != checkpoint_fingerprint(plan):
+        if self.fingerprint == checkpoint_fingerprint(plan):
+            return
+        on_device = not any((plan.checkpoint / w).is_file() for w in _weight_files(plan.checkpoint))
+        if not (on_device and self.device_fingerprint == checkpoint_fingerprint(plan, weights=False)):
             raise ExportError(f"the ONNX files were exported from other weights than {plan.checkpoint}")
 
 
 def new_manifest(plan: PartitionPlan, cfg: ModelConfig, precisions: list[str]) -> Manifest:
     return Manifest(plan.split_layer, list(plan.exit_layers), cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads,
                     cfg.head_dim, cfg.vocab_size, cfg.max_positions, list(precisions), checkpoint_fingerprint(plan),
-                    [asdict(s) for s in graph_specs(plan, cfg.num_layers)])
+                    [asdict(s) for s in graph_specs(plan, cfg.num_layers)], device_fingerprint=checkpoint_fingerprint(plan, weights=False))
 
 
 def default_onnx_dir(plan: PartitionPlan) -> Path:
