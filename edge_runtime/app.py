@@ -30,14 +30,11 @@ class EdgeApp:
     eos_token_ids: tuple[int, ...]
 
     @classmethod
-    def load(cls, plan_path: str | Path = DEMO_PLAN, runner: str = "torch", **runner_options) -> "EdgeApp":
-        """runner: torch, onnx or tensorrt (options go to edge_runtime.runners.load_runner)."""
+    def load(cls, plan_path: str | Path = DEMO_PLAN, runner: str = "auto", **runner_options) -> "EdgeApp":
+        """runner: auto, torch, onnx or tensorrt (options go to edge_runtime.runners.load_runner)."""
         from edge_runtime.runners import load_runner
 
-        plan = PartitionPlan.load(plan_path)
-        if not (plan.checkpoint / "config.json").is_file():
-            raise ModelMissing(f"no checkpoint at {plan.checkpoint} (named by {plan_path}); for the demo model run "
-                               "`.venv/bin/python build/train_demo_model.py`, or point --plan at your own plan")
+        plan = load_plan(plan_path)
         eos_token_ids = read_config(plan.checkpoint).eos_token_ids  # an unimplemented config field stops us here
         tokenizer = Tokenizer.from_file(str(plan.checkpoint / "tokenizer.json"))
         edge = EdgePartition(load_runner(runner, plan, **runner_options), plan)
@@ -53,3 +50,12 @@ class EdgeApp:
         options = replace(options, eos_token_ids=self.eos_token_ids,
                           sequence_id=options.sequence_id or secrets.randbits(63) | 1)
         return session_for(mode, self.edge, link, options)
+
+
+def load_plan(plan_path: str | Path) -> PartitionPlan:
+    """The plan, refused (ModelMissing, saying how to make it) when its checkpoint is not there."""
+    plan = PartitionPlan.load(plan_path)
+    if not (plan.checkpoint / "config.json").is_file():
+        raise ModelMissing(f"no checkpoint at {plan.checkpoint} (named by {plan_path}); for the demo model run "
+                           "`.venv/bin/python build/train_demo_model.py`, or point --plan at your own plan")
+    return plan

@@ -112,9 +112,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="how layer-k hidden states travel (default: the plan's). fp32 is lossless: the only codec "
                         "that keeps threshold 1.0 exact; fp16, fp16s, int8 and int8g round the rows the cloud "
                         "resumes from, and a near-tie can then flip a token (README, \"Exactness, tested\")")
-    p.add_argument("--runner", choices=RUNNERS, default="torch",
-                   help="edge segment runner: torch (PyTorch layer loop), onnx (ONNX Runtime over the files of "
-                        "build/export_onnx.py), tensorrt (engines of build/build_engines.py) (default: %(default)s)")
+    p.add_argument("--runner", choices=RUNNERS, default="auto",
+                   help="edge segment runner: onnx (ONNX Runtime over the files of build/export_onnx.py), torch "
+                        "(PyTorch layer loop), tensorrt (engines of build/build_engines.py); auto: onnx when the "
+                        "plan's graphs are exported, else torch (default: %(default)s)")
+    p.add_argument("--threads", type=_integer(1), metavar="N",
+                   help="the edge runner's CPU threads (default: the CPUs this process may run on)")
     p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported segments (default: <checkpoint>/onnx)")
     p.add_argument("--engine-dir", type=Path, metavar="DIR", help="TensorRT engines (default: <checkpoint>/engines/jetson)")
     p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE",
@@ -200,7 +203,7 @@ def _generate(args: argparse.Namespace) -> int:
         "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "edge_s": round(s.edge_s, 4),
         "cloud_wait_s": round(s.cloud_wait_s, 4), "speculated": s.speculated, "speculation_hits": s.speculation_hits,
         "speculation_s": round(s.speculation_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,
-        "threshold": None if args.mode == "cloud-only" else session.threshold,
+        "runner": app.edge.runner.kind, "threshold": None if args.mode == "cloud-only" else session.threshold,
         "codec": None if args.mode == "cloud-only" else session.codec, "sequence_id": session.sequence_id,
         "exit_agreement": s.exit_agreement(), "unverified": s.unverified,
     }
@@ -215,7 +218,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print()
         per_exit = ", ".join(f"{k}: {v}" for k, v in sorted(result["tokens_per_exit"].items()))
-        print(f"[{len(ids)} tokens in {s.wall_s:.2f} s | {per_exit} | cloud requests {s.cloud_requests}, "
+        print(f"[{len(ids)} tokens in {s.wall_s:.2f} s ({app.edge.runner.kind}) | {per_exit} | cloud requests {s.cloud_requests}, "
               f"uploads {s.uploads} | up {s.bytes_up:,} B, down {s.bytes_down:,} B | edge {s.edge_s:.2f} s, "
               f"waiting on cloud {s.cloud_wait_s:.2f} s | guesses kept {s.speculation_hits}/{s.speculated}]",
               file=sys.stderr)
@@ -232,11 +235,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _runner_options(args: argparse.Namespace) -> dict:
-    if args.runner == "onnx":
-        return {"onnx_dir": args.onnx_dir}
     if args.runner == "tensorrt":
         return {"engine_dir": args.engine_dir}
-    return {}
+    return {"onnx_dir": args.onnx_dir, "threads": args.threads}
 
 
 def _link(args: argparse.Namespace):

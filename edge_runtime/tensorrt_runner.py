@@ -30,6 +30,8 @@ class TensorRTRunner(_GraphRunner):
     TensorRT and a GPU (this project's CI): the constructor says so and names the runners that work.
     """
 
+    kind = "tensorrt"
+
     def __init__(self, plan: PartitionPlan, engine_dir: str | Path | None = None, device: str = "cuda"):
         try:
             trt = import_tensorrt()

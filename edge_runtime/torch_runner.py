@@ -14,6 +14,8 @@ from plugin.split.edge import ExitOutput, SegmentOutput
 class TorchRunner:
     """The plan's edge layers in `DecoderModel`, on its device and in its dtype."""
 
+    kind = "torch"
+
     def __init__(self, model: DecoderModel, layers: range | None = None):
         self.model = model
         self.layers = layers if layers is not None else model.layer_range

@@ -181,6 +181,12 @@ def test_missing_or_stale_exports_say_what_to_run(exported, tmp_path):
         load_runner("tflite", plan)
 
 
+def test_auto_runs_the_exported_graphs_else_the_pytorch_loop(exported_tiny, tmp_path):
+    plan, onnx_dir, _ = exported_tiny
+    assert load_runner("auto", plan, onnx_dir=onnx_dir).kind == "onnx"
+    assert load_runner("auto", plan, onnx_dir=tmp_path).kind == "torch"  # nothing exported there
+
+
 def test_an_edge_device_needs_no_weight_files_but_refuses_another_config(exported_tiny, tmp_path):
     """An edge holds the plan, config.json, the tokenizer, the exit adapters and the graphs: the weights are in the
     graphs. Without the weight files the graphs are checked against config.json and the adapters alone."""
