@@ -139,8 +139,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                         "rows of the edge's own tokens (per-exit agreement in the summary and --json; verified modes "
                         "always have it)")
     p.add_argument("--max-gamma", type=_integer(0), default=8, metavar="N",
-                   help="verified modes: at most N drafts per request (gamma adapts to the acceptance rate and the "
-                        "round trip below it) (default: %(default)s)")
+                   help="verified modes: at most N drafts per request (gamma adapts below it to the acceptance rate, "
+                        "the link, the edge's step and the cloud's pass time) (default: %(default)s)")
     p.add_argument("--gamma", type=_integer(0), metavar="N", help="verified modes: exactly N drafts per request")
     p.add_argument("--patience", type=_number(0.0), default=30.0, metavar="S",
                    help="collaborative, verified: keep retrying an unreachable cloud this long before giving up "
@@ -201,7 +201,8 @@ def _generate(args: argparse.Namespace) -> int:
         "cloud_requests": s.cloud_requests, "uploads": s.uploads, "resyncs": s.resyncs, "resumes": s.resumes,
         "fallbacks": s.fallbacks,
         "bytes_up": s.bytes_up, "bytes_down": s.bytes_down, "edge_s": round(s.edge_s, 4),
-        "cloud_wait_s": round(s.cloud_wait_s, 4), "speculated": s.speculated, "speculation_hits": s.speculation_hits,
+        "cloud_wait_s": round(s.cloud_wait_s, 4), "cloud_pass_s": round(s.cloud_pass_s, 4),
+        "speculated": s.speculated, "speculation_hits": s.speculation_hits,
         "speculation_s": round(s.speculation_s, 4), "wall_s": round(s.wall_s, 4), "mode": args.mode,
         "runner": app.edge.runner.kind, "threshold": None if args.mode == "cloud-only" else session.threshold,
         "codec": None if args.mode == "cloud-only" else session.codec, "sequence_id": session.sequence_id,

@@ -34,6 +34,7 @@ class SessionStats:
     edge_s: float = 0.0  # edge compute between tokens (speculative steps not included)
     speculation_s: float = 0.0  # edge compute overlapped with cloud requests
     cloud_wait_s: float = 0.0
+    cloud_pass_s: float = 0.0  # the cloud's compute for this session: its passes' times as the replies said (PASS_MS)
     wall_s: float = 0.0
     drafts_sent: int = 0  # verified mode: the edge's guesses the cloud checked, one per row (catch-up excluded)
     drafts_accepted: int = 0  # ... kept: equal to the full model's choice, and every guess before it kept too
@@ -45,6 +46,7 @@ class SessionStats:
         """One request the cloud answered: a token request, or an upload (END included)."""
         self.bytes_up += req.nbytes
         self.bytes_down += reply.nbytes
+        self.cloud_pass_s += reply.pass_s
         self.cloud_requests += int(req.want_token)
         self.uploads += int(not req.want_token)
         if req.drafts is not None:

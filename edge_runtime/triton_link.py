@@ -8,7 +8,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from edge_runtime.link import CloudUnreachable
 from plugin.protocol.errors import error_code, error_for, Recovery
 from plugin.protocol.messages import CloudReply, CloudRequest
-from plugin.protocol.tensors import OUTPUTS, ROW_OUTPUTS, SESSION_HEADER
+from plugin.protocol.tensors import SESSION_HEADER
 from plugin.protocol.wire import reply_from_outputs, request_inputs
 
 
@@ -28,25 +28,23 @@ class TritonLink:
                    ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms),
                    ("grpc.max_reconnect_backoff_ms", reconnect_backoff_ms)]
         self.client = grpcclient.InferenceServerClient(url, channel_args=backoff, **tls)
-        self._outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
-        self._row_outputs = [grpcclient.InferRequestedOutput(name) for name in ROW_OUTPUTS]
 
     def send(self, req: CloudRequest) -> CloudReply:
+        """Asks for no output by name, so the model returns every output it declares: PASS_MS where the model
+        times its pass (not the TensorRT variant's ensemble), ROW_TOPK_* where it checks drafts (0 rows without)."""
         inputs = []
         for name, value in request_inputs(req).items():
             tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
             tensor.set_data_from_numpy(np.ascontiguousarray(value))
             inputs.append(tensor)
-        names = OUTPUTS + (ROW_OUTPUTS if req.drafts is not None else ())  # verdicts on drafts only when sent
-        outputs = self._outputs + (self._row_outputs if req.drafts is not None else [])
         try:
-            result = self.client.infer(self.model, inputs, outputs=outputs, sequence_id=req.sequence_id,
+            result = self.client.infer(self.model, inputs, sequence_id=req.sequence_id,
                                        sequence_start=req.start, sequence_end=req.end,
                                        client_timeout=self.timeout_s,
                                        headers={**(self.headers or {}), SESSION_HEADER: str(req.sequence_id)})
         except InferenceServerException as e:
             raise _translate(e) from None
-        return reply_from_outputs({name: result.as_numpy(name) for name in names})
+        return reply_from_outputs({out.name: result.as_numpy(out.name) for out in result.get_response().outputs})
 
     def ready(self, timeout_s: float = 2.0) -> bool:
         """Whether the server answers and its model is ready (never raises)."""

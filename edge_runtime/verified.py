@@ -13,7 +13,8 @@ round (`VerifiedSession._round`):
   3. all kept: the steps drafted ahead are the next request's. Else the edge cuts its caches back to
      the correction's position (`Drafter.cut`) and forgets the rows from there (`ContextSync.rewind`),
      so the next request rolls the cloud back (ROLLBACK_TO) in passing;
-  4. the next request leaves at once, with gamma + 1 guesses (`DraftLength`).
+  4. the next request leaves at once, with gamma + 1 guesses (`DraftLength`: the gamma with the most tokens per
+     second from the measured acceptance, link, edge step and cost of the cloud's pass, which each reply reports).
 
 Rows of drafts that exited early wait at their exit; they are carried to the split before a request
 leaves (`EdgePartition.carry_to_split`). In a mode that falls back (verified-latency-aware), drafts
@@ -26,6 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from edge_runtime.generation import SessionStats, TokenRecord
 from edge_runtime.link import CloudLink, CloudUnreachable
@@ -49,28 +51,75 @@ def accept(drafts: list[int], rows: list[RowVerdict], sampler: Sampler) -> list[
 
 
 @dataclass
-class DraftLength:
-    """gamma: drafts per request, beyond the guess of the cloud's own token, chosen before each request.
+class PassCost:
+    """What one cloud pass costs, in seconds, for the rows it computes: cost(rows) = c0 + c1 rows, least squares
+    over the replies' (rows, pass time), each reply weighing `decay` times the next one (the server's load
+    changes). A slope needs two row counts: with one seen the cost is flat (c1 = 0), and before any reply 0.
+    Neither coefficient goes below 0."""
 
-    a = the chance that a draft is kept when the ones before it were (counts of kept and rejected drafts,
-    decayed by `decay` per round, from a prior of `prior` over 2 drafts). A request with g drafts yields
-    E(g) = 1 + a + ... + a^g tokens, makes the cloud compute g + 1 rows, and takes a round trip plus, when a
-    guess fails (1 - a^(g+1)), g + 1 edge steps before the next request can leave. gamma = the g <= max_gamma
-    with the most tokens per second, E(g) / (rtt + (1 - a^(g+1)) (g + 1) step_s), among those whose rows per
-    token (g + 1) / E(g) stay within max_rows_per_token (the cloud's wasted work), and at least min_gamma
-    (min_gamma = max_gamma fixes it).
+    decay: float = 0.9
+    weight: float = 0.0  # decayed sums over the replies: of their weights,
+    rows: float = 0.0  # ... rows,
+    seconds: float = 0.0  # ... pass times,
+    rows_squared: float = 0.0  # ... rows^2
+    rows_seconds: float = 0.0  # ... and rows x pass time
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.weight, self.rows, self.seconds = d * self.weight + 1, d * self.rows + rows, d * self.seconds + seconds
+        self.rows_squared = d * self.rows_squared + rows * rows
+        self.rows_seconds = d * self.rows_seconds + rows * seconds
+
+    @property
+    def slope(self) -> float:
+        """c1: seconds per row; 0 while the rows seen do not vary."""
+        spread = self.weight * self.rows_squared - self.rows ** 2  # weight^2 x the variance of the rows seen
+        if spread <= 1e-6 * self.weight ** 2:
+            return 0.0
+        return max(0.0, (self.weight * self.rows_seconds - self.rows * self.seconds) / spread)
+
+    def __call__(self, rows: int) -> float:
+        if not self.weight:
+            return 0.0
+        c1 = self.slope
+        c0 = max(0.0, (self.seconds - c1 * self.rows) / self.weight)
+        return c0 + c1 * rows
+
+
+@dataclass
+class DraftLength:
+    """gamma: drafts per request, beyond the guess of the cloud's own token, chosen by time before each request.
+
+    A request with g drafts makes the cloud compute g + 1 rows in one pass and yields E(g) = 1 + a + ... + a^g
+    tokens, a = the chance that a draft is kept when the ones before it were (counts of kept and rejected drafts,
+    decayed by `decay` per round, from a prior of `prior` over 2 drafts). It takes T(g) = link + cost(g + 1) +
+    (1 - a^(g+1)) (g + 1) step_s: the round trip less the pass (moving average of each reply's), the pass
+    (`PassCost`, fitted to the replies' PASS_MS and rows), and, when a guess fails, g + 1 edge steps before the
+    next request can leave. gamma = the g <= max_gamma (and < the tokens still wanted) with the most tokens per
+    second, E(g) / T(g), among those whose cloud compute per token, cost(g + 1) / E(g), is at most cost(1): never
+    more than checking one row per request costs, which is itself below cloud-only's compute per token (it runs
+    every layer for each token, the edge's too). At least min_gamma (min_gamma = max_gamma fixes it).
+
+    What bounds gamma is what a pass costs, not how many rows it has: a pass reads the weights of its layers and
+    LM head once for all its rows, so a row costs far less than a pass (by how much, the fit says). Where rows
+    cost in proportion (a compute-bound server), the budget holds gamma near 0.
+
+    Before any reply: the acceptance prior, a flat cost, and a round trip of `link_prior_s` (far longer than an
+    edge step), so the first request's gamma follows the acceptance prior and the edge steps timed as it is
+    drafted; each reply's measures take over from there.
     """
 
     max_gamma: int = 8
     min_gamma: int = 0
-    max_rows_per_token: float = 1.3
     decay: float = 0.8
     prior: float = 0.8
     kept: float = 0.0
     rejected: float = 0.0
-    rtt_s: float | None = None  # moving estimates, weight `alpha` on the newest
+    link_s: float | None = None  # moving estimates, weight `alpha` on the newest
     step_s: float | None = None
     alpha: float = 0.3
+    link_prior_s: float = 1.0
+    cost: PassCost = field(default_factory=PassCost, init=False)  # each session's own (not copied by `replace`)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_gamma <= self.max_gamma:
@@ -84,23 +133,30 @@ class DraftLength:
         self.kept = self.decay * self.kept + kept
         self.rejected = self.decay * self.rejected + rejected
 
-    def time_round_trip(self, seconds: float) -> None:
-        self.rtt_s = moving_average(self.rtt_s, seconds, self.alpha)
+    def time_reply(self, round_trip_s: float, rows: int, pass_s: float) -> None:
+        """One reply: its round trip, the rows the cloud computed for it, and the time of the pass that computed
+        them as the server said (at most the round trip; 0 or not a number: not said, the round trip is all link)."""
+        pass_s = min(pass_s, round_trip_s) if pass_s > 0 else 0.0  # also false for NaN
+        if pass_s:
+            self.cost.observe(rows, pass_s)
+        self.link_s = moving_average(self.link_s, round_trip_s - pass_s, self.alpha)
 
     def time_step(self, seconds: float) -> None:
         self.step_s = moving_average(self.step_s, seconds, self.alpha)
 
     def choose(self, tokens_left: int) -> int:
         """gamma for a request that may yield at most `tokens_left` tokens (>= 1)."""
-        a, best, best_rate = self.acceptance, 0, 0.0
-        for g in range(min(self.max_gamma, tokens_left - 1) + 1):
-            tokens = sum(a ** i for i in range(g + 1))
-            if g and (g + 1) / tokens > self.max_rows_per_token:
-                break  # rows per token only grow with g
-            redraft = (1 - a ** (g + 1)) * (g + 1) * (self.step_s or 0.0)
-            seconds = (self.rtt_s if self.rtt_s is not None else 1.0) + redraft
-            if tokens / seconds > best_rate:
-                best, best_rate = g, tokens / seconds
+        a, link = self.acceptance, self.link_s if self.link_s is not None else self.link_prior_s
+
+        def tokens(g: int) -> float:
+            return sum(a ** i for i in range(g + 1))
+
+        def seconds(g: int) -> float:
+            return link + self.cost(g + 1) + (1 - a ** (g + 1)) * (g + 1) * (self.step_s or 0.0)
+
+        within = [g for g in range(min(self.max_gamma, tokens_left - 1) + 1)
+                  if self.cost(g + 1) / tokens(g) <= self.cost(1)]  # g = 0 always is
+        best = min(within, key=lambda g: seconds(g) / tokens(g))  # the fewest seconds per token; ties: fewer drafts
         return max(best, min(self.min_gamma, tokens_left - 1))
 
     @classmethod
@@ -136,9 +192,10 @@ class Drafter:
         self.rows: list[PendingRows] = []  # rows they brought to the split, not yet in the sync's log
         self.next_input: tuple[list[int], int] | None = None  # (tokens, position) of the next edge step
 
-    def draft_until(self, steps: int) -> list[Draft]:
-        """Draft until `steps` steps are waiting to be checked; returns them."""
-        while len(self.drafts) < steps:
+    def draft_until(self, steps: Callable[[], int]) -> list[Draft]:
+        """Draft until `steps()` steps are waiting to be checked (asked again after each step: the step time it
+        depends on is measured as drafting goes); returns them."""
+        while len(self.drafts) < steps():
             t0 = time.perf_counter()
             self.draft()
             self.stats.edge_s += time.perf_counter() - t0
@@ -210,7 +267,7 @@ class VerifiedSession(EdgeSession):
         left = self.tokens_left or self.lengths.max_gamma + 1
         if self.flight is None:
             if self.decider.next_policy().local_only:  # verified-latency-aware: the cloud is down or too slow
-                drafts = self.drafter.draft_until(min(self.lengths.choose(left) + 1, left))
+                drafts = self.drafter.draft_until(lambda: self._steps(left))
                 self.drafter.drafts = []  # emitted unchecked: their rows go with the next request
                 return self._unverified(drafts)
             self._send(left)
@@ -237,16 +294,20 @@ class VerifiedSession(EdgeSession):
     def _send(self, left: int) -> None:
         """Draft up to gamma + 1 steps (keeping those drafted ahead), carry waiting rows to the split, and send
         every row the cloud has not seen with the guesses of these steps."""
-        wanted = min(self.lengths.choose(left) + 1, left)
-        drafts = self.drafter.draft_until(max(len(self.drafter.drafts), wanted))
+        drafts = self.drafter.draft_until(lambda: self._steps(left))
         for rows in self.drafter.hand_over():
             assert rows.start == self.sync.log.length, (rows.start, self.sync.log.length)  # contiguous
             self.sync.append(rows.hidden)
         after = left - len(drafts)  # tokens still wanted if every guess is kept
-        flight = _Flight(drafts, ahead_limit=min(self.lengths.choose(max(1, after)) + 1, after))
+        flight = _Flight(drafts, ahead_limit=self._steps(after))
         guesses = Drafts.of([(d.token, d.exit_layer) for d in drafts])
         flight.reply = self._requests.submit(self._timed_request, guesses, flight.round_trip_s)
         self.flight = flight
+
+    def _steps(self, left: int) -> int:
+        """Edge steps a request checks while `left` tokens are still wanted: gamma drafts and the guess of the
+        cloud's own token (none when no token is)."""
+        return min(self.lengths.choose(max(1, left)) + 1, left)
 
     def _timed_request(self, guesses: Drafts, took: list[float]) -> CloudReply:
         t0 = time.perf_counter()
@@ -269,9 +330,10 @@ class VerifiedSession(EdgeSession):
         self.stats.cloud_wait_s += time.perf_counter() - t0 - drafting
         if error is not None:
             raise error
-        self.lengths.time_round_trip(flight.round_trip_s[0])
+        reply = flight.reply.result()
+        self.lengths.time_reply(flight.round_trip_s[0], reply.catchup_rows, reply.pass_s)
         self.decider.round_trip(flight.round_trip_s[0])
-        return flight.reply.result()
+        return reply
 
     def _count(self, flight: _Flight, tokens: list[int], kept_all: bool) -> None:
         kept = len(tokens) if kept_all else len(tokens) - 1

@@ -23,7 +23,8 @@ from edge_runtime.triton_link import TritonLink
 from plugin.model.checkpoint import load_model
 from plugin.protocol.codec import encode, EncodedRows
 from plugin.protocol.errors import error_code, ErrorCode, ProtocolError, Recovery, SequenceNeedsStart
-from plugin.protocol.messages import CloudRequest
+from plugin.protocol.messages import CloudRequest, Drafts
+from plugin.protocol.tensors import CLOUD_ONLY, ENSEMBLE
 from plugin.serving.repository import ServeOptions, write_repository
 from plugin.split.edge import EdgePartition
 from plugin.split.limits import Limits
@@ -106,6 +107,23 @@ KEY = 0x5E55_10_4E7  # the SESSION_KEY of every session these tests open by hand
 
 def _raw(link, sid, pos, rows, want=False, start=False, end=False, split=None, key=KEY):
     return link.send(CloudRequest(sid, pos, want, rows=rows, split_layer=split, start=start, end=end, session_key=key))
+
+
+def test_replies_carry_the_time_of_their_pass(setup):
+    """A verified request's reply (its drafts checked) and cloud-only's say how long the pass that computed them took:
+    more than 0 and less than the round trip the edge measured; a session sums them."""
+    _, _, _, server, full = setup
+    rows = encode(torch.randn(6, full.cfg.hidden_size), "fp32")
+    verified = CloudRequest(31, 0, True, rows=rows, split_layer=SPLIT, start=True, end=True, session_key=KEY,
+                            drafts=Drafts.of([(5, 4), (9, 4), (2, 4)]))
+    cloud_only = CloudRequest(32, 0, True, token_ids=np.array(PROMPTS[1], np.int64), start=True, end=True,
+                              session_key=KEY)
+    for model, req in ((ENSEMBLE, verified), (CLOUD_ONLY, cloud_only)):
+        t0 = time.perf_counter()
+        reply = TritonLink(server.grpc_url, model).send(req)
+        assert 0 < reply.pass_s < time.perf_counter() - t0, model
+    stats = CloudOnlySession(TritonLink(server.grpc_url, CLOUD_ONLY), sequence_id=33).generate(PROMPTS[0], 4).stats
+    assert 0 < stats.cloud_pass_s < stats.wall_s
 
 
 def test_bad_requests_get_errors_and_leave_context_intact(setup):

@@ -23,7 +23,9 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -40,7 +42,7 @@ from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.parts import SessionOptions
 from edge_runtime.session import session_for
 from edge_runtime.triton_link import TritonLink
-from edge_runtime.verified import accept, DraftLength
+from edge_runtime.verified import accept, DraftLength, PassCost
 from plugin.model.checkpoint import load_model
 from plugin.model.rows import PositionError
 from plugin.model.sampling import Greedy, TopP
@@ -143,27 +145,96 @@ def test_speculative_sampling_gives_the_distribution_cloud_only_samples():
             assert abs(counts[token] / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (draft, token, counts)
 
 
-def test_draft_length_follows_acceptance_round_trip_and_the_rows_bound():
-    high, low = DraftLength(kept=40.0, rejected=1.0), DraftLength(kept=2.0, rejected=8.0)
-    for rule in (high, low):
-        rule.time_round_trip(0.05)
-        rule.time_step(0.002)
-    assert high.choose(100) > low.choose(100) and low.choose(100) <= 1
-    assert high.choose(3) == 2  # never more drafts than tokens still wanted
-    for g in range(high.max_gamma + 1):  # the chosen gamma keeps the cloud's expected rows per token in bound
-        tokens = sum(high.acceptance ** i for i in range(g + 1))
-        if g == high.choose(100):
-            assert (g + 1) / tokens <= high.max_rows_per_token
-    slow_edge = DraftLength(kept=40.0, rejected=1.0, max_rows_per_token=99)
-    slow_edge.time_round_trip(0.001)
-    slow_edge.time_step(0.05)  # redrafting after a miss dominates: fewer drafts
-    fast_edge = DraftLength(kept=40.0, rejected=1.0, max_rows_per_token=99)
-    fast_edge.time_round_trip(0.05)
-    fast_edge.time_step(0.0005)
-    assert slow_edge.choose(100) < fast_edge.choose(100) == fast_edge.max_gamma
-    assert DraftLength.fixed(5).choose(100) == 5 and DraftLength.fixed(5).choose(3) == 2
+def _lengths(acceptance: float, pass_s: Callable[[int], float], link_s: float = 0.02, step_s: float = 0.001,
+             lengths: DraftLength | None = None) -> DraftLength:
+    """`lengths` (default: DraftLength()) after drafts kept at `acceptance`, an edge step of step_s, and replies
+    of 1 to 9 rows whose passes took pass_s(rows) over a link of link_s."""
+    lengths = lengths or DraftLength()
+    lengths.kept, lengths.rejected = 1e4 * acceptance, 1e4 * (1 - acceptance)
+    for rows in range(1, 10):
+        lengths.time_reply(link_s + pass_s(rows), rows, pass_s(rows))
+    lengths.time_step(step_s)
+    return lengths
+
+
+def _flat(rows: int) -> float:
+    return 0.03  # a memory-bound pass: the rows are nearly free
+
+
+def _per_row(rows: int) -> float:
+    return 0.01 * rows  # a pass that costs in proportion to its rows
+
+
+def _compute_per_token(lengths: DraftLength, gamma: int) -> float:
+    return lengths.cost(gamma + 1) / sum(lengths.acceptance ** i for i in range(gamma + 1))
+
+
+def test_pass_cost_fits_the_replies_and_is_flat_until_two_row_counts_are_seen():
+    cost = PassCost()
+    assert cost(1) == cost(9) == 0.0  # before any reply
+    cost.observe(4, 0.05)
+    cost.observe(4, 0.07)
+    assert cost.slope == 0.0 and cost(1) == cost(9) == pytest.approx(0.06, rel=0.05)
+    cost = PassCost()
+    for rows in (1, 3, 8, 2):
+        cost.observe(rows, 0.01 + 0.002 * rows)
+    assert cost.slope == pytest.approx(0.002) and cost(5) == pytest.approx(0.02)
+
+
+def test_gamma_grows_with_acceptance_up_to_max_gamma_when_rows_are_nearly_free():
+    """The rows rule this replaced (at most 1.3 cloud rows per token) allowed one draft at a = 0.5."""
+    gammas = [_lengths(a, _flat).choose(100) for a in (0.3, 0.5, 0.7, 0.9, 0.99)]
+    assert gammas == sorted(gammas) and gammas[1] > 1 and gammas[-1] == DraftLength().max_gamma
+
+
+def test_a_cost_per_row_holds_gamma_to_the_compute_budget():
+    """Never more cloud compute per token than checking one row per request: with a pass that costs in proportion
+    to its rows, no draft pays for its row; with a small cost per row beside a long link, the budget caps gamma
+    where time alone would not."""
+    assert _lengths(0.95, _per_row).choose(100) == 0
+    # 0.5 ms a pass + 2 ms a row, small beside a 50 ms link: time alone would take the most drafts
+    steep = _lengths(0.9, lambda rows: 0.0005 + 0.002 * rows, link_s=0.05)
+    gamma = steep.choose(100)
+    assert 0 < gamma < steep.max_gamma
+    assert _compute_per_token(steep, gamma) <= steep.cost(1) < _compute_per_token(steep, gamma + 1)
+
+
+def test_a_slow_edge_step_means_fewer_drafts():
+    """After a failed guess the edge drafts gamma + 1 steps before the next request can leave."""
+    slow = _lengths(0.95, _flat, link_s=0.001, step_s=0.05)
+    fast = _lengths(0.95, _flat, link_s=0.05, step_s=0.0005)
+    assert slow.choose(100) < fast.choose(100) == fast.max_gamma
+
+
+def test_fixed_gamma_and_the_tokens_still_wanted_are_honoured():
+    assert _lengths(0.9, _per_row, lengths=DraftLength.fixed(5)).choose(100) == 5  # over the budget: fixed wins
+    assert DraftLength.fixed(5).choose(3) == 2
+    high = _lengths(0.99, _flat)
+    assert high.choose(3) == 2 and high.choose(1) == 0  # never more drafts than tokens still wanted
+    assert DraftLength(max_gamma=3).choose(100) <= 3
     with pytest.raises(ValueError, match="gamma"):
         DraftLength.fixed(-1)
+
+
+def test_before_any_reply_gamma_follows_the_acceptance_prior_and_the_edge_step():
+    """A flat cost and a round trip far longer than an edge step: the most drafts, until a slow step is timed."""
+    first = DraftLength()
+    assert first.choose(100) == first.max_gamma
+    first.time_step(0.4)  # a large model's edge step: a miss costs gamma + 1 of them
+    assert first.choose(100) < first.max_gamma
+    blind = DraftLength()
+    blind.time_reply(0.05, 3, 0.0)  # a server that does not time its pass: the round trip is all link
+    blind.time_reply(0.05, 3, float("nan"))
+    assert blind.cost.weight == 0 and blind.link_s == pytest.approx(0.05)
+    blind.time_reply(0.05, 3, 0.2)  # a pass longer than its round trip is taken as the round trip
+    assert blind.cost(3) == pytest.approx(0.05) and blind.link_s < 0.05
+
+
+def test_each_session_learns_its_own_pass_cost():
+    template = DraftLength()
+    copy = replace(template)
+    copy.time_reply(0.05, 3, 0.01)
+    assert copy.cost.weight == 1 and template.cost.weight == 0
 
 
 # -- unit: the cloud's state against a fresh run -------------------------------------------------------------

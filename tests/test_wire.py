@@ -8,7 +8,8 @@ import torch
 from plugin.protocol.codec import CODEC_DTYPES, encode, to_array
 from plugin.protocol.errors import ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, PendingBlock
-from plugin.protocol.tensors import HIDDEN_ROWS, PENDING_HIDDEN, SESSION_KEY, SPLIT_LAYER, START_POS, WANT_TOKEN
+from plugin.protocol.tensors import (
+    HIDDEN_ROWS, PASS_MS, PENDING_HIDDEN, SESSION_KEY, SPLIT_LAYER, START_POS, WANT_TOKEN)
 from plugin.protocol.wire import (
     block_from_inputs, block_outputs, reply_from_outputs, reply_outputs, request_from_inputs, request_inputs)
 
@@ -73,4 +74,13 @@ def test_block_and_reply_round_trip(codec):
     reply = CloudReply(42, 0.5, [42, 7], [-0.69, -1.2], 5)
     assert reply_from_outputs(reply_outputs(reply)) == CloudReply(42, 0.5, [42, 7], pytest.approx([-0.69, -1.2]), 5)
     upload_only = reply_from_outputs(reply_outputs(CloudReply()))
-    assert upload_only.token_id == -1 and upload_only.topk_ids == []
+    assert upload_only.token_id == -1 and upload_only.topk_ids == [] and upload_only.pass_s == 0.0
+
+
+def test_pass_time_travels_in_milliseconds_and_is_0_where_a_model_does_not_declare_it():
+    outputs = reply_outputs(CloudReply(42, 0.5, [42, 7], [-0.69, -1.2], 5, pass_s=0.0125))
+    assert outputs[PASS_MS].dtype == np.float32 and outputs[PASS_MS].shape == (1, 1)
+    assert outputs[PASS_MS][0, 0] == pytest.approx(12.5)
+    assert reply_from_outputs(outputs).pass_s == pytest.approx(0.0125)
+    del outputs[PASS_MS]  # the TensorRT variant's ensemble: its engine cannot time its pass
+    assert reply_from_outputs(outputs).pass_s == 0.0

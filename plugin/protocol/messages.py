@@ -97,11 +97,15 @@ class CloudReply:
     topk_logprobs: list[float] = field(default_factory=list)
     catchup_rows: int = 0
     rows: list[RowVerdict] = field(default_factory=list)  # one per draft of the request, oldest first
+    # seconds of the cloud's pass that computed this request (PASS_MS); 0: none (an upload, or a server that does
+    # not time its pass: the TensorRT variant). A measure, not part of the answer: replies compare without it
+    pass_s: float = field(default=0.0, compare=False)
 
     @property
     def nbytes(self) -> int:
-        """TOKEN_ID + CONFIDENCE + TOPK_IDS + TOPK_LOGPROBS (always TOP_K wide) + CATCHUP_ROWS + ROW_TOPK_*."""
-        return 8 + 4 + 12 * TOP_K + 4 + 12 * TOP_K * len(self.rows)
+        """TOKEN_ID + CONFIDENCE + TOPK_IDS + TOPK_LOGPROBS (always TOP_K wide) + CATCHUP_ROWS + PASS_MS +
+        ROW_TOPK_*."""
+        return 8 + 4 + 12 * TOP_K + 4 + 4 + 12 * TOP_K * len(self.rows)
 
 
 @dataclass

@@ -12,7 +12,8 @@ TOP_K_DIM the width of the top-k outputs, GROUPS_DIM the number of int8g scale g
 
 The tensors marked `verification` carry verified mode and live exit fidelity (drafts checked by the
 full model, rollbacks of rejected drafts): the TensorRT variant of cloud_partition computes the head
-on the last row only, so its repository leaves them out (plugin/serving/trt_repository.py).
+on the last row only, so its repository leaves them out (plugin/serving/trt_repository.py). So does it with
+the tensor marked `timing` (PASS_MS): the python models time their own pass; an engine cannot report its own.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ class TensorSpec:
     ragged: bool = False  # an input whose ROWS differ between the requests of one batch (allow_ragged_batch)
     meaning: str = ""
     verification: bool = False  # verified mode / exit fidelity: drafts, rollbacks, per-row verdicts
+    timing: bool = False  # the python models' time of their own pass: the TensorRT variant leaves it out
     hop: str = ""  # the ensemble's hop of the pending rows it carries: "encoded" (python partition) or "decoded"
 
     @property
@@ -168,6 +170,10 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                meaning="their log-probabilities, padded with -inf"),
     TensorSpec("CATCHUP_ROWS", "int32", (1,), outputs_of=_TOKEN_MODELS,
                meaning="rows the cloud computed for this request (the pending block, catch-up included)"),
+    TensorSpec("PASS_MS", "float32", (1,), outputs_of=_TOKEN_MODELS, timing=True,
+               meaning="milliseconds of the forward pass that computed this request's rows (with the other requests "
+                       "of its batch): compute it waited for, not queueing; 0 for an upload-only request. The "
+                       "TensorRT variant's ensemble does not declare it (its engine cannot time itself)"),
     TensorSpec("ROW_TOPK_IDS", "int64", (DRAFTS, TOP_K_DIM), outputs_of=(ENSEMBLE, CLOUD_PARTITION), verification=True,
                meaning="the full model's K best tokens after each row DRAFT_TOKENS named (its greedy token first), "
                        "padded with -1; 0 rows without DRAFT_TOKENS"),
@@ -196,10 +202,11 @@ DRAFT_TOKENS, DRAFT_EXITS, ROLLBACK_TO = "DRAFT_TOKENS", "DRAFT_EXITS", "ROLLBAC
 PENDING_HIDDEN, PENDING_START, PENDING_SPLIT, PENDING_WANT = "PENDING_HIDDEN", "PENDING_START", "PENDING_SPLIT", "PENDING_WANT"
 PENDING_KEY = "PENDING_KEY"
 PENDING_DRAFTS, PENDING_DRAFT_EXITS, PENDING_ROLLBACK = "PENDING_DRAFTS", "PENDING_DRAFT_EXITS", "PENDING_ROLLBACK"
-OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE) if not t.verification)  # what every token request asks for
+OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE) if not (t.verification or t.timing))  # every variant answers
 TOKEN_ID, CONFIDENCE, TOPK_IDS, TOPK_LOGPROBS, CATCHUP_ROWS = OUTPUTS
 ROW_OUTPUTS = tuple(t.name for t in outputs_of(ENSEMBLE) if t.verification)  # ... and a request with drafts too
 ROW_TOPK_IDS, ROW_TOPK_LOGPROBS = ROW_OUTPUTS
+PASS_MS = "PASS_MS"
 
 # gRPC metadata key in which the edge sends its sequence id on every request: a front that routes
 # sessions to replicas hashes on it (plugin/serving/front.py, docs/scaling.md).

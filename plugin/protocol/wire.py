@@ -11,10 +11,10 @@ from plugin.protocol.codec import CODEC_DTYPES, EncodedRows, to_array
 from plugin.protocol.errors import ErrorCode, ProtocolError
 from plugin.protocol.messages import CloudReply, CloudRequest, Drafts, PendingBlock, RowVerdict
 from plugin.protocol.tensors import (
-    CATCHUP_ROWS, CONFIDENCE, CONTEXT_ROWS, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_ROWS, PENDING_DRAFT_EXITS, PENDING_DRAFTS,
-    PENDING_HIDDEN, PENDING_KEY, PENDING_ROLLBACK, PENDING_ROWS, PENDING_SPLIT, PENDING_START, PENDING_WANT,
-    ROLLBACK_TO, ROW_TOPK_IDS, ROW_TOPK_LOGPROBS, RowTensors, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS, TOKEN_ID,
-    TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
+    CATCHUP_ROWS, CONFIDENCE, CONTEXT_ROWS, DRAFT_EXITS, DRAFT_TOKENS, HIDDEN_ROWS, PASS_MS, PENDING_DRAFT_EXITS,
+    PENDING_DRAFTS, PENDING_HIDDEN, PENDING_KEY, PENDING_ROLLBACK, PENDING_ROWS, PENDING_SPLIT, PENDING_START,
+    PENDING_WANT, ROLLBACK_TO, ROW_TOPK_IDS, ROW_TOPK_LOGPROBS, RowTensors, SESSION_KEY, SPLIT_LAYER, START_POS, TENSORS,
+    TOKEN_ID, TOKEN_IDS, TOP_K, TOPK_IDS, TOPK_LOGPROBS, WANT_TOKEN)
 
 
 Tensors = dict[str, np.ndarray]
@@ -190,6 +190,7 @@ def reply_outputs(reply: CloudReply, top_k: int = TOP_K, rows: bool = True) -> T
         TOPK_IDS: ids,
         TOPK_LOGPROBS: logprobs,
         CATCHUP_ROWS: _one(CATCHUP_ROWS, reply.catchup_rows),
+        PASS_MS: _one(PASS_MS, 1000 * reply.pass_s),
     }
     if rows:
         row_ids, row_logprobs = _padded_topk([(r.ids, r.logprobs) for r in reply.rows], top_k)
@@ -203,9 +204,12 @@ def _unpadded(ids: np.ndarray, logprobs: np.ndarray) -> tuple[list[int], list[fl
 
 
 def reply_from_outputs(outputs: Tensors) -> CloudReply:
-    """ROW_TOPK_* are read when present (a request with drafts asked for them)."""
+    """ROW_TOPK_* are read when present (a request with drafts asked for them), and PASS_MS (the models that time
+    their pass declare it)."""
     reply = CloudReply(int(outputs[TOKEN_ID][0, 0]), float(outputs[CONFIDENCE][0, 0]),
                        *_unpadded(outputs[TOPK_IDS][0], outputs[TOPK_LOGPROBS][0]), int(outputs[CATCHUP_ROWS][0, 0]))
+    if PASS_MS in outputs:
+        reply.pass_s = float(outputs[PASS_MS][0, 0]) / 1000
     if ROW_TOPK_IDS in outputs:
         reply.rows = [RowVerdict(*_unpadded(ids, logprobs))
                       for ids, logprobs in zip(outputs[ROW_TOPK_IDS][0], outputs[ROW_TOPK_LOGPROBS][0])]

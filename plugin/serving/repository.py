@@ -59,9 +59,11 @@ def edge_inputs(hidden_size: int, verification: bool = True) -> list[str]:
     return tensor_rows(with_verification(inputs_of(ENSEMBLE), verification), hidden_size, as_input=True)
 
 
-def token_outputs(hidden_size: int, verification: bool = True) -> list[str]:
-    """What an edge gets back: the ensemble's outputs (verification=False: without the verdicts on drafts)."""
-    return tensor_rows(with_verification(outputs_of(ENSEMBLE), verification), hidden_size, as_input=False)
+def token_outputs(hidden_size: int, verification: bool = True, timing: bool = True) -> list[str]:
+    """What an edge gets back: the ensemble's outputs (verification=False: without the verdicts on drafts;
+    timing=False: without the pass time, which a TensorRT engine cannot report)."""
+    specs = [t for t in with_verification(outputs_of(ENSEMBLE), verification) if timing or not t.timing]
+    return tensor_rows(specs, hidden_size, as_input=False)
 
 
 def with_verification(specs: list[TensorSpec], verification: bool) -> list[TensorSpec]:
@@ -107,12 +109,13 @@ def ensemble_step(model: str, input_map: str, output_map: str) -> str:
     return f'    {{\n      model_name: "{model}"\n      model_version: -1\n{input_map}\n{output_map}\n    }}'
 
 
-def render_ensemble(hidden_size: int, max_batch_size: int, steps: list[str], verification: bool = True) -> str:
+def render_ensemble(hidden_size: int, max_batch_size: int, steps: list[str], verification: bool = True,
+                    timing: bool = True) -> str:
     """ce_collm: the edge-facing inputs and outputs, and its steps."""
     return (
         f'name: "{ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: {max_batch_size}\n'
         + block("input", edge_inputs(hidden_size, verification))
-        + block("output", token_outputs(hidden_size, verification))
+        + block("output", token_outputs(hidden_size, verification, timing))
         + "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
     )
 

@@ -16,7 +16,9 @@ sequence to the next, so one sequence runs per execution (max_batch_size 1; scal
 An upload-only request reaches the engine as a block of 0 rows and leaves the KV as it was (the
 graph returns TOKEN_ID -1). The graph computes the head on the last row only and its implicit-state
 KV cannot be cut back, so this variant serves no verified mode: its ensemble declares none of the
-verification tensors (DRAFT_*, ROLLBACK_TO, ROW_TOPK_*) and Triton refuses them. Only the NGC Triton
+verification tensors (DRAFT_*, ROLLBACK_TO, ROW_TOPK_*) and Triton refuses them. Nor does it declare PASS_MS:
+an engine cannot time its own pass (edges ask for every output a model declares and read PASS_MS when it is
+there; without it they learn nothing of the pass's cost, edge_runtime/verified.py). Only the NGC Triton
 container serves it (the pip wheel has no TensorRT backend); here the configs are generated and
 validated against the ONNX graph.
 """
@@ -127,7 +129,7 @@ def render_trt_ensemble(plan: PartitionPlan, hidden_size: int) -> str:
         ensemble_step(CONTEXT_MANAGER, maps("input_map", [t.name for t in edge_facing]),
                       maps("output_map", list(GRAPH_INPUTS.values()), internal=True)),
         ensemble_step(CLOUD_PARTITION, step_in, step_out),
-    ], verification=False)
+    ], verification=False, timing=False)
 
 
 def render_trt_repository(plan: PartitionPlan, onnx_dir: Path, repository_dir: Path,

@@ -214,7 +214,9 @@ class CloudPartition:
         return block.rollback_to
 
     def _run(self, split: int, blocks: list[Block]) -> list[CloudReply | ProtocolError]:
-        model = self.model
+        """One pass over the blocks; each reply carries the pass's time (the compute its request waited for: the
+        edge learns from it what a pass costs for its rows)."""
+        model, t0 = self.model, self.clock()
         lengths = [b.num_rows for b in blocks]
         width = max(lengths)
         positions = torch.empty(len(blocks), width, dtype=torch.long)
@@ -238,7 +240,8 @@ class CloudPartition:
         # ranked on the float32 logits, equal ones lowest id first: the first is the token Hugging Face's greedy
         # decoding takes (its argmax over float32 logits), even where log_softmax rounds two logits to one value
         top = top_k_ids(logits, self.top_k)  # [H, K]
-        ids, values = top.tolist(), logprobs.gather(-1, top).tolist()
+        ids, values = top.tolist(), logprobs.gather(-1, top).tolist()  # waits for the device
+        pass_s = self.clock() - t0
         self.rows_computed += sum(lengths) * (model.cfg.num_layers - split)
         replies: list[CloudReply | ProtocolError] = []
         for b, (block, end) in enumerate(zip(blocks, torch.tensor(heads).cumsum(0).tolist())):
@@ -249,7 +252,7 @@ class CloudPartition:
                 continue
             last = span.stop - 1
             reply = CloudReply(token_id=ids[last][0], confidence=float(np.exp(values[last][0])), topk_ids=ids[last],
-                               topk_logprobs=values[last], catchup_rows=lengths[b])
+                               topk_logprobs=values[last], catchup_rows=lengths[b], pass_s=pass_s)
             if block.drafts is not None:
                 reply.rows = [RowVerdict(ids[i], values[i]) for i in span]
                 self._count_agreement(block, reply.rows)
