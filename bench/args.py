@@ -24,9 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"links as RTT_MS/MBIT[/JITTER_MS], comma-separated (default: {DEFAULT_LINKS})")
     p.add_argument("--thresholds", default=None, metavar="T,T", help="collaborative thresholds (default: 0.8,0.9,1.0)")
     p.add_argument("--codecs", default=None, metavar="C,C", help="hidden-state codecs (default: fp16,int8)")
-    p.add_argument("--verified-thresholds", default=DEFAULT_VERIFIED, metavar="T,T",
+    p.add_argument("--verified-thresholds", default=None, metavar="T,T",
                    help="verified mode (the exits draft, the full model checks) with drafts exiting at each threshold, "
-                        "first codec; empty string skips it (default: %(default)s)")
+                        f"first codec; empty string skips it (default: --verified-plan's threshold, else {DEFAULT_VERIFIED})")
+    p.add_argument("--verified-plan", type=Path, metavar="FILE",
+                   help="partition plan of the verified systems: --plan's checkpoint, split at or after its split, "
+                        "its own exit heads and threshold (default: --plan)")
+    p.add_argument("--verified-target", type=float, metavar="X",
+                   help="verified mode's target at 20 ms RTT: time per token at most X times cloud-only's (default: "
+                        "the demo model's, 0.4 at 20 ms and 0.35 at 60 ms)")
     p.add_argument("--max-gamma", type=int, default=8, metavar="N",
                    help="verified mode: drafts per request at most (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=None, metavar="N", help="held-out prompts (default: 8)")

@@ -32,14 +32,14 @@ from typing import Sequence
 
 import torch
 
-from bench.args import DEFAULT_LINKS, DEFAULT_OUT, DEFAULT_PLAN, REPO_ROOT, add_arguments  # noqa: F401 (re-exported)
+from bench.args import DEFAULT_LINKS, DEFAULT_OUT, DEFAULT_PLAN, DEFAULT_VERIFIED, REPO_ROOT, add_arguments  # noqa: F401 (re-exported)
 from bench.clients import capacities, capacity, clients_sweep, record_trace, traces_summary
 from bench.cores import pinned, Pinning
 from bench.link_emulator import LinkEmulator
 from bench.measures import (add_comparisons, busy_delta, evaluate_targets, evaluate_verified_targets, Scorer,
                             server_busy_ns, summarize_run)
 from bench.naive_split import write_bench_repository
-from bench.systems import (CE_MODELS, LinkSpec, load_prompts, NAIVE_SPLIT, open_links, SequenceIds, System,
+from bench.systems import (CE_MODELS, Edges, LinkSpec, load_prompts, NAIVE_SPLIT, open_links, SequenceIds, System,
                            systems_for, timed_generation)
 from edge_runtime.runners import exported, load_runner
 from edge_runtime.triton_link import TritonLink
@@ -72,6 +72,8 @@ class BenchConfig:
     out: Path = DEFAULT_OUT
     edge_threads: int = 1
     edge_runner: str = "onnx"  # onnx (graphs exported into out/raw/onnx) or torch
+    verified_plan: PartitionPlan | None = None  # the verified systems' plan (default: plan), split >= plan's
+    verified_time_targets: tuple[tuple[float, float], ...] = ()  # (RTT ms, time per token over cloud-only's)
     server_threads: int | None = 1  # OMP/MKL threads of each python-backend process (None: torch's default)
     pin: bool = True  # the edge and its own server on separate CPU cores (bench/cores.py), with at least 2
     serve_options: ServeOptions = ServeOptions(limits=Limits(max_sessions=512))
@@ -113,11 +115,11 @@ def exported_graphs(plan: PartitionPlan, onnx_dir: Path) -> Path:
     return onnx_dir
 
 
-def _warm_up(systems: list[System], edge: EdgePartition, url: str, prompt: list[int], new_id) -> None:
+def _warm_up(systems: list[System], edges: Edges, url: str, prompt: list[int], new_id) -> None:
     """One short generation per kind of system on a direct connection (lazy state, allocator, pools)."""
     links = open_links(url)
     for system in {s.kind: s for s in systems}.values():
-        timed_generation(system, edge, links, prompt, 4, new_id())
+        timed_generation(system, edges.of(system), links, prompt, 4, new_id())
     for link in links.values():
         link.close()
 
@@ -146,6 +148,9 @@ def _run_benchmark(cfg: BenchConfig, server: TritonServer | None, pinning: Pinni
     raw.mkdir(parents=True, exist_ok=True)
     plan = cfg.plan
     edge = bench_edge(plan, cfg.edge_runner, raw / "onnx", cfg.edge_threads)
+    verified = cfg.verified_plan
+    edges = Edges(edge, bench_edge(verified, cfg.edge_runner, raw / "onnx-verified", cfg.edge_threads)
+                  if verified is not None and verified != plan else None)
     cfg_model = read_config(plan.checkpoint)
     scorer = Scorer(load_model(plan.checkpoint))
     standalone_t = 0.8 if 0.8 in cfg.thresholds else min(cfg.thresholds)
@@ -167,7 +172,7 @@ def _run_benchmark(cfg: BenchConfig, server: TritonServer | None, pinning: Pinni
     assert server is not None
     try:
         url = server.grpc_url
-        _warm_up(systems, edge, url, cfg.prompts[0], new_id)
+        _warm_up(systems, edges, url, cfg.prompts[0], new_id)
         rows, runs = [], {}
         bar = _progress(len(cfg.links) * len(cfg.prompts) * len(systems), cfg.progress, "bench generations", "gen")
         for link_spec in cfg.links:
@@ -185,7 +190,7 @@ def _run_benchmark(cfg: BenchConfig, server: TritonServer | None, pinning: Pinni
                         link.reset_counters()
                         before = server_busy_ns(server.http_url)
                         t0 = time.perf_counter()
-                        acc["runs"].append(timed_generation(system, edge, clients, prompt, cfg.max_new_tokens, new_id(),
+                        acc["runs"].append(timed_generation(system, edges.of(system), clients, prompt, cfg.max_new_tokens, new_id(),
                                                             cfg.max_gamma))
                         acc["wall"] += time.perf_counter() - t0
                         busy = busy_delta(before, server_busy_ns(server.http_url), system.server_models)
@@ -197,8 +202,10 @@ def _run_benchmark(cfg: BenchConfig, server: TritonServer | None, pinning: Pinni
                 for system in systems:
                     acc = per_system[system.key]
                     runs[(system.key, link_spec.name)] = acc["runs"]
-                    rows.append(summarize_run(system, link_spec, acc["runs"], cfg_model.num_layers, plan.split_layer,
-                                              plan.exit_layers, acc["busy"], acc["wire"], acc["wall"]))
+                    system_plan = edges.of(system).plan
+                    rows.append(summarize_run(system, link_spec, acc["runs"], cfg_model.num_layers,
+                                              system_plan.split_layer, system_plan.exit_layers, acc["busy"],
+                                              acc["wire"], acc["wall"]))
                 for c in clients.values():
                     c.close()
         bar.close()
@@ -216,7 +223,7 @@ def _run_benchmark(cfg: BenchConfig, server: TritonServer | None, pinning: Pinni
             "clients": clients_result,
             "long_context": long_result,
             "targets": evaluate_targets(rows, cfg.thresholds, cfg.codecs, long_result),
-            "verified_targets": evaluate_verified_targets(rows),
+            "verified_targets": evaluate_verified_targets(rows, cfg.verified_time_targets),
             "samples": _samples(cfg, runs),
         }
     finally:
@@ -313,6 +320,9 @@ def _meta(cfg: BenchConfig, server: TritonServer, model_cfg, wall_s: float, pinn
         "checkpoint": str(plan.checkpoint.relative_to(REPO_ROOT)) if plan.checkpoint.is_relative_to(REPO_ROOT) else str(plan.checkpoint),
         "arch": model_cfg.arch, "num_layers": model_cfg.num_layers, "hidden_size": model_cfg.hidden_size,
         "vocab_size": model_cfg.vocab_size, "split_layer": plan.split_layer, "exit_layers": list(plan.exit_layers),
+        "verified_plan": None if cfg.verified_plan is None else {
+            "split_layer": cfg.verified_plan.split_layer, "exit_layers": list(cfg.verified_plan.exit_layers),
+            "threshold": cfg.verified_plan.threshold, "exit_adapters": str(cfg.verified_plan.exit_adapters)},
         "prompts": len(cfg.prompts), "prompt_tokens": [len(p) for p in cfg.prompts],
         "max_new_tokens": cfg.max_new_tokens, "thresholds": list(cfg.thresholds), "codecs": list(cfg.codecs),
         "triton_version": version, "python": platform.python_version(), "torch": torch.__version__,
@@ -352,6 +362,11 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     quick = args.quick
     pick = lambda value, full, small: value if value is not None else (small if quick else full)  # noqa: E731
     plan = PartitionPlan.load(args.plan)
+    verified_plan = PartitionPlan.load(args.verified_plan) if args.verified_plan else None
+    if verified_plan is not None and (verified_plan.checkpoint.resolve() != plan.checkpoint.resolve()
+                                      or verified_plan.split_layer < plan.split_layer):
+        raise ValueError(f"--verified-plan must name --plan's checkpoint and split at or after its layer "
+                         f"{plan.split_layer} (the server holds the layers from there)")
     prompts, texts, tokenizer = load_prompts(plan, pick(args.prompts, 8, 3))
     links = pick(args.links, DEFAULT_LINKS, "0/1000,20/100")
     clients = pick(args.clients, "1,4,16,32", "1,4")
@@ -360,12 +375,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_new_tokens=pick(args.max_new_tokens, 96, 12),
         thresholds=_floats(pick(args.thresholds, "0.8,0.9,1.0", "0.8,1.0")),
         codecs=tuple(c.strip() for c in pick(args.codecs, "fp16,int8", "fp16").split(",") if c.strip()),
-        verified_thresholds=_floats(args.verified_thresholds), max_gamma=args.max_gamma,
+        verified_thresholds=_floats(args.verified_thresholds if args.verified_thresholds is not None else
+                                    str(verified_plan.threshold) if verified_plan else DEFAULT_VERIFIED),
+        max_gamma=args.max_gamma, verified_time_targets=((20.0, args.verified_target),) if args.verified_target else (),
         links=tuple(LinkSpec.parse(s) for s in links.split(",") if s.strip()),
         clients=_ints(clients), client_tokens=pick(args.client_tokens, 16, 8),
         long_tokens=pick(args.long_tokens, 256, 32),
         sessions_per_client=args.sessions_per_client, p99_slo_ms=args.p99_slo_ms, out=args.out,
-        edge_threads=args.edge_threads, edge_runner=args.edge_runner, server_threads=args.server_threads or None,
+        edge_threads=args.edge_threads, edge_runner=args.edge_runner, verified_plan=verified_plan,
+        server_threads=args.server_threads or None,
         pin=not args.no_pin, progress=not args.no_progress,
         command="ce-collm bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
     )

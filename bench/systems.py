@@ -112,6 +112,18 @@ class SequenceIds:
             return self._next
 
 
+@dataclass(frozen=True)
+class Edges:
+    """The edge each system runs on: the verified systems on the verified plan's edge when the bench has one
+    (its split at or after the main plan's, so the same server holds the layers it resumes from)."""
+
+    main: EdgePartition
+    verified: EdgePartition | None = None
+
+    def of(self, system: System) -> EdgePartition:
+        return self.verified if system.verifies and self.verified is not None else self.main
+
+
 def open_links(url: str) -> dict[str, TritonLink]:
     """One gRPC client per served model, connected (first RPC made) before anything is timed."""
     links = {model: TritonLink(url, model) for model in ("ce_collm", "cloud_only", NAIVE_MODEL)}

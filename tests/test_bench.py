@@ -91,7 +91,8 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
     cfg = BenchConfig(plan=plan, prompts=PROMPTS, max_new_tokens=NEW_TOKENS, thresholds=(0.1, 1.0),
                       codecs=("fp32", "int8"), links=(LinkSpec(0, None), LinkSpec(10, 100)), clients=(1, 2),
                       client_tokens=4, sessions_per_client=1, long_tokens=10, out=out, progress=False,
-                      serve_options=opts)
+                      serve_options=opts, verified_thresholds=(0.5,),
+                      verified_plan=PartitionPlan(ckpt, SPLIT + 1, (SPLIT + 1,), threshold=0.5, codec="fp16"))
     results = run_benchmark(cfg, server=server)
 
     assert results["meta"]["pinning"] is None  # a server given: its cores are the caller's
@@ -101,6 +102,7 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
                 "clients_p99_throughput.png"):
         assert (out / png).stat().st_size > 1000
     keys = {System("cloud-only").key, System("naive-split", codec="fp32").key, System("standalone", 0.1).key,
+            System("verified", 0.5, "fp32").key,
             *(System("collaborative", t, c).key for t in (0.1, 1.0) for c in ("fp32", "int8"))}
     runs = {(r["key"], r["rtt_ms"]): r for r in results["runs"]}
     assert {k for k, _ in runs} == keys and {rtt for _, rtt in runs} == {0, 10}
@@ -133,6 +135,10 @@ def test_bench_smoke_run(tmp_path_factory, start_server):
         assert naive["bytes_up_per_token"] > collab["bytes_up_per_token"]
         assert naive["wire_bytes_up_per_token"] > collab["wire_bytes_up_per_token"]
         assert runs[("cloud-only", rtt)]["cloud_work_share"] == 1.0
+    for rtt in (0, 10):  # verified systems run on the verified plan's edge (split 5): exact, every exit its own
+        verified = runs[(System("verified", 0.5, "fp32").key, rtt)]
+        assert verified["exact_match"] == 1.0 and set(verified["exit_share"]) == {f"edge:{SPLIT + 1}", "cloud"}
+    assert results["meta"]["verified_plan"]["split_layer"] == SPLIT + 1
     # the 10 ms RTT link puts a floor under every cloud round trip (load can only add to it)
     assert runs[("cloud-only", 10)]["time_per_token_ms"]["median"] >= 10
     assert runs[("naive-split/fp32", 10)]["ttft_ms"]["median"] >= 10
