@@ -12,7 +12,7 @@ With at least 2 CPU cores, the edge runs pinned to one core and the server with 
 another (--no-pin: both share every core): two devices, the edge one core and the cloud one core. The
 times show the shape of a deployment (which tokens cross the link, what each crossing costs), not a
 Jetson's or a GPU server's figures: the cloud here is one CPU core, not a GPU server shared by many edges.
-The edge runs ONNX Runtime, the fast path, over the plan's graphs, exported into <checkpoint>/onnx on the first
+The edge runs ONNX Runtime, the fast path, over the plan's graphs, exported into <checkpoint>/onnx/<plan> on the first
 run (Gemma 3 270M: about 40 s and 1.8 GB). The toy model: --plan models/shakespeare-llama/partition_plan.json
 --rtt-ms 0.
 """

@@ -142,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plan", type=Path, action="append", metavar="FILE",
                    help="partition plan; repeatable (default: the demo model's)")
     p.add_argument("--onnx-dir", type=Path, action="append", metavar="DIR",
-                   help="exported graphs of each --plan, in order (default: <checkpoint>/onnx)")
+                   help="exported graphs of each --plan, in order (default: <checkpoint>/onnx/<plan>)")
     p.add_argument("--env", type=_env, action="append", metavar="NAME=VENV_DIR[@GIT_REV]",
                    help="environment to measure; repeatable, the first is the baseline "
                         f"(default: before=.venv@{BASELINE_REV} full=.venv edge=.venv-edge)")
@@ -160,13 +160,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from plugin.export.manifest import default_onnx_dir
     from plugin.split.plan import PartitionPlan
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         code = {env.rev: checkout(env.rev, Path(tmp) / env.rev) for env in args.env if env.rev}
         for i, plan in enumerate(args.plan):
-            onnx_dir = args.onnx_dir[i] if args.onnx_dir else PartitionPlan.load(plan).checkpoint / "onnx"
+            onnx_dir = args.onnx_dir[i] if args.onnx_dir else default_onnx_dir(PartitionPlan.load(plan))
             ensure_onnx(plan, onnx_dir)
             for env in args.env:
                 rows.append(measure(env, plan.resolve(), onnx_dir.resolve(), args.repeats, code.get(env.rev)))

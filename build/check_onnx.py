@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--plan", type=Path, required=True, metavar="FILE", help="partition plan (JSON or YAML)")
-    p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported graphs (default: <checkpoint>/onnx)")
+    p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported graphs (default: <checkpoint>/onnx/<plan>)")
     p.add_argument("--precision", nargs="+", choices=("fp32", "fp16"),
                    help="precisions to check (default: every precision the manifest lists)")
     p.add_argument("--batch", type=int, default=2, metavar="N", help="sequences per block (default: %(default)s)")

@@ -6,7 +6,7 @@ past axes (plugin/export/onnx.py says what every graph takes and returns).
     .venv/bin/python build/export_onnx.py --plan models/shakespeare-llama/partition_plan.json --out DIR
     .venv/bin/python build/export_onnx.py --plan PLAN --check     # then ONNX Runtime vs PyTorch parity
 
-Writes DIR/manifest.json, DIR/fp32/*.onnx and DIR/fp16/*.onnx; DIR defaults to <checkpoint>/onnx,
+Writes DIR/manifest.json, DIR/fp32/*.onnx and DIR/fp16/*.onnx; DIR defaults to <checkpoint>/onnx/<plan>,
 where `--runner onnx` and build/build_engines.py look for them.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--plan", type=Path, required=True, metavar="FILE", help="partition plan (JSON or YAML)")
-    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <checkpoint>/onnx)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output folder (default: <checkpoint>/onnx/<plan>)")
     p.add_argument("--precision", nargs="+", choices=("fp32", "fp16"), default=["fp32", "fp16"],
                    help="graph precisions to export (default: fp32 fp16)")
     p.add_argument("--check", action="store_true",

@@ -118,7 +118,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                         "plan's graphs are exported, else torch (default: %(default)s)")
     p.add_argument("--threads", type=_integer(1), metavar="N",
                    help="the edge runner's CPU threads (default: the CPUs this process may run on)")
-    p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported segments (default: <checkpoint>/onnx)")
+    p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported segments (default: <checkpoint>/onnx/<plan>)")
     p.add_argument("--engine-dir", type=Path, metavar="DIR", help="TensorRT engines (default: <checkpoint>/engines/jetson)")
     p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE",
                    help="partition plan naming the checkpoint, split and exits (default: the demo model's)")

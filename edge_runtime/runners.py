@@ -187,7 +187,7 @@ def load_runner(kind: str, plan: PartitionPlan, *, onnx_dir: str | Path | None =
 
     kind "auto": ONNX Runtime when the plan's graphs are exported (the fast path: on Gemma 3 270M one core runs a
     step about twice as fast as the PyTorch loop), else the PyTorch layer loop; "torch": the PyTorch layer loop in
-    fp32 on `device`; "onnx": ONNX Runtime over `onnx_dir` (default <checkpoint>/onnx) in `precision` (fp32 or
+    fp32 on `device`; "onnx": ONNX Runtime over `onnx_dir` (default <checkpoint>/onnx/<plan>) in `precision` (fp32 or
     fp16 graphs); "tensorrt": engines in `engine_dir` (default <checkpoint>/engines/jetson) on `device` (default
     cuda). threads: the CPU runners' threads (default: the CPUs this process may run on, so an edge pinned to one
     core runs one). Only the chosen runner's libraries are imported.
@@ -207,7 +207,7 @@ def load_runner(kind: str, plan: PartitionPlan, *, onnx_dir: str | Path | None =
 
 
 def exported(plan: PartitionPlan, onnx_dir: str | Path | None = None) -> bool:
-    """Whether `onnx_dir` (default <checkpoint>/onnx) holds graphs exported for this plan and these weights."""
+    """Whether `onnx_dir` (default <checkpoint>/onnx/<plan>) holds graphs exported for this plan and these weights."""
     try:
         Manifest.load(Path(onnx_dir) if onnx_dir is not None else default_onnx_dir(plan)).check_plan(plan)
     except ExportError:

@@ -218,7 +218,7 @@ def _configs(args: argparse.Namespace) -> int:
 def _trt_configs_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", type=Path, default=DEMO_PLAN, metavar="FILE", help="partition plan (default: %(default)s)")
     p.add_argument("--onnx-dir", type=Path, metavar="DIR",
-                   help="graphs from build/export_onnx.py (default: <checkpoint>/onnx)")
+                   help="graphs from build/export_onnx.py (default: <checkpoint>/onnx/<plan>)")
     p.add_argument("--out", type=Path, default=MODEL_REPOSITORY.with_name("model_repository_trt"), metavar="DIR",
                    help="variant repository to write (default: %(default)s)")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16",

@@ -20,7 +20,7 @@ from plugin.export.engines import (
     add_build_arguments, BuildOptions, describe_plan, engine_graphs, engine_profiles, options_from_args,
     read_calibration_tokens)
 from plugin.export.int8_calibration import calibration_feeds
-from plugin.export.manifest import new_manifest
+from plugin.export.manifest import default_onnx_dir, new_manifest
 from plugin.model.checkpoint import load_model, read_config
 from plugin.split.plan import PartitionPlan
 from tests.tiny_models import save_tiny
@@ -39,8 +39,8 @@ def tiny(tmp_path_factory):
     plan = PartitionPlan(ckpt.resolve(), 4, (1, 3, 4), threshold=0.8)
     plan.save(ckpt / "partition_plan.json")
     manifest = new_manifest(plan, read_config(ckpt), ["fp32", "fp16"])
-    (ckpt / "onnx").mkdir()
-    manifest.save(ckpt / "onnx")
+    default_onnx_dir(plan).mkdir(parents=True)
+    manifest.save(default_onnx_dir(plan))
     return plan, manifest
 
 

@@ -160,7 +160,7 @@ def add_build_arguments(p) -> None:
     p.add_argument("--plan", type=Path, required=True, metavar="FILE", help="partition plan (JSON or YAML)")
     p.add_argument("--target", choices=sorted(PRESETS), required=True,
                    help="jetson: edge segments + exit heads; cloud: the cloud partition for Triton's tensorrt_plan")
-    p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported graphs (default: <checkpoint>/onnx)")
+    p.add_argument("--onnx-dir", type=Path, metavar="DIR", help="exported graphs (default: <checkpoint>/onnx/<plan>)")
     p.add_argument("--out", type=Path, metavar="DIR", help="engine folder (default: <checkpoint>/engines/<target>)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--int8", action="store_true", help="int8 with fp16 fallback; needs --calib-data")
