@@ -42,6 +42,7 @@ from plugin.split.plan import PartitionPlan
 
 
 CONTROL = "control: collaborative @1.0"  # no exit ever taken: cloud-only's tokens through the split
+VERIFIED_PLAN = "verified_plan.json"  # beside a plan: the one verified mode drafts with
 
 
 def _merge(gens: list[Generation]) -> Generation:
@@ -83,22 +84,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edge-threads", type=int, default=1, help="ONNX Runtime threads of the edge (default: %(default)s)")
     parser.add_argument("--server-threads", type=int, default=1,
                         help="torch threads of each of the server's Python models (default: %(default)s)")
+    parser.add_argument("--verified-plan", type=Path,
+                        help="the plan verified mode drafts with: the same checkpoint, split at or after --plan's "
+                             "(default: verified_plan.json beside --plan when there is one, else --plan)")
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin the edge and the server to separate CPU cores: both share every core")
     args = parser.parse_args(argv)
     limit_server_threads(args.server_threads)
     with pinned(not args.no_pin) as pinning:
+        verified_plan = args.verified_plan or _beside(args.plan, VERIFIED_PLAN)
         try:
-            onnx_dir = exported_graphs((plan := load_plan(args.plan)), default_onnx_dir(plan))
+            app, verifier = (_onnx_app(path, args.edge_threads) for path in (args.plan, verified_plan))
         except ModelMissing as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        app = EdgeApp.load(args.plan, "onnx", onnx_dir=onnx_dir, threads=args.edge_threads)
         with tempfile.TemporaryDirectory(prefix="ce-collm-demo-") as scratch:
-            return _run(app, repository_for(app.plan, args.plan, Path(scratch)), args, pinning)
+            return _run(app, verifier, repository_for(app.plan, args.plan, Path(scratch)), args, pinning)
 
 
-def _run(app: EdgeApp, repository: Path, args: argparse.Namespace, pinning: Pinning | None) -> int:
+def _beside(plan: Path, name: str) -> Path:
+    """`name` in the folder of `plan` when there is one, else `plan`."""
+    other = plan.parent / name
+    return other if other.is_file() else plan
+
+
+def _onnx_app(plan_path: Path, threads: int) -> EdgeApp:
+    """The edge on ONNX Runtime, the fast path; the plan's graphs exported on the first run."""
+    plan = load_plan(plan_path)
+    return EdgeApp.load(plan_path, "onnx", onnx_dir=exported_graphs(plan, default_onnx_dir(plan)), threads=threads)
+
+
+def _run(app: EdgeApp, verifier: EdgeApp, repository: Path, args: argparse.Namespace, pinning: Pinning | None) -> int:
     print(f"starting tritonserver on {repository} ...", flush=True)
     t0 = time.perf_counter()
     runs: dict[str, list[Generation]] = {"collaborative": [], CONTROL: [], "verified": [], "standalone": [],
@@ -123,7 +139,7 @@ def _run(app: EdgeApp, repository: Path, args: argparse.Namespace, pinning: Pinn
             runs["collaborative"].append(Generation(ids, [r.token_id for r in records], records, session.stats))
             control = app.session("collaborative", edge_link, SessionOptions(threshold=1.0, async_uploads=True))
             runs[CONTROL].append(control.generate(ids, args.max_new_tokens))
-            runs["verified"].append(app.session("verified", edge_link).generate(ids, args.max_new_tokens))
+            runs["verified"].append(verifier.session("verified", edge_link).generate(ids, args.max_new_tokens))
             runs["standalone"].append(app.session("standalone").generate(ids, args.max_new_tokens))
             runs["cloud-only"].append(app.session("cloud-only", cloud_link).generate(ids, args.max_new_tokens))
             for mode in (CONTROL, "verified", "standalone", "cloud-only"):
@@ -137,8 +153,10 @@ def _run(app: EdgeApp, repository: Path, args: argparse.Namespace, pinning: Pinn
         print(f"{mode} agrees with cloud-only on {agree}/{total} tokens ({agree / max(1, total):.1%})")
     verified = merged["verified"]
     summary = verified.stats.verified_summary(len(verified.token_ids))
-    print(f"verified: {summary['acceptance_rate']:.0%} of drafts kept, {summary['tokens_per_round_trip']:.2f} tokens "
-          f"per round trip, gamma {summary['gamma']:.1f}")
+    vp = verifier.plan
+    print(f"verified (split {vp.split_layer}, exit {list(vp.exit_layers)}, threshold {vp.threshold}): "
+          f"{summary['acceptance_rate']:.0%} of drafts kept, {summary['tokens_per_round_trip']:.2f} tokens per round "
+          f"trip, gamma {summary['gamma']:.1f}")
     sides = (pinning.note() if pinning else f"both sides shared this machine's {os.cpu_count()} CPU cores (--no-pin or "
              "a single core), each slowing the other")
     print(f"\nBehind a {args.rtt_ms:g} ms link, {sides} (edge: ONNX Runtime, {args.edge_threads} thread(s); server: "
