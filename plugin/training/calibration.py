@@ -161,6 +161,20 @@ def threshold_row(stats: TokenStats, threshold: float) -> dict:
     }
 
 
+THRESHOLD_GRID = tuple(round(0.30 + 0.01 * i, 2) for i in range(71))  # 0.30 .. 1.00: the plot's and the pick's
+
+
+def pick_threshold(stats: TokenStats, target: float, grid: tuple[float, ...] = THRESHOLD_GRID) -> float:
+    """The lowest threshold of `grid` at which the tokens leaving at the exits agree with the final layer at least
+    `target` of the time on these positions (1.0, which never exits, when none does). Pick on one set of
+    positions and report on another: on the set it was picked on, a threshold meets its target by construction."""
+    for threshold in sorted(grid):
+        agreement = threshold_row(stats, threshold)["edge_agreement"]
+        if agreement is not None and agreement >= target:
+            return threshold
+    return 1.0
+
+
 def share_curve(stats: TokenStats, thresholds: list[float]) -> dict[str, list[float]]:
     """Exit shares on a fine threshold grid, for the plot."""
     rows = [threshold_row(stats, t) for t in thresholds]
@@ -175,7 +189,7 @@ def share_curve(stats: TokenStats, thresholds: list[float]) -> dict[str, list[fl
 # ----------------------------------------------------------------------------------------------
 
 
-def _pct(x: float | None, digits: int = 1) -> str:
+def percent(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{digits}f}%"
 
 
@@ -193,7 +207,7 @@ def markdown(rep: dict, title: str = "Exit calibration") -> str:
               "|---|---|---|---|---|---|"]
     for name, r in rep["outputs"].items():
         label = f"exit after layer {r['layer']}" if name.startswith("exit") else f"final layer ({r['layer']})"
-        lines.append(f"| {label} | {r['ppl']:.2f} | {_pct(r['accuracy'])} | {_pct(r['agreement'])} | "
+        lines.append(f"| {label} | {r['ppl']:.2f} | {percent(r['accuracy'])} | {percent(r['agreement'])} | "
                      f"{r['mean_confidence']:.3f} | {r['ece']:.3f} |")
     lines += ["", "## Exit rule per threshold", "",
               "A token exits at the first exit whose confidence >= threshold (1.0 never exits); the others "
@@ -204,10 +218,10 @@ def markdown(rep: dict, title: str = "Exit calibration") -> str:
     head += [f"exit {e} agreement" for e in exits] + ["edge agreement", "emitted agreement", "emitted accuracy"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in rep["thresholds"]:
-        cells = [f"{t['threshold']:g}"] + [_pct(t["exit_share"][str(e)]) for e in exits]
-        cells += [_pct(t["edge_share"]), _pct(t["cloud_share"])]
-        cells += [_pct(t["exit_agreement"][str(e)]) for e in exits]
-        cells += [_pct(t["edge_agreement"]), _pct(t["token_agreement"]), _pct(t["token_accuracy"])]
+        cells = [f"{t['threshold']:g}"] + [percent(t["exit_share"][str(e)]) for e in exits]
+        cells += [percent(t["edge_share"]), percent(t["cloud_share"])]
+        cells += [percent(t["exit_agreement"][str(e)]) for e in exits]
+        cells += [percent(t["edge_agreement"]), percent(t["token_agreement"]), percent(t["token_accuracy"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Reliability per confidence bin", ""]
     for name, r in rep["outputs"].items():
@@ -217,7 +231,7 @@ def markdown(rep: dict, title: str = "Exit calibration") -> str:
         for b in r["bins"]:
             mc = "-" if b["mean_confidence"] is None else f"{b['mean_confidence']:.3f}"
             lines.append(f"| [{b['lo']:.1f}, {b['hi']:.1f}{']' if b['hi'] >= 1 else ')'} | {b['count']:,} | "
-                         f"{_pct(b['share'])} | {mc} | {_pct(b['accuracy'])} | {_pct(b['agreement'])} |")
+                         f"{percent(b['share'])} | {mc} | {percent(b['accuracy'])} | {percent(b['agreement'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -292,7 +306,7 @@ def write_outputs(stats: TokenStats, out_dir: str | Path, bins: int = 10,
     rep = report(stats, bins, thresholds)
     if meta:
         rep = {"meta": meta, **rep}
-    grid = [round(0.30 + 0.01 * i, 2) for i in range(71)]  # 0.30 .. 1.00
+    grid = list(THRESHOLD_GRID)
     curve = share_curve(stats, grid)
     (out_dir / "calibration.json").write_text(json.dumps(rep, indent=2) + "\n")
     (out_dir / "calibration.md").write_text(markdown(rep, title) + "\n")
@@ -310,6 +324,6 @@ def headline(rep: dict, thresholds: tuple[float, ...] = (0.8, 0.9)) -> str:
             e = str(r["layer"])
             for t in thresholds:
                 if t in rows:
-                    s += f", @{t:g} share {_pct(rows[t]['exit_share'][e])} agree {_pct(rows[t]['exit_agreement'][e])}"
+                    s += f", @{t:g} share {percent(rows[t]['exit_share'][e])} agree {percent(rows[t]['exit_agreement'][e])}"
         parts.append(s)
     return "; ".join(parts)
