@@ -42,7 +42,7 @@ one line on stderr saying what happened and what to do (--debug adds the traceba
 """
 
 
-UINT64_MAX = (1 << 64) - 1  # the largest Triton sequence id and torch seed
+UINT64_MAX = (1 << 64) - 1  # the largest Triton sequence id and sampling seed
 
 
 def _text(text: str) -> str:
