@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_PLAN = REPO / "models" / "shakespeare-llama" / "partition_plan.json"
+from plugin.paths import DEMO_PLAN, REPO_ROOT as REPO
+
 PROMPT = "ROMEO:\nBut soft, what light through yonder window breaks?\n"
 BASELINE_REV = "1fc560b"  # the last commit whose `--runner onnx` edge imported torch: the issue's "today"
 
@@ -85,7 +85,8 @@ def _run(cmd: list[str], code: Path | None) -> tuple[float, float, str]:
 
 
 def ensure_onnx(plan: Path, onnx_dir: Path) -> None:
-    """Export the plan's fp32 graphs into onnx_dir unless its manifest is there."""
+    """Export the plan's fp32 graphs into onnx_dir unless its manifest is there. In a child process: the exporter
+    imports torch, and a child forked from a process holding it counts the parent's pages in its peak RSS."""
     if not (onnx_dir / "manifest.json").is_file():
         subprocess.run([sys.executable, str(REPO / "build" / "export_onnx.py"), "--plan", str(plan),
                         "--out", str(onnx_dir), "--precision", "fp32"], check=True)
@@ -133,7 +134,7 @@ def _env(text: str) -> Env:
     venv, _, rev = where.partition("@")
     if not name or not venv:
         raise argparse.ArgumentTypeError(f"expected NAME=VENV_DIR or NAME=VENV_DIR@GIT_REV, got {text!r}")
-    return Env(name, Path(venv), rev or None)
+    return Env(name, Path(venv).absolute(), rev or None)  # the children run in a scratch folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -134,7 +134,7 @@ class OnnxRunner(_GraphRunner):
                  providers: list[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
-        onnx_dir = Path(onnx_dir) if onnx_dir is not None else default_onnx_dir(plan)
+        onnx_dir = _onnx_dir(plan, onnx_dir)
         manifest = _manifest_or_hint(plan, onnx_dir)
         if precision not in manifest.precisions:
             raise ExportError(f"{onnx_dir} holds {manifest.precisions} graphs, not {precision}: "
@@ -161,6 +161,11 @@ class OnnxRunner(_GraphRunner):
 
     def _execute(self, spec: GraphSpec, feeds: dict) -> dict:
         return dict(zip(spec.outputs, self._sessions[spec.name].run(None, feeds)))
+
+
+def _onnx_dir(plan: PartitionPlan, onnx_dir: str | Path | None) -> Path:
+    """The folder given, else the plan's default (<checkpoint>/onnx/<plan>)."""
+    return Path(onnx_dir) if onnx_dir is not None else default_onnx_dir(plan)
 
 
 def _export_command(plan: PartitionPlan, onnx_dir: Path) -> str:
@@ -209,7 +214,7 @@ def load_runner(kind: str, plan: PartitionPlan, *, onnx_dir: str | Path | None =
 def exported(plan: PartitionPlan, onnx_dir: str | Path | None = None) -> bool:
     """Whether `onnx_dir` (default <checkpoint>/onnx/<plan>) holds graphs exported for this plan and these weights."""
     try:
-        Manifest.load(Path(onnx_dir) if onnx_dir is not None else default_onnx_dir(plan)).check_plan(plan)
+        Manifest.load(_onnx_dir(plan, onnx_dir)).check_plan(plan)
     except ExportError:
         return False
     return True
@@ -219,7 +224,7 @@ def _torch_runner(plan: PartitionPlan, device: str, threads: int, onnx_dir: str 
     try:
         import torch
     except ImportError:  # an edge installed from requirements-edge.lock: graphs or nothing
-        onnx_dir = Path(onnx_dir) if onnx_dir is not None else default_onnx_dir(plan)
+        onnx_dir = _onnx_dir(plan, onnx_dir)
         raise ExportError(f"PyTorch is not installed here and {onnx_dir} holds no graphs for this plan: export them "
                           f"where it is (`{_export_command(plan, onnx_dir)}`) and copy them here") from None
     from edge_runtime.torch_runner import TorchRunner

@@ -15,13 +15,12 @@ import dockerfile
 import pytest
 
 from edge_runtime.cli import build_parser as edge_parser
-from tests.test_edge_install import _name, _pins
+from tests.test_edge_install import _name, _pins, HEAVY_DISTS
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 JETSON = DEPLOY / "jetson"
 DOCKERFILES = sorted(DEPLOY.rglob("Dockerfile"))
-HEAVY = {"torch", "transformers", "nvidia-pytriton"}
 
 
 def _instructions(path: Path) -> list[dockerfile.Command]:
@@ -69,7 +68,7 @@ def test_jetson_image_installs_only_locked_versions_and_the_edge_lock():
                 assert all(extra in extras for extra in re.findall(r"\w+", req.partition("[")[2])), req
             else:
                 assert "==" in req and locked.get(_name(req)) == req.split("==", 1)[1], f"{req} is not what the locks pin"
-            assert _name(req) not in HEAVY, req
+            assert _name(req) not in HEAVY_DISTS, req
     assert any("." in args for args in installs), "the image does not install the project"
 
 
