@@ -10,7 +10,7 @@ import torch
 from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.session import DecodingSession
 from plugin.model.checkpoint import load_model
-from plugin.model.decoder import top_k_ids
+from plugin.model.decoder import top_k_ids, VocabHead
 from plugin.model.sampling import Greedy, TopP
 from plugin.protocol.codec import encode
 from plugin.protocol.messages import CloudRequest
@@ -27,6 +27,19 @@ def test_top_k_ids_ranks_equal_scores_lowest_index_first():
                            [7.0, 1.0, 3.0, 3.0, 3.0, 3.0, 0.0]])
     assert top_k_ids(scores, 4).tolist() == [[2, 4, 1, 5], [0, 2, 3, 4]]
     assert top_k_ids(scores, 4)[:, 0].tolist() == scores.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
+def test_the_vocab_head_scores_few_rows_as_linear_does(rows):
+    """VocabHead's `W @ x.T` (a few rows on a CPU, some padded) is linear's product within float32 rounding, and
+    picks the same tokens, in any leading shape; more rows take linear itself."""
+    torch.manual_seed(rows)
+    head = VocabHead(64, 5000, bias=False)
+    x = torch.randn(rows, 3, 64) if rows == 9 else torch.randn(rows, 64)
+    got, want = head(x), torch.nn.functional.linear(x, head.weight)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def _tied_head(model):
