@@ -216,12 +216,14 @@ def test_fixed_gamma_and_the_tokens_still_wanted_are_honoured():
         DraftLength.fixed(-1)
 
 
-def test_before_any_reply_gamma_follows_the_acceptance_prior_and_the_edge_step():
-    """A flat cost and a round trip far longer than an edge step: the most drafts, until a slow step is timed."""
+def test_before_any_reply_the_request_carries_the_prompts_guess_and_the_edge_drafts_ahead_to_max_gamma():
+    """Nothing is known of the link or the pass yet: the first token comes a round trip after the prompt."""
     first = DraftLength()
-    assert first.choose(100) == first.max_gamma
-    first.time_step(0.4)  # a large model's edge step: a miss costs gamma + 1 of them
-    assert first.choose(100) < first.max_gamma
+    first.time_step(0.001)
+    assert first.choose(100) == 0 and first.ahead(100) == first.max_gamma + 1 and first.ahead(3) == 3
+    assert DraftLength.fixed(4).choose(100) == 4 and DraftLength.fixed(4).choose(2) == 1
+    first.time_reply(0.05, 1, 0.03)  # one reply: a 20 ms link beside a 1 ms edge step, acceptance prior 0.8
+    assert first.choose(100) > 1 and first.ahead(100) == first.choose(100) + 1
     blind = DraftLength()
     blind.time_reply(0.05, 3, 0.0)  # a server that does not time its pass: the round trip is all link
     blind.time_reply(0.05, 3, float("nan"))
