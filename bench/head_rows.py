@@ -2,7 +2,7 @@
 
 A token request runs the head on its last row; a request with r drafts (verified mode, --exit-fidelity)
 runs it on r rows. This times what cloud_partition does with those rows (plugin/split/cloud.py: final
-hidden rows x head, log-softmax, top-K) on random weights of a given shape, nothing downloaded: the
+hidden rows x the model's head, `VocabHead`, log-softmax, top-K) on random weights of a given shape, nothing downloaded: the
 demo model's head and Gemma 3 270M's (262,144 x 640) by default.
 
     .venv/bin/python -m bench.head_rows
@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from plugin.model.decoder import VocabHead
 from plugin.protocol.tensors import TOP_K
 
 SHAPES = {"demo model (shakespeare-llama)": (4096, 256), "Gemma 3 270M": (262144, 640)}
@@ -26,12 +27,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def head_ms(vocab: int, hidden: int, rows: int, dtype: torch.dtype, repeats: int) -> float:
     """Median milliseconds of one head pass over `rows` rows, as the cloud partition runs it."""
-    weight = torch.randn(vocab, hidden, dtype=dtype) * 0.02  # [V, D]
+    head = VocabHead(hidden, vocab, bias=False, dtype=dtype).requires_grad_(False)
+    head.weight.copy_(torch.randn(vocab, hidden, dtype=dtype) * 0.02)  # [V, D]
     x = torch.randn(rows, hidden, dtype=dtype)  # [r, D]
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        logprobs = torch.log_softmax(torch.nn.functional.linear(x, weight).float(), dim=-1)  # [r, V]
+        logprobs = torch.log_softmax(head(x).float(), dim=-1)  # [r, V]
         logprobs.topk(TOP_K, dim=-1)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)

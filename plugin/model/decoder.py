@@ -67,12 +67,12 @@ def exit_head(h: torch.Tensor, adapter: nn.Module | None, norm: nn.Module, head:
 
 
 class VocabHead(nn.Linear):
-    """The LM head. On a CPU, up to 8 rows go through `W @ x.T`, 1 and 3 rows padded to 2 and 4. Median ms of
-    Gemma 3's [262144, 640] fp32 head, torch 2.13, one thread of this machine's EPYC core:
+    """The LM head. On a CPU, up to 8 rows go through `W @ x.T`, 1 and 3 rows padded to 2 and 4. Median ms of 9
+    passes of Gemma 3's [262144, 640] fp32 head, torch 2.13, one thread of this machine's EPYC core:
 
         rows        1    2    3    4    5    6    8
-        linear     55  130  190  112  122  116  121
-        W @ x.T    38   37   45   45   65   81   91   (1 and 3 rows: padded)
+        linear     58  132  197  113  122  124  124
+        W @ x.T    35   34   54   55   61   75   91   (1 and 3 rows: padded)
 
     A verification pass heads every draft, and every cloud token heads one row: the head is most of both."""
 
