@@ -6,13 +6,18 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Callable, Iterable, Iterator
 
-from plugin.protocol.messages import CloudReply, CloudRequest
+from plugin.protocol.messages import CloudReply, CloudRequest, LOOKUP_EXIT
+
+
+def exit_name(layer: int) -> str:
+    """A token's or draft's source: "edge:<layer>", or "edge:lookup" for a draft looked up in the sequence."""
+    return "edge:lookup" if layer == LOOKUP_EXIT else f"edge:{layer}"
 
 
 @dataclass
 class TokenRecord:
     token_id: int
-    exit: str  # "edge:<layer>" or "cloud"
+    exit: str  # exit_name(layer) or "cloud"
     confidences: list[tuple[int, float]]  # (exit layer, confidence) seen on the edge
     rows_by_layer: dict[int, int]  # edge rows computed per layer for this token
     cloud_rows: int = 0  # rows the cloud computed for this token (catch-up included)
@@ -56,7 +61,7 @@ class SessionStats:
 
     def exit_agreement(self) -> dict[str, dict[str, float]]:
         """Per edge exit: guesses the full model checked, how many it agreed with, and the rate (live fidelity)."""
-        return {f"edge:{layer}": {"checked": n, "agreed": self.drafts_agreed.get(layer, 0),
+        return {exit_name(layer): {"checked": n, "agreed": self.drafts_agreed.get(layer, 0),
                                   "rate": self.drafts_agreed.get(layer, 0) / n}
                 for layer, n in sorted(self.drafts_checked.items())}
 

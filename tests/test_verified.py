@@ -42,7 +42,7 @@ from edge_runtime.torch_runner import TorchRunner
 from edge_runtime.parts import SessionOptions
 from edge_runtime.session import session_for
 from edge_runtime.triton_link import TritonLink
-from edge_runtime.verified import accept, DraftLength, PassCost
+from edge_runtime.verified import accept, DraftLength, lookup, PassCost
 from plugin.model.checkpoint import load_model
 from plugin.model.rows import PositionError
 from plugin.model.sampling import Greedy, TopP
@@ -109,15 +109,22 @@ def _cloud_only_tokens(checkpoint: Path, prompt: list[int], n: int) -> list[int]
     return CloudOnlySession(LocalCloud(load_model(checkpoint)), sequence_id=1).generate(prompt, n).token_ids
 
 
-def _verified(edge, link, sid, prompt, n, gamma=None, threshold=None, codec="fp32"):
+def _verified(edge, link, sid, prompt, n, gamma=None, threshold=None, codec="fp32", lookup_below=0.0):
     lengths = DraftLength() if gamma is None else DraftLength.fixed(gamma)
-    options = SessionOptions(threshold=threshold, codec=codec, sequence_id=sid, draft_length=lengths)
+    options = SessionOptions(threshold=threshold, codec=codec, sequence_id=sid, draft_length=lengths,
+                             lookup_below=lookup_below)
     return session_for("verified", edge, link, options).generate(prompt, n)
 
 
 # -- unit: the accept rule, sampling, gamma ----------------------------------------------------------------
 def _rows(*tokens: int) -> list[RowVerdict]:
     return [RowVerdict([t, (t + 1) % 50], [-0.1, -2.5]) for t in tokens]
+
+
+def test_lookup_continues_the_latest_earlier_occurrence_of_the_last_tokens():
+    assert lookup([1, 2, 3, 1, 2, 4, 1, 2]) == 4  # the latest of two earlier occurrences
+    assert lookup([5, 5, 5]) == 5 and lookup([1, 2, 3, 2]) is None and lookup([7]) is None and lookup([]) is None
+    assert lookup([1, 2, 3, 2], n=1) == 3
 
 
 def test_accept_keeps_drafts_while_the_full_model_agrees_then_takes_its_token():
@@ -267,8 +274,9 @@ def test_cloud_and_edge_state_after_accepts_and_rejects_equal_a_fresh_run(tiny, 
     plan = PartitionPlan(tiny[kind], SPLIT, EXITS, threshold=threshold, codec="fp32")
     edge = _edge(plan, shifted)
     cloud = LocalCloud(load_model(plan.checkpoint, range(SPLIT, LAYERS)), LIMITS)
-    session = session_for("verified", edge, KeepAtEnd(cloud),
-                          SessionOptions(sequence_id=21, draft_length=DraftLength.fixed(gamma)))
+    session = session_for("verified", edge, KeepAtEnd(cloud),  # lookup drafts too, but where every guess must fail
+                          SessionOptions(sequence_id=21, draft_length=DraftLength.fixed(gamma),
+                                         lookup_below=0.0 if shifted else 1.0))
     out = session.generate(PROMPTS[1], 30)
     assert out.token_ids == _cloud_only_tokens(plan.checkpoint, PROMPTS[1], 30)
     stats = session.stats
@@ -459,6 +467,11 @@ def test_verified_equals_cloud_only_through_triton_on_tiny_checkpoints(served, k
             out = _verified(edge, link, next(SEQUENCE_IDS), prompt, 16, gamma, codec=codec)
             assert out.token_ids == reference, (kind, threshold, gamma)
             assert not any(r.unverified for r in out.records) and out.stats.drafts_sent > 0
+    # every guess looked up where the sequence has one (the prompt ends on a bigram it holds): DRAFT_EXITS 0
+    prompt = [5, 17, 33, 5, 17]
+    out = _verified(_edge(plan), link, next(SEQUENCE_IDS), prompt, 16, lookup_below=1.0)
+    assert out.token_ids == _cloud_only_tokens(plan.checkpoint, prompt, 16)
+    assert out.stats.exit_agreement()["edge:lookup"]["checked"] > 0
 
 
 @pytest.mark.server

@@ -21,6 +21,9 @@ def new_session_key() -> int:
     return 1 + secrets.randbelow(2**63 - 1)
 
 
+LOOKUP_EXIT = 0  # DRAFT_EXITS of a draft looked up in the sequence's own tokens, not an exit's guess
+
+
 @dataclass
 class Drafts:
     """The edge's guess of the full model's next token after each of the last rows, and the exit it came from."""

@@ -134,8 +134,8 @@ TENSORS: dict[str, TensorSpec] = {t.name: t for t in [
                        "request's rows are in (1 <= r <= rows this request computes; needs WANT_TOKEN): the reply "
                        "gives the full model's top-K after each of them (ROW_TOPK_*)"),
     TensorSpec("DRAFT_EXITS", "int32", (DRAFTS,), _EDGE_FACING, optional=True, ragged=True, verification=True,
-               meaning="with DRAFT_TOKENS, same width: the edge exit layer each guess came from, in [1, split layer] "
-                       "(the per-exit agreement counters)"),
+               meaning="with DRAFT_TOKENS, same width: the edge exit layer each guess came from, in [1, split layer], "
+                       "or 0 for a guess looked up in the sequence's own tokens (the per-exit agreement counters)"),
     TensorSpec("ROLLBACK_TO", "int64", (1,), _EDGE_FACING, optional=True, verification=True,
                meaning="before this request's rows, drop every position >= ROLLBACK_TO (rows of rejected drafts); "
                        "valid only in the request right after one with DRAFT_TOKENS, between its first drafted row + 1 "

@@ -15,7 +15,7 @@ import torch
 from plugin.model.checkpoint import load_model, read_config
 from plugin.model.decoder import DecoderModel
 from plugin.protocol.errors import ErrorCode, ProtocolError
-from plugin.protocol.messages import CloudRequest
+from plugin.protocol.messages import CloudRequest, LOOKUP_EXIT
 from plugin.protocol.wire import block_from_inputs, block_outputs, reply_outputs, request_from_inputs, Tensors
 from plugin.split.cloud import Block, CloudPartition
 from plugin.split.cloud_only import CloudOnly
@@ -184,11 +184,13 @@ class CloudPartitionService:
                 "draft_agreements_total": self._by_exit(p.drafts_agreed)}
 
     def _by_exit(self, counts: dict[int, int]) -> dict[int | str, float]:
-        """Per plan exit; every other exit a client named, together under "other"."""
+        """Per plan exit, drafts looked up in the sequence's tokens under "lookup", every other exit a client named
+        together under "other"."""
         if self.exits is None:
             return dict(counts)
         out: dict[int | str, float] = {e: counts.get(e, 0) for e in sorted(self.exits)}
-        out["other"] = sum(n for e, n in counts.items() if e not in self.exits)
+        out["lookup"] = counts.get(LOOKUP_EXIT, 0)
+        out["other"] = sum(n for e, n in counts.items() if e not in self.exits and e != LOOKUP_EXIT)
         return out
 
 

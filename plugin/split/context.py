@@ -9,7 +9,7 @@ import numpy as np
 
 from plugin.protocol.codec import check, concat, EncodedRows
 from plugin.protocol.errors import ErrorCode, position_error, ProtocolError, SequenceNeedsStart
-from plugin.protocol.messages import CloudRequest, Drafts, PendingBlock
+from plugin.protocol.messages import CloudRequest, Drafts, LOOKUP_EXIT, PendingBlock
 from plugin.split.limits import (
     Admission, check_context, check_request, drop_idle, Limits, MemoryBudget, RateLimiter)
 
@@ -210,9 +210,9 @@ class ContextManager:
         top = self.vocab_size if self.vocab_size is not None else np.iinfo(np.int64).max
         if drafts.tokens.min() < 0 or drafts.tokens.max() >= top:
             raise ProtocolError(ErrorCode.MALFORMED, f"DRAFT_TOKENS must lie in [0, {top})")
-        if drafts.exits.min() < 1 or drafts.exits.max() > session.split_layer:
-            raise ProtocolError(ErrorCode.MALFORMED, f"DRAFT_EXITS must lie in [1, {session.split_layer}] (edge exits "
-                                                     "of the session's split)")
+        if drafts.exits.min() < LOOKUP_EXIT or drafts.exits.max() > session.split_layer:
+            raise ProtocolError(ErrorCode.MALFORMED, f"DRAFT_EXITS must lie in [{LOOKUP_EXIT}, {session.split_layer}] "
+                                                     f"(edge exits of the session's split; {LOOKUP_EXIT}: a lookup)")
 
     def expire(self, now: float | None = None) -> list[int]:
         """Drop sessions idle longer than the TTL, and those whose START no request followed within the slot idle
