@@ -7,7 +7,8 @@ more layers of edge time. Three parts, each printing and writing JSON:
   agreement  teacher-forced, on held-out continuations (build/make_continuations.py): for each exit layer
              and each head (identity = no adapter: final norm + shortlist + a zero "other" logit; or a
              trained heads file), how often the exit's argmax is the full model's token, by confidence;
-             the shortlist's coverage of the full model's tokens; and, simulated on the same sequences,
+             the shortlist's coverage of the full model's tokens; the agreement with the runtime's prompt
+             lookup where the exit is less confident than 0.2-0.7; and, simulated on the same sequences,
              tokens per verification round for each gamma (guesses are kept while they equal the full
              model's token: greedy verified mode's rule, run on the real runs of agreement).
   timing     one core, the PyTorch layer loop, one decoded row after --context positions: the edge step
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+LOOKUP_BELOW = (0.2, 0.3, 0.5, 0.7)  # edge_runtime.verified.lookup where the exit's confidence is below
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,8 +51,9 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 
 
 def _states(model, records, layers):
-    """Per continuation: ({layer: RMS-normalised hidden [n, D]}, full model's argmax [n], next token [n]) at the
-    positions that predict a new token (teacher-forced over the model's own continuation)."""
+    """Per continuation: ({layer: RMS-normalised hidden [n, D]}, full model's argmax [n], the context's token set
+    per position, the tokens before each position) at the positions that predict a new token (teacher-forced
+    over the model's own continuation)."""
     from plugin.model.decoder import rms_normalize
     from plugin.training.exit_heads import layer_states
 
@@ -67,7 +70,7 @@ def _states(model, records, layers):
             top = model.lm_head(final.to(model.dtype)).float().argmax(-1)
             states = {e: rms_normalize(hidden[e][0, first:last].float()) for e in layers}
             context = [torch.tensor(sorted(set(ids[:first + 1 + j]))) for j in range(last - first)]
-            out.append((states, top, context))
+            out.append((states, top, context, [ids[:first + 1 + j] for j in range(last - first)]))
     return out
 
 
@@ -92,6 +95,7 @@ def simulate_rounds(bits: list[np.ndarray], gamma: int) -> dict[str, float]:
 def agreement(args) -> dict:
     from safetensors.torch import load_file
 
+    from edge_runtime.verified import lookup
     from plugin.model.checkpoint import load_model
     from plugin.model.decoder import exit_decision
     from plugin.model.files import SHORTLIST_IDS
@@ -125,7 +129,7 @@ def agreement(args) -> dict:
             shortlists.setdefault(f"counts:{s}", ids)
     for name, ids in shortlists.items():
         out["coverage"][name] = float(torch.isin(top, ids).float().mean())
-        inside = [bool(torch.isin(t[j], ids) or torch.isin(t[j], ctx[j])) for _, t, c in data
+        inside = [bool(torch.isin(t[j], ids) or torch.isin(t[j], ctx[j])) for _, t, c, _ in data
                   for j, ctx in ((j, c) for j in range(len(t)))]
         out["coverage"][name + " + context tokens"] = float(np.mean(inside))
     for spec in args.heads:
@@ -139,13 +143,17 @@ def agreement(args) -> dict:
             trained = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("exit.")} & set(layers))
             per_layer = {}
             for e in layers:
-                confs, agree, bits, aug = [], [], [], []
+                confs, agree, bits, aug, looked = [], [], [], [], {}
                 with torch.inference_mode():
-                    for states, t, context in data:
+                    for states, t, context, prefixes in data:
                         conf, token = exit_decision(heads.logits(states[e], e), heads.token_ids)
                         ok = (token == t)
                         confs.append(conf)
                         agree.append(ok)
+                        for below in LOOKUP_BELOW:  # the runtime's prompt lookup where the exit is less sure
+                            looked.setdefault(below, []).extend(
+                                int(found if c < below and (found := lookup(p)) is not None else d) == int(want)
+                                for c, d, want, p in zip(conf.tolist(), token.tolist(), t.tolist(), prefixes))
                         bits.append(ok.numpy().astype(np.int8))
                         # the shortlist plus the tokens already in the context, argmax over both (no "other")
                         normed = heads._norm(heads.adapters[str(e)](states[e]))
@@ -159,6 +167,7 @@ def agreement(args) -> dict:
                 conf, ok = torch.cat(confs), torch.cat(agree).float()
                 row = {"trained": e in trained, "agreement": float(ok.mean()),
                        "agreement_shortlist_plus_context": float(np.mean(aug)),
+                       "agreement_with_lookup_below": {str(b): float(np.mean(v)) for b, v in looked.items()},
                        "by_threshold": {str(t): {"share": float((conf >= t).float().mean()),
                                                  "agreement": float(ok[conf >= t].mean()) if (conf >= t).any()
                                                  else None} for t in THRESHOLDS},
@@ -166,7 +175,8 @@ def agreement(args) -> dict:
                        "rounds": {str(g): simulate_rounds(bits, g) for g in range(0, args.max_gamma + 1)}}
                 per_layer[str(e)] = row
                 print(f"{label} exit {e}{' (trained)' if e in trained else ''}: agreement {row['agreement']:.1%}, "
-                      f"shortlist + context tokens {row['agreement_shortlist_plus_context']:.1%}",
+                      f"shortlist + context tokens {row['agreement_shortlist_plus_context']:.1%}, with lookups below "
+                      f"0.5 {row['agreement_with_lookup_below']['0.5']:.1%}",
                       file=sys.stderr)
             out["heads"][label] = per_layer
     return out
