@@ -112,7 +112,9 @@ def summarize_run(system: System, link: LinkSpec, runs: list[PromptRun], num_lay
     by_resolver = {"edge": [t for r in runs for t, e in zip(r.token_times_s[1:], r.exits[1:]) if e.startswith("edge")],
                    "cloud": [t for r in runs for t, e in zip(r.token_times_s[1:], r.exits[1:]) if e == "cloud"]}
     exits = [e for r in runs for e in r.exits]
-    share = {f"edge:{e}": exits.count(f"edge:{e}") / tokens for e in exit_layers}
+    # the plan's exits, then any other source the records name (another plan's exits, verified mode's lookups)
+    sources = [f"edge:{e}" for e in exit_layers] + sorted(set(exits) - {f"edge:{e}" for e in exit_layers} - {"cloud"})
+    share = {name: exits.count(name) / tokens for name in sources}
     share["cloud"] = exits.count("cloud") / tokens
     cloud_layers = num_layers - (split_layer if system.model != "cloud_only" else 0)
     total = total_stats(SessionStats(**r.stats) for r in runs)

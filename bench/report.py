@@ -47,6 +47,7 @@ def _runs_table(rows: list[dict]) -> list[str]:
 def _exits_table(results: dict) -> list[str]:
     rows = [r for r in results["runs"] if r["link"] == results["links"][0]["name"] and r["system"] != "cloud-only"]
     exits = [f"edge:{e}" for e in results["meta"]["exit_layers"]]
+    exits += sorted({name for r in rows for name in r["exit_share"]} - set(exits) - {"cloud"})
     out = ["| system | " + " | ".join(exits) + " | cloud | cloud requests/token | uploads/token |",
            "| --- |" + " ---: |" * (len(exits) + 3)]
     for r in rows:
