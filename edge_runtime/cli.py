@@ -142,10 +142,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    help="verified modes: at most N drafts per request (gamma adapts below it to the acceptance rate, "
                         "the link, the edge's step and the cloud's pass time) (default: %(default)s)")
     p.add_argument("--gamma", type=_integer(0), metavar="N", help="verified modes: exactly N drafts per request")
-    p.add_argument("--lookup-below", type=_number(0.0, 1.0), default=0.5, metavar="C",
+    p.add_argument("--lookup-below", type=_number(0.0, 1.0), metavar="C",
                    help="verified modes: a draft whose exit is less confident than C becomes the token that followed "
                         "the last earlier occurrence of the sequence's last two tokens, where there is one; the full "
-                        "model checks it as any draft; 0 never (default: %(default)s)")
+                        "model checks it as any draft; 0 never (default: the plan's lookup_below, else 0)")
     p.add_argument("--patience", type=_number(0.0), default=30.0, metavar="S",
                    help="collaborative, verified: keep retrying an unreachable cloud this long before giving up "
                         "(the latency-aware modes never wait: they answer on the edge) (default: %(default)s)")

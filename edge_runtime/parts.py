@@ -34,7 +34,7 @@ class SessionOptions:
     speculate: bool = True  # collaborative, latency-aware: compute the next position while the cloud answers
     fidelity: bool = False  # collaborative, latency-aware: token requests also check the edge's own tokens
     draft_length: DraftLength | None = None  # verified modes: the gamma rule, copied per session (None: default)
-    lookup_below: float = 0.5  # verified modes: a draft less confident than this is looked up (`lookup`); 0: never
+    lookup_below: float | None = None  # verified modes: a draft less sure than this is looked up (None: the plan's)
 
 
 def edge_record(step: EdgeStep) -> TokenRecord:

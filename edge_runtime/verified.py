@@ -282,7 +282,8 @@ class VerifiedSession(EdgeSession):
     def __init__(self, edge: EdgePartition, link: CloudLink | None, options: SessionOptions):
         super().__init__(edge, link, options)
         self.lengths = replace(options.draft_length) if options.draft_length is not None else DraftLength()
-        self.drafter = Drafter(edge, self.seq, self.decider, self.lengths, self.stats, options.lookup_below)
+        lookup_below = edge.plan.lookup_below if options.lookup_below is None else options.lookup_below
+        self.drafter = Drafter(edge, self.seq, self.decider, self.lengths, self.stats, lookup_below)
         self.queue: deque[TokenRecord] = deque()  # tokens known, not yet handed out
         self.flight: _Flight | None = None
         self._requests = ThreadPoolExecutor(1, thread_name_prefix="ce-collm-verify")

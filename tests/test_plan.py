@@ -35,6 +35,8 @@ def _plan(**overrides) -> dict:
     ({"threshold": True}, r"threshold must be a number in \[0, 1\], got True \(JSON booleans are not numbers\)"),
     ({"threshold": "0.5"}, r"threshold must be a number in \[0, 1\], got '0.5'"),
     ({"threshold": float("nan")}, r"threshold must lie in \[0, 1\], got nan"),
+    ({"lookup_below": 1.5}, r"lookup_below must lie in \[0, 1\], got 1.5"),
+    ({"lookup_below": True}, r"lookup_below must be a number in \[0, 1\], got True"),
 ])
 def test_bad_plans_are_refused(overrides, message):
     with pytest.raises(PlanError, match=message):
@@ -67,3 +69,7 @@ def test_plan_round_trips_through_json_and_yaml(tmp_path):
     (tmp_path / "plan.yaml").write_text("checkpoint: .\nsplit_layer: 4\nexit_layers: [1, 3, 4]\nthreshold: 0.8\ncodec: fp16\n")
     assert PartitionPlan.load(tmp_path / "plan.yaml") == plan
     assert plan.boundaries == (1, 3, 4)
+    assert "lookup_below" not in json.loads((tmp_path / "plan.json").read_text())  # 0, the default: not written
+    looked = PartitionPlan.from_dict(_plan(lookup_below=0.5), base_dir=tmp_path)
+    looked.save(tmp_path / "looked.json")
+    assert PartitionPlan.load(tmp_path / "looked.json") == looked and looked.lookup_below == 0.5

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from plugin.protocol.codec import CODEC_DTYPES
 
-_KEYS = {"checkpoint", "split_layer", "exit_layers", "threshold", "codec", "exit_adapters"}
+_KEYS = {"checkpoint", "split_layer", "exit_layers", "threshold", "codec", "exit_adapters", "lookup_below"}
 
 
 class PlanError(ValueError):
@@ -26,12 +26,13 @@ def _shown(value: object) -> str:
     return f"{value!r}" + (" (JSON booleans are not numbers)" if any(isinstance(v, bool) for v in items) else "")
 
 
-def check_threshold(value: object) -> float:
-    """The exit threshold as a float: a number in [0, 1] (1.0 never exits). The plan's rule, and --threshold's."""
+def check_threshold(value: object, name: str = "threshold") -> float:
+    """A confidence threshold as a float: a number in [0, 1] (as the exit threshold, 1.0 never exits). The plan's
+    rule, and --threshold's."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise PlanError(f"threshold must be a number in [0, 1], got {_shown(value)}")
+        raise PlanError(f"{name} must be a number in [0, 1], got {_shown(value)}")
     if not 0.0 <= value <= 1.0:  # nan fails it too
-        raise PlanError(f"threshold must lie in [0, 1], got {value}")
+        raise PlanError(f"{name} must lie in [0, 1], got {value}")
     return float(value)
 
 
@@ -43,6 +44,9 @@ class PartitionPlan:
     threshold: float = 0.8  # exit when max softmax prob >= threshold; 1.0 never exits
     codec: str = "fp16"  # how layer-k hidden states travel to the cloud
     exit_adapters: Path | None = None  # safetensors with trained exit adapters, optional
+    # verified mode: a draft whose exit is less confident than this is looked up in the sequence's own tokens
+    # (edge_runtime/verified.py, `lookup`); 0 never. Whether it pays depends on the model: measure it per plan.
+    lookup_below: float = 0.0
 
     def __post_init__(self) -> None:
         if not _is_int(self.split_layer) or self.split_layer < 1:
@@ -60,6 +64,7 @@ class PartitionPlan:
                 "edge exits must lie on the edge (each exit <= split_layer)"
             )
         object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        object.__setattr__(self, "lookup_below", check_threshold(self.lookup_below, "lookup_below"))
         if self.codec not in CODEC_DTYPES:
             raise PlanError(f"codec must be one of {sorted(CODEC_DTYPES)}, got {self.codec!r}")
         object.__setattr__(self, "exit_layers", exits)
@@ -111,6 +116,7 @@ class PartitionPlan:
             threshold=raw.get("threshold", 0.8),
             codec=raw.get("codec", "fp16"),
             exit_adapters=(base_dir / adapters).resolve() if adapters else None,
+            lookup_below=raw.get("lookup_below", 0.0),
         )
 
     def to_dict(self, base_dir: Path) -> dict:
@@ -124,6 +130,8 @@ class PartitionPlan:
         }
         if self.exit_adapters is not None:
             out["exit_adapters"] = os.path.relpath(self.exit_adapters, base_dir)
+        if self.lookup_below:
+            out["lookup_below"] = self.lookup_below
         return out
 
     def save(self, path: str | Path) -> None:
