@@ -213,7 +213,7 @@ class Drafter:
     one (`lookup`, exit LOOKUP_EXIT): the full model checks it as any draft, so the output is unchanged."""
 
     def __init__(self, edge: EdgePartition, seq: SequenceState, decider: ExitDecider, lengths: DraftLength,
-                 stats: SessionStats, lookup_below: float = 0.0):
+                 stats: SessionStats, lookup_below: float):
         self.edge, self.seq, self.decider, self.lengths, self.stats = edge, seq, decider, lengths, stats
         self.lookup_below = lookup_below
         self.tokens: list[int] = []  # the sequence's tokens by position, up to the last step's input
