@@ -213,6 +213,20 @@ def test_a_slow_edge_step_means_fewer_drafts():
     assert slow.choose(100) < fast.choose(100) == fast.max_gamma
 
 
+def test_drafted_guesses_count_at_their_sources_chance():
+    """A request grows past confident guesses and stops short after an unsure one: each guess already drafted counts
+    at the record of its source (exit and confidence bin), not at the average acceptance."""
+    lengths = _lengths(0.8, _flat, link_s=0.05, step_s=0.01)
+    sure, unsure = (17, 7), (17, 1)
+    for _ in range(50):
+        lengths.observe([sure, sure, unsure], rejected=True)  # sure guesses kept, the unsure one rejected
+    assert lengths.chance(sure) > 0.95 and lengths.chance(unsure) < 0.05
+    assert lengths.chance((17, 3)) == pytest.approx(lengths.acceptance)  # no record yet: the average
+    blind = lengths.choose(100)
+    assert lengths.choose(100, [sure] * 4) > blind > lengths.choose(100, [unsure]) == 0
+    assert lengths.choose(100, [sure, sure, unsure]) == 2  # one unsure guess ends the request
+
+
 def test_fixed_gamma_and_the_tokens_still_wanted_are_honoured():
     assert _lengths(0.9, _per_row, lengths=DraftLength.fixed(5)).choose(100) == 5  # over the budget: fixed wins
     assert DraftLength.fixed(5).choose(3) == 2
