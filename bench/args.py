@@ -10,7 +10,6 @@ from plugin.paths import REPO_ROOT, DEMO_PLAN as DEFAULT_PLAN
 
 DEFAULT_OUT = REPO_ROOT / "bench" / "results"
 DEFAULT_LINKS = "0/1000,20/100,60/20"  # RTT ms / Mbit per second
-DEFAULT_VERIFIED = "0.8"  # verified mode's drafting thresholds
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codecs", default=None, metavar="C,C", help="hidden-state codecs (default: fp16,int8)")
     p.add_argument("--verified-thresholds", default=None, metavar="T,T",
                    help="verified mode (the exits draft, the full model checks) with drafts exiting at each threshold, "
-                        f"first codec; empty string skips it (default: --verified-plan's threshold, else {DEFAULT_VERIFIED})")
+                        "first codec; empty string skips it (default: the threshold of --verified-plan, else of --plan)")
     p.add_argument("--verified-plan", type=Path, metavar="FILE",
                    help="partition plan of the verified systems: --plan's checkpoint, split at or after its split, "
                         "its own exit heads and threshold (default: --plan)")

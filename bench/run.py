@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from bench.args import DEFAULT_LINKS, DEFAULT_OUT, DEFAULT_PLAN, DEFAULT_VERIFIED, REPO_ROOT, add_arguments  # noqa: F401 (re-exported)
+from bench.args import DEFAULT_LINKS, DEFAULT_OUT, DEFAULT_PLAN, REPO_ROOT, add_arguments  # noqa: F401 (re-exported)
 from bench.clients import capacities, capacity, clients_sweep, record_trace, traces_summary
 from bench.cores import pinned, Pinning
 from bench.link_emulator import LinkEmulator
@@ -376,7 +376,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         thresholds=_floats(pick(args.thresholds, "0.8,0.9,1.0", "0.8,1.0")),
         codecs=tuple(c.strip() for c in pick(args.codecs, "fp16,int8", "fp16").split(",") if c.strip()),
         verified_thresholds=_floats(args.verified_thresholds if args.verified_thresholds is not None else
-                                    str(verified_plan.threshold) if verified_plan else DEFAULT_VERIFIED),
+                                    str((verified_plan or plan).threshold)),
         max_gamma=args.max_gamma, verified_time_targets=((20.0, args.verified_target),) if args.verified_target else (),
         links=tuple(LinkSpec.parse(s) for s in links.split(",") if s.strip()),
         clients=_ints(clients), client_tokens=pick(args.client_tokens, 16, 8),
