@@ -23,6 +23,7 @@ more layers of edge time. Three parts, each printing and writing JSON:
     .venv/bin/python -m bench.draft_agreement agreement --plan models/gemma-3-270m-exits/partition_plan.json \\
         --continuations runs/gemma-exits/heldout_continuations.json --layers 15,16,17 \\
         --heads identity models/gemma-3-270m-exits/exit_heads.safetensors --out runs/verified/agreement.json
+        (the card, models/gemma-3-270m-exits/README.md, gives the commands behind its tables)
     taskset -c 0 .venv/bin/python -m bench.draft_agreement timing \\
         --plan models/gemma-3-270m-exits/partition_plan.json --splits 15,16,17 --out runs/verified/timing.json
     .venv/bin/python -m bench.draft_agreement bound --agreement runs/verified/agreement.json \\

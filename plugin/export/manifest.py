@@ -172,8 +172,8 @@ def new_manifest(plan: PartitionPlan, cfg: ModelConfig, precisions: list[str]) -
 
 
 def default_onnx_dir(plan: PartitionPlan) -> Path:
-    """<checkpoint>/onnx/<plan>: each plan of a checkpoint (collaborative's, verified's) keeps its own graphs, e.g.
-    onnx/split15-exits15-exit_heads (split, exit layers, exit heads file)."""
+    """<checkpoint>/onnx/<plan>: each plan of a checkpoint keeps its own graphs, e.g.
+    onnx/split17-exits17-exit_heads (split, exit layers, exit heads file)."""
     exits = "-".join(map(str, plan.exit_layers))
     heads = f"-{Path(plan.exit_adapters).stem}" if plan.exit_adapters else ""
     return plan.checkpoint / "onnx" / f"split{plan.split_layer}-exits{exits}{heads}"

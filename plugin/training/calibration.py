@@ -226,16 +226,19 @@ def markdown(rep: dict, title: str = "Exit calibration") -> str:
     lines += ["", "## Exit rule per threshold", "",
               "A token exits at the first exit whose confidence >= threshold (1.0 never exits); the others "
               "go to the cloud. Share: of all tokens. Agreement: of the tokens exiting there, the share whose "
-              "token equals the final layer's. Emitted agreement/accuracy: over all tokens, the emitted token "
-              "(the exit's, or the final layer's for cloud tokens).", ""]
+              "token equals the final layer's. Wrong per 100: exits with another token than the final layer's, "
+              "per 100 tokens (each changes every later token of a free generation). Emitted agreement/accuracy: "
+              "over all tokens, the emitted token (the exit's, or the final layer's for cloud tokens).", ""]
     head = ["threshold"] + [f"exit {e} share" for e in exits] + ["edge share", "cloud share"]
-    head += [f"exit {e} agreement" for e in exits] + ["edge agreement", "emitted agreement", "emitted accuracy"]
+    head += [f"exit {e} agreement" for e in exits] + ["edge agreement", "wrong per 100", "emitted agreement",
+                                                       "emitted accuracy"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in rep["thresholds"]:
         cells = [f"{t['threshold']:g}"] + [percent(t["exit_share"][str(e)]) for e in exits]
         cells += [percent(t["edge_share"]), percent(t["cloud_share"])]
         cells += [percent(t["exit_agreement"][str(e)]) for e in exits]
-        cells += [percent(t["edge_agreement"]), percent(t["token_agreement"]), percent(t["token_accuracy"])]
+        cells += [percent(t["edge_agreement"]), f"{100 * t['wrong_exit_share']:.2f}", percent(t["token_agreement"]),
+                  percent(t["token_accuracy"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Reliability per confidence bin", ""]
     for name, r in rep["outputs"].items():
