@@ -53,8 +53,9 @@ LOOKUP_BELOW = (0.2, 0.3, 0.5, 0.7)  # edge_runtime.verified.lookup where the ex
 
 def _states(model, records, layers):
     """Per continuation: ({layer: RMS-normalised hidden [n, D]}, full model's argmax [n], the context's token set
-    per position, the tokens before each position) at the positions that predict a new token (teacher-forced
-    over the model's own continuation)."""
+    per position, the runtime's prompt lookup at each position or None) at the positions that predict a new token
+    (teacher-forced over the model's own continuation)."""
+    from edge_runtime.verified import lookup
     from plugin.model.decoder import rms_normalize
     from plugin.training.exit_heads import layer_states
 
@@ -71,7 +72,7 @@ def _states(model, records, layers):
             top = model.lm_head(final.to(model.dtype)).float().argmax(-1)
             states = {e: rms_normalize(hidden[e][0, first:last].float()) for e in layers}
             context = [torch.tensor(sorted(set(ids[:first + 1 + j]))) for j in range(last - first)]
-            out.append((states, top, context, [ids[:first + 1 + j] for j in range(last - first)]))
+            out.append((states, top, context, [lookup(ids[:first + 1 + j]) for j in range(last - first)]))
     return out
 
 
@@ -96,7 +97,6 @@ def simulate_rounds(bits: list[np.ndarray], gamma: int) -> dict[str, float]:
 def agreement(args) -> dict:
     from safetensors.torch import load_file
 
-    from edge_runtime.verified import lookup
     from plugin.model.checkpoint import load_model
     from plugin.model.decoder import exit_decision
     from plugin.model.files import SHORTLIST_IDS
@@ -146,15 +146,15 @@ def agreement(args) -> dict:
             for e in layers:
                 confs, agree, bits, aug, looked = [], [], [], [], {}
                 with torch.inference_mode():
-                    for states, t, context, prefixes in data:
+                    for states, t, context, looked_up in data:
                         conf, token = exit_decision(heads.logits(states[e], e), heads.token_ids)
                         ok = (token == t)
                         confs.append(conf)
                         agree.append(ok)
                         for below in LOOKUP_BELOW:  # the runtime's prompt lookup where the exit is less sure
                             looked.setdefault(below, []).extend(
-                                int(found if c < below and (found := lookup(p)) is not None else d) == int(want)
-                                for c, d, want, p in zip(conf.tolist(), token.tolist(), t.tolist(), prefixes))
+                                int(found if c < below and found is not None else d) == int(want)
+                                for c, d, want, found in zip(conf.tolist(), token.tolist(), t.tolist(), looked_up))
                         bits.append(ok.numpy().astype(np.int8))
                         # the shortlist plus the tokens already in the context, argmax over both (no "other")
                         normed = heads._norm(heads.adapters[str(e)](states[e]))
